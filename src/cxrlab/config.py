@@ -1,0 +1,101 @@
+"""Every knob of a run, its default and its validation, in one place.
+
+A run's `config.yaml` is this model dumped; loading it back and training again reproduces the
+run (same seed, same machine -> same metrics).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cxrlab.errors import CxrlabError
+
+Augment = Literal["none", "flip", "light", "notebook"]
+
+
+class RunConfig(BaseModel):
+    """One training run. Defaults are the default recipe (justified in the README)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # -- data ---------------------------------------------------------------------------
+    data: str = Field(description="folder of class folders, folder with train/[val/test], or CSV")
+    image_col: str | None = Field(None, description="CSV: column with image paths")
+    label_col: str | None = Field(None, description="CSV: column with labels")
+    group_regex: str | None = Field(
+        None, description="regex whose first group (or whole match) is the patient key"
+    )
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    channels: Literal[0, 1, 3] = Field(0, description="0 = 1 for grey images, 3 for colour")
+    skip_bad: bool = False
+    positive: str | None = Field(None, description="positive class for 2 classes")
+
+    # -- model ----------------------------------------------------------------------------
+    model: str = "resnet18"
+    image_size: int = Field(192, ge=16, le=1024)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    batchnorm: bool = True
+    pretrained: str | None = None
+
+    # -- optimisation -------------------------------------------------------------------
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.05, ge=0)
+    schedule: Literal["none", "cosine", "plateau"] = "cosine"
+    patience: int = Field(5, ge=1, description="early stopping on validation loss")
+    class_weights: bool = True
+    sampler: Literal["none", "balanced"] = "none"
+    augment: Augment = "light"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+
+    # -- decision threshold (2 classes) -------------------------------------------------
+    threshold_rule: Literal["youden", "sensitivity"] = "youden"
+    target_sensitivity: float = Field(0.95, gt=0, le=1)
+
+    # -- reproducibility and speed ------------------------------------------------------
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    channels_last: bool = True
+    deterministic: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.sampler == "balanced" and self.class_weights:
+            # Both at once would correct the imbalance twice.
+            object.__setattr__(self, "class_weights", False)
+        if (self.image_col is None) != (self.label_col is None):
+            raise ValueError("--image-col and --label-col go together")
+        return self
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise CxrlabError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise CxrlabError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise CxrlabError(f"{path}: expected a mapping of option: value")
+        return cls.build(raw, source=str(path))
+
+    @classmethod
+    def build(cls, values: dict, source: str = "options") -> RunConfig:
+        """Validate user values; any problem becomes one CxrlabError naming the option."""
+        try:
+            return cls(**values)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "config"
+            raise CxrlabError(f"{source}: {where}: {err['msg']}") from None
