@@ -1,0 +1,273 @@
+"""The `cxrlab` command: parses, calls the library, prints. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from cxrlab.errors import CxrlabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train, evaluate and use chest X-ray (or any image-folder) classifiers.")
+data_app = typer.Typer(no_args_is_help=True, help="Look at a dataset before training on it.")
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO if not verbose else logging.DEBUG, format="%(message)s",
+                        handlers=[RichHandler(console=err_console, show_time=False,
+                                              show_path=False)])
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+DataArg = Annotated[Optional[Path], typer.Argument(help="class folders, train/val/test folders, or CSV")]
+ImageCol = Annotated[Optional[str], typer.Option(help="CSV column with image paths")]
+LabelCol = Annotated[Optional[str], typer.Option(help="CSV column with labels")]
+
+
+# ---------------------------------------------------------------------------------------
+# train
+
+
+@app.command()
+def train(
+    data: DataArg = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="new run directory")] = ...,
+    config: Annotated[Optional[Path], typer.Option(help="config.yaml of an earlier run")] = None,
+    model: Annotated[Optional[str], typer.Option(help="see `cxrlab models`")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="pixels (square)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    epochs: Annotated[Optional[int], typer.Option()] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adam | adamw | sgd")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="learning rate")] = None,
+    momentum: Annotated[Optional[float], typer.Option(help="SGD momentum")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option()] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="none | cosine | plateau")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="early-stopping patience")] = None,
+    class_weights: Annotated[Optional[bool], typer.Option(
+        "--class-weights/--no-class-weights", help="n_total / (n_classes * n_c)")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="none | balanced")] = None,
+    augment: Annotated[Optional[str], typer.Option(help="none | flip | light | notebook")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="dropout before the head")] = None,
+    batchnorm: Annotated[Optional[bool], typer.Option("--batchnorm/--no-batchnorm")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="state dict to start from")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    val_fraction: Annotated[Optional[float], typer.Option()] = None,
+    group_regex: Annotated[Optional[str], typer.Option(help="patient key regex")] = None,
+    image_col: ImageCol = None,
+    label_col: LabelCol = None,
+    positive: Annotated[Optional[str], typer.Option(help="positive class (2 classes)")] = None,
+    target_sensitivity: Annotated[Optional[float], typer.Option(
+        help="choose the threshold for this sensitivity instead of Youden's J")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32")] = None,
+    channels: Annotated[Optional[int], typer.Option(help="1 or 3 (default: from images)")] = None,
+    skip_bad: Annotated[Optional[bool], typer.Option(
+        "--skip-bad", help="list and skip unreadable images")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Train a classifier; everything that defines the run goes to OUT/config.yaml."""
+    from cxrlab.config import RunConfig
+    from cxrlab.pipeline import train_run
+
+    values: dict = {}
+    if config is not None:
+        values = RunConfig.load(config).model_dump()
+    given = dict(
+        data=str(data) if data is not None else None, model=model, image_size=image_size,
+        batch_size=batch_size, epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, schedule=schedule, patience=patience,
+        class_weights=class_weights, sampler=sampler, augment=augment, dropout=dropout,
+        batchnorm=batchnorm, pretrained=pretrained, seed=seed, val_fraction=val_fraction,
+        group_regex=group_regex, image_col=image_col, label_col=label_col, positive=positive,
+        precision=precision, channels=channels, skip_bad=skip_bad,
+    )
+    if target_sensitivity is not None:
+        given.update(threshold_rule="sensitivity", target_sensitivity=target_sensitivity)
+    values.update({k: v for k, v in given.items() if v is not None})
+    if "data" not in values:
+        raise CxrlabError("DATA: give a dataset (or --config with a data entry)")
+    cfg = RunConfig.build(values, source="option")
+    result = train_run(cfg, out, progress=not quiet)
+    _print_metrics(result.metrics, f"Validation ({result.n_val} images, "
+                   f"{result.epochs} epochs, {result.seconds:.0f} s)")
+    if result.test_metrics:
+        _print_metrics(result.test_metrics, f"Test ({result.test_metrics['n']} images)")
+    console.print(f"Run written to [bold]{result.run_dir}[/]")
+
+
+def _print_metrics(metrics: dict, title: str) -> None:
+    from cxrlab.evaluate import format_metrics_table
+
+    table = format_metrics_table(metrics)
+    table.title = title
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------------------
+# evaluate / predict
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    data: Annotated[Path, typer.Argument(help="labelled images: any source train accepts")],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write metrics here")] = None,
+    split: Annotated[Optional[str], typer.Option(help="only this split of DATA")] = None,
+    positive: Annotated[Optional[str], typer.Option(help="positive class (2 classes)")] = None,
+    image_col: ImageCol = None,
+    label_col: LabelCol = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad")] = False,
+) -> None:
+    """Metrics of a run on labelled images, at the run's threshold and at 0.5."""
+    from cxrlab.pipeline import evaluate_run
+    from cxrlab.run import write_json
+
+    metrics = evaluate_run(run_dir, data, image_col, label_col, split, positive, skip_bad)
+    _print_metrics(metrics, f"{data} ({metrics['n']} images)")
+    if json_out is not None:
+        write_json(json_out, metrics)
+        console.print(f"Metrics written to [bold]{json_out}[/]")
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    paths: Annotated[list[Path], typer.Argument(help="images or folders")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad")] = False,
+) -> None:
+    """Predicted class and per-class probability for each image, at the run's threshold."""
+    from cxrlab.pipeline import predict_paths
+
+    rows = predict_paths(run_dir, paths, skip_bad=skip_bad)
+    if as_json:
+        for r in rows:
+            sys.stdout.write(json.dumps(r) + "\n")
+        return
+    classes = next((list(r["probabilities"]) for r in rows if "probabilities" in r), [])
+    table = Table("image", "prediction", *[f"p({c})" for c in classes])
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["path"], f"[red]{r['error']}[/]")
+        else:
+            table.add_row(r["path"], r["class"], *[f"{v:.3f}" for v in r["probabilities"].values()])
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------------------
+# data / models / demo
+
+
+@data_app.command("summary")
+def data_summary(
+    data: Annotated[Path, typer.Argument(help="class folders, train/val/test folders, or CSV")],
+    grid: Annotated[Optional[Path], typer.Option(help="write a PNG of samples per class")] = None,
+    augment: Annotated[str, typer.Option(help="augmentation shown in the grid")] = "light",
+    image_col: ImageCol = None,
+    label_col: LabelCol = None,
+    group_regex: Annotated[Optional[str], typer.Option(help="patient key regex")] = None,
+    val_fraction: Annotated[float, typer.Option()] = 0.2,
+    seed: Annotated[int, typer.Option()] = 0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the summary")] = None,
+) -> None:
+    """Counts per class and split, patients, sizes, duplicates, leakage, unreadable files."""
+    from cxrlab.data.audit import render_summary, summarize, write_grid
+    from cxrlab.data.augment import POLICIES
+    from cxrlab.data.sources import load_source
+
+    if augment not in POLICIES:
+        raise CxrlabError(f"--augment {augment}: choose from {', '.join(POLICIES)}")
+    source = load_source(data, image_col, label_col)
+    summary = summarize(source, group_regex=group_regex, val_fraction=val_fraction, seed=seed)
+    render_summary(summary, console)
+    if json_out is not None:
+        from cxrlab.run import write_json
+
+        write_json(json_out, summary.to_dict())
+    if grid is not None:
+        write_grid(source, grid, augment, seed=seed)
+        console.print(f"Sample grid written to [bold]{grid}[/]")
+
+
+@app.command("models")
+def models_cmd(
+    name: Annotated[Optional[str], typer.Argument(help="one model")] = None,
+    summary: Annotated[bool, typer.Option("--summary", help="layer table")] = False,
+    image_size: Annotated[int, typer.Option(help="for multiply-adds and shapes")] = 224,
+    in_chans: Annotated[int, typer.Option(help="input channels")] = 1,
+    num_classes: Annotated[int, typer.Option(help="outputs (1 = binary)")] = 1,
+) -> None:
+    """The registered models with parameters and multiply-adds; --summary for the layers."""
+    from cxrlab.models import create_model, list_models
+    from cxrlab.models.summary import count_macs, count_parameters, model_summary, render_summary
+
+    names = [name] if name else list_models()
+    table = Table("model", "parameters", f"GMACs @ {image_size}px", title="Models")
+    built = {}
+    for n in names:
+        m = create_model(n, num_classes=num_classes, in_chans=in_chans, image_size=image_size)
+        built[n] = m
+        table.add_row(n, f"{count_parameters(m):,}", f"{count_macs(m, image_size) / 1e9:.2f}")
+    console.print(table)
+    if summary:
+        for n, m in built.items():
+            render_summary(model_summary(m, image_size), console)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("cxrlab-demo"),
+    epochs: Annotated[Optional[int], typer.Option(help="override the demo's epochs")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Train and evaluate a small model on the chest X-rays shipped with cxrlab."""
+    from cxrlab.demo import run_demo
+
+    result = run_demo(out, epochs=epochs, progress=not quiet)
+    _print_metrics(result.metrics, f"Validation ({result.n_val} images)")
+    if result.test_metrics:
+        _print_metrics(result.test_metrics,
+                       f"Held-out test ({result.test_metrics['n']} images, never seen)")
+    files = ", ".join(p.name for p in sorted(result.run_dir.glob("*.png")))
+    console.print(f"Trained in {result.seconds:.0f} s. Run directory: [bold]{result.run_dir}[/]")
+    console.print(f"Plots: {files}")
+    console.print(f"Next: cxrlab predict {result.run_dir} IMAGE.jpeg")
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit status 2."""
+    _setup_logging()
+    try:
+        app(standalone_mode=False)
+    except CxrlabError as e:
+        err_console.print(f"cxrlab: error: {e}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Abort:
+        err_console.print("cxrlab: aborted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

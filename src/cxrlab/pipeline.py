@@ -1,0 +1,287 @@
+"""The commands as library functions: train a run, evaluate it, predict with it.
+
+The CLI only parses options and prints what these return.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxrlab.config import RunConfig
+from cxrlab.data.cache import load_images
+from cxrlab.data.images import guess_channels
+from cxrlab.data.sources import IMAGE_EXTENSIONS, Record, Source, load_source, require_trainable
+from cxrlab.data.split import assign_splits, write_split_csv
+from cxrlab.errors import CxrlabError
+from cxrlab.run import (
+    LoadedRun,
+    RunInfo,
+    atomic_write_text,
+    load_run,
+    prepare_out_dir,
+    save_info,
+    write_json,
+)
+
+log = logging.getLogger("cxrlab")
+
+
+# ---------------------------------------------------------------------------------------
+# data for a run
+
+
+@dataclass
+class PreparedData:
+    source: Source
+    records: list[Record]  # the readable ones, in array order
+    images: np.ndarray  # uint8 (N, C, S, S)
+    labels: np.ndarray  # class index per record
+    splits: np.ndarray  # "train" / "val" / "test" per record
+    groups: list[str]
+    split_message: str
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    split_result: object = None
+
+    def subset(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        idx = np.flatnonzero(self.splits == split)
+        return self.images[idx], self.labels[idx], idx
+
+
+def resolve_positive(classes: list[str], positive: str | None) -> int | None:
+    """Second class in sorted order unless told otherwise; None for more than 2 classes."""
+    if len(classes) != 2:
+        if positive is not None:
+            raise CxrlabError(f"--positive {positive}: only meaningful with 2 classes")
+        return None
+    if positive is None:
+        return 1
+    if positive not in classes:
+        raise CxrlabError(f"--positive {positive}: not a class (classes: {', '.join(classes)})")
+    return classes.index(positive)
+
+
+def prepare_data(config: RunConfig) -> PreparedData:
+    source = load_source(Path(config.data), config.image_col, config.label_col)
+    require_trainable(source)
+    channels = config.channels or guess_channels([r.path for r in source.records])
+    images, bad = load_images([r.path for r in source.records], config.image_size, channels,
+                              skip_bad=config.skip_bad)
+    bad_paths = {Path(p) for p, _ in bad}
+    records = [r for r in source.records if r.path not in bad_paths]
+    if bad:
+        for p, why in bad:
+            log.warning("skipped %s: %s", p, why)
+    kept = Source(source.root, source.kind, records, source.classes)
+    require_trainable(kept)
+    result = assign_splits(kept, config.val_fraction, config.seed, config.group_regex)
+    if result.message:
+        log.info("%s", result.message)
+    labels = np.array([source.classes.index(r.label) for r in records], dtype=np.int64)
+    splits = np.array(result.splits)
+    for name in ("train", "val"):
+        if not (splits == name).any():
+            raise CxrlabError(f"{config.data}: the {name} split is empty (too few images)")
+    train_classes = set(labels[splits == "train"].tolist())
+    if len(train_classes) < len(source.classes):
+        missing = [c for i, c in enumerate(source.classes) if i not in train_classes]
+        raise CxrlabError(f"{config.data}: no training images of class {missing[0]}")
+    return PreparedData(kept, records, images, labels, splits, result.groups, result.message,
+                        bad, result)
+
+
+# ---------------------------------------------------------------------------------------
+# train
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict
+    test_metrics: dict | None
+    epochs: int
+    seconds: float
+    n_train: int
+    n_val: int
+
+
+def train_run(config: RunConfig, out: Path, progress: bool = True) -> TrainResult:
+    """Validate everything, then train; the run directory says complete only at the very end."""
+    from cxrlab.models import create_model
+
+    out = Path(out)
+    data = prepare_data(config)  # bad data fails here, before anything is written
+    classes = data.source.classes
+    positive = resolve_positive(classes, config.positive)
+    n_out = 1 if len(classes) == 2 else len(classes)
+    in_chans = int(data.images.shape[1])
+    model = create_model(config.model, num_classes=n_out, in_chans=in_chans,
+                         dropout=config.dropout, batchnorm=config.batchnorm,
+                         pretrained=config.pretrained, image_size=config.image_size)
+    prepare_out_dir(out)
+    info = RunInfo(classes=classes, positive=positive, in_chans=in_chans)
+    save_info(out, info)
+    config.save(out / "config.yaml")
+    write_split_csv(out / "split.csv", data.source, data.split_result)
+    try:
+        result = _train_and_report(model, config, data, positive, out, progress)
+    except BaseException as e:
+        info.state = "failed"
+        info.error = f"{type(e).__name__}: {e}"
+        save_info(out, info)
+        if not isinstance(e, (CxrlabError, KeyboardInterrupt)):
+            (out / "error.txt").write_text(traceback.format_exc())
+        raise
+    info.state = "complete"
+    save_info(out, info)
+    return result
+
+
+def _train_and_report(model, config: RunConfig, data: PreparedData, positive: int | None,
+                      out: Path, progress: bool) -> TrainResult:
+    from cxrlab import plots
+    from cxrlab.evaluate import choose_threshold, compute_metrics
+    from cxrlab.train import fit, predict_probs, read_history, use_bf16
+
+    classes = data.source.classes
+    tx, ty, _ = data.subset("train")
+    vx, vy, _ = data.subset("val")
+    fitted = fit(model, config, tx, ty, vx, vy, len(classes), positive, out, progress)
+    model = fitted.module.model
+    torch.save(model.state_dict(), out / "model.pt")
+    bf16 = use_bf16(config.precision)
+    vp = predict_probs(model, vx, bf16=bf16)
+    threshold = None
+    if positive is not None:
+        threshold = choose_threshold((vy == positive).astype(int), vp[:, positive],
+                                     config.threshold_rule, config.target_sensitivity)
+        atomic_write_text(out / "threshold", f"{threshold:.6f}\n")
+    metrics = compute_metrics(vy, vp, classes, positive=positive, threshold=threshold,
+                              seed=config.seed)
+    metrics["split"] = "val"
+    metrics["epochs"] = fitted.epochs_run
+    metrics["train_seconds"] = round(fitted.seconds, 1)
+    write_json(out / "metrics.json", metrics)
+
+    test_metrics = None
+    if (data.splits == "test").any():
+        sx, sy, _ = data.subset("test")
+        sp = predict_probs(model, sx, bf16=bf16)
+        test_metrics = compute_metrics(sy, sp, classes, positive=positive, threshold=threshold,
+                                       seed=config.seed)
+        test_metrics["split"] = "test"
+        write_json(out / "metrics_test.json", test_metrics)
+
+    plots.plot_history(read_history(out / "history.csv"), out / "curves.png")
+    cm = np.array(metrics["confusion_matrix"])
+    plots.plot_confusion(cm, classes, out / "confusion_matrix.png",
+                         title="Validation confusion matrix")
+    plots.plot_roc(vy, vp, classes, out / "roc.png", positive=positive, threshold=threshold)
+    plots.plot_pr(vy, vp, classes, out / "pr.png", positive=positive)
+    pred = decide(vp, positive, threshold)
+    plots.plot_prediction_grid(vx, vy, pred, vp[np.arange(len(pred)), pred], classes,
+                               out / "val_predictions.png")
+    return TrainResult(out, metrics, test_metrics, fitted.epochs_run, fitted.seconds,
+                       len(ty), len(vy))
+
+
+def decide(probs: np.ndarray, positive: int | None, threshold: float | None) -> np.ndarray:
+    """Predicted class per row: the run's threshold for 2 classes, argmax otherwise."""
+    if positive is not None:
+        t = 0.5 if threshold is None else threshold
+        return np.where(probs[:, positive] >= t, positive, 1 - positive)
+    return probs.argmax(1)
+
+
+# ---------------------------------------------------------------------------------------
+# evaluate
+
+
+def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
+                 label_col: str | None = None, split: str | None = None,
+                 positive: str | None = None, skip_bad: bool = False,
+                 n_boot: int = 1000) -> dict:
+    """Metrics of a finished run on any labelled source, at the run's threshold."""
+    from cxrlab.evaluate import compute_metrics
+    from cxrlab.train import predict_probs, use_bf16
+
+    run = load_run(run_dir)
+    source = load_source(Path(data), image_col, label_col)
+    records = source.records
+    if split is not None:
+        records = [r for r in records if r.split == split]
+        if not records:
+            raise CxrlabError(f"--split {split}: no images in that split of {data}")
+    elif any(r.split == "test" for r in records):
+        records = [r for r in records if r.split == "test"]
+    unknown = sorted({r.label for r in records} - set(run.classes))
+    if unknown:
+        raise CxrlabError(f"{data}: class '{unknown[0]}' was not trained "
+                          f"(run classes: {', '.join(run.classes)})")
+    pos = run.info.positive
+    if positive is not None:
+        pos = resolve_positive(run.classes, positive)
+    images, bad = load_images([r.path for r in records], run.config.image_size,
+                              run.info.in_chans, skip_bad=skip_bad)
+    bad_paths = {Path(p) for p, _ in bad}
+    records = [r for r in records if r.path not in bad_paths]
+    y = np.array([run.classes.index(r.label) for r in records], dtype=np.int64)
+    probs = predict_probs(run.model, images, bf16=use_bf16(run.config.precision))
+    metrics = compute_metrics(y, probs, run.classes, positive=pos, threshold=run.threshold,
+                              n_boot=n_boot, seed=run.config.seed)
+    metrics["data"] = str(data)
+    metrics["skipped"] = [[str(p), why] for p, why in bad]
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------
+# predict
+
+
+def expand_paths(paths: list[Path]) -> list[Path]:
+    """Files as given; folders walked for images, in sorted order."""
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*")
+                           if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS
+                           and not q.name.startswith("."))
+            if not found:
+                raise CxrlabError(f"{p}: no images in this folder")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise CxrlabError(f"{p}: no such file or folder")
+    return out
+
+
+def predict_paths(run: LoadedRun | Path, paths: list[Path], skip_bad: bool = False) -> list[dict]:
+    from cxrlab.train import predict_probs, use_bf16
+
+    if not isinstance(run, LoadedRun):
+        run = load_run(run)
+    files = expand_paths(paths)
+    images, bad = load_images(files, run.config.image_size, run.info.in_chans,
+                              cache_dir=None, skip_bad=skip_bad)
+    bad_paths = {Path(p) for p, _ in bad}
+    files = [f for f in files if f not in bad_paths]
+    probs = predict_probs(run.model, images, bf16=use_bf16(run.config.precision))
+    pred = decide(probs, run.info.positive, run.threshold)
+    rows = []
+    for f, p, k in zip(files, probs, pred, strict=True):
+        rows.append({
+            "path": str(f),
+            "class": run.classes[int(k)],
+            "probabilities": {c: round(float(v), 6) for c, v in zip(run.classes, p, strict=True)},
+            "threshold": run.threshold,
+        })
+    for f, why in bad:
+        rows.append({"path": str(f), "error": why})
+    return rows

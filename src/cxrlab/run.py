@@ -1,0 +1,140 @@
+"""A run is a directory; this module is the only place that knows its layout.
+
+    config.yaml   every knob (RunConfig), enough to reproduce the run
+    run.json      classes, positive class, input channels, state (running/complete/failed)
+    split.csv     which image went to which split, with its patient key
+    history.csv   one row per epoch
+    checkpoints/  Lightning checkpoints (best.ckpt, last.ckpt)
+    model.pt      the best weights, for evaluate / predict / export
+    threshold     the decision threshold chosen on validation (2 classes)
+    metrics.json  validation metrics at that threshold, with intervals
+    *.png         curves, confusion matrix, ROC, prediction grid
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cxrlab.config import RunConfig
+from cxrlab.errors import CxrlabError
+
+RUN_FILES = ("config.yaml", "run.json")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Readers never see half a file: write beside it, then rename over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Refuse to train into a directory that holds anything: nothing a user made is lost."""
+    if out.exists() and not out.is_dir():
+        raise CxrlabError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise CxrlabError(f"--out {out}: directory exists and is not empty (choose a new one)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise CxrlabError(f"--out {out}: cannot write there ({e.strerror})") from None
+
+
+@dataclass
+class RunInfo:
+    classes: list[str]
+    positive: int | None  # index of the positive class (2 classes only)
+    in_chans: int
+    state: str = "running"
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "classes": self.classes,
+            "positive_class": None if self.positive is None else self.classes[self.positive],
+            "in_chans": self.in_chans,
+            "state": self.state,
+            "error": self.error,
+        }
+
+
+def save_info(run_dir: Path, info: RunInfo) -> None:
+    write_json(run_dir / "run.json", info.to_dict())
+
+
+def load_info(run_dir: Path) -> RunInfo:
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise CxrlabError(f"{run_dir}: not a cxrlab run directory (no run.json)")
+    d = json.loads(path.read_text())
+    pos = d.get("positive_class")
+    return RunInfo(
+        classes=d["classes"],
+        positive=None if pos is None else d["classes"].index(pos),
+        in_chans=d["in_chans"],
+        state=d.get("state", "running"),
+        error=d.get("error"),
+    )
+
+
+def read_threshold(run_dir: Path) -> float | None:
+    path = Path(run_dir) / "threshold"
+    return float(path.read_text()) if path.is_file() else None
+
+
+@dataclass
+class LoadedRun:
+    """What evaluate / predict need from a finished run."""
+
+    run_dir: Path
+    config: RunConfig
+    info: RunInfo
+    threshold: float | None
+    model: torch.nn.Module
+
+    @property
+    def classes(self) -> list[str]:
+        return self.info.classes
+
+
+def load_run(run_dir: Path) -> LoadedRun:
+    from cxrlab.models import create_model
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CxrlabError(f"{run_dir}: run directory not found")
+    info = load_info(run_dir)
+    if info.state != "complete" or not (run_dir / "model.pt").is_file():
+        raise CxrlabError(f"{run_dir}: run is not complete (state: {info.state})")
+    config = RunConfig.load(run_dir / "config.yaml")
+    model = create_model(
+        config.model,
+        num_classes=1 if len(info.classes) == 2 else len(info.classes),
+        in_chans=info.in_chans,
+        dropout=config.dropout,
+        batchnorm=config.batchnorm,
+        image_size=config.image_size,
+    )
+    state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.eval()
+    return LoadedRun(run_dir, config, info, read_threshold(run_dir), model)

@@ -1,0 +1,368 @@
+"""Training: the LightningModule, the in-memory batches, and the wiring of a whole run.
+
+Images arrive as cached uint8 arrays; a batch is one tensor index (no per-sample work), moved
+to the device, converted to float and augmented there as a whole batch. Lightning does the
+loop, early stopping, checkpoints and the progress bar.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from cxrlab.config import RunConfig
+from cxrlab.data.augment import augment_batch
+from cxrlab.errors import CxrlabError
+
+log = logging.getLogger("cxrlab")
+
+
+# ---------------------------------------------------------------------------------------
+# batches
+
+
+class ArrayDataset(Dataset):
+    """uint8 images (N, C, H, W) and labels; `__getitems__` returns a whole batch at once."""
+
+    def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor):
+        self.images = torch.as_tensor(images)
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, idx: list[int]):
+        # DataLoader hands the sampler's whole batch here: one gather instead of N copies.
+        t = torch.as_tensor(idx)
+        return self.images[t], self.labels[t]
+
+
+def _identity_collate(batch):
+    return batch
+
+
+def make_loader(
+    ds: ArrayDataset, batch_size: int, *, train: bool, seed: int, balanced: bool = False
+) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    if train and balanced:
+        counts = torch.bincount(ds.labels).float()
+        weights = (1.0 / counts)[ds.labels]
+        sampler = WeightedRandomSampler(weights, len(ds), replacement=True, generator=gen)
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler,
+                          collate_fn=_identity_collate, drop_last=True)
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=train, generator=gen if train else None,
+        collate_fn=_identity_collate, drop_last=train and len(ds) > batch_size,
+    )
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """The notebooks' weights: n_total / (n_classes * n_c)."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    return torch.tensor(len(labels) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# the module
+
+
+def use_bf16(precision: str) -> bool:
+    if precision == "bf16":
+        return True
+    if precision == "fp32":
+        return False
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """(N, K) class probabilities from 1 logit (2 classes) or K logits."""
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        p = torch.sigmoid(logits[:, 0])
+        return torch.stack([1 - p, p], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+class ClassifierModule(L.LightningModule):
+    def __init__(self, model: torch.nn.Module, config: RunConfig, n_classes: int,
+                 weights: torch.Tensor | None, positive: int | None):
+        super().__init__()
+        self.model = model
+        self.cfg = config
+        self.n_classes = n_classes
+        self.positive = positive
+        self.register_buffer("class_w", weights if weights is not None else torch.ones(n_classes))
+        self.use_weights = weights is not None
+        self._aug_gen: torch.Generator | None = None
+        self._outputs: dict[str, list] = {"train": [], "val": []}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # -- data on the device -------------------------------------------------------------
+    def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
+        x, y = batch
+        x = x.float().div_(255.0)
+        if self.trainer.training and self.cfg.augment != "none":
+            if self._aug_gen is None or self._aug_gen.device != x.device:
+                self._aug_gen = torch.Generator(device=x.device)
+                self._aug_gen.manual_seed(self.cfg.seed + 1)
+            x = augment_batch(x, self.cfg.augment, self._aug_gen)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    # -- loss ---------------------------------------------------------------------------
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        w = self.class_w if self.use_weights else None
+        if logits.shape[1] == 1:
+            target = (y == self.positive).float()
+            if self.cfg.label_smoothing:
+                target = target * (1 - self.cfg.label_smoothing) + 0.5 * self.cfg.label_smoothing
+            per = F.binary_cross_entropy_with_logits(logits[:, 0], target, reduction="none")
+            if w is not None:
+                per = per * w[y]
+                return per.sum() / w[y].sum()
+            return per.mean()
+        return F.cross_entropy(logits, y, weight=w, label_smoothing=self.cfg.label_smoothing)
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        self._outputs[stage].append(
+            (probabilities(logits.detach()).cpu(), y.cpu(), loss.detach().cpu() * len(y))
+        )
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def _epoch_metrics(self, stage: str) -> dict[str, float]:
+        outs = self._outputs[stage]
+        self._outputs[stage] = []
+        if not outs:
+            return {}
+        probs = torch.cat([o[0] for o in outs]).numpy()
+        y = torch.cat([o[1] for o in outs]).numpy()
+        loss = float(sum(o[2] for o in outs) / len(y))
+        return {f"{stage}_{k}": v for k, v in epoch_summary(y, probs, self.positive, loss).items()}
+
+    def on_train_epoch_end(self) -> None:
+        m = self._epoch_metrics("train")
+        self.log_dict({k: v for k, v in m.items() if v is not None and k != "train_loss"},
+                      sync_dist=True)
+        self.log("train_loss", m["train_loss"], prog_bar=True, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        m = self._epoch_metrics("val")
+        if self.trainer.sanity_checking or not m:
+            return
+        self.log("val_loss", m.pop("val_loss"), prog_bar=True, sync_dist=True)
+        self.log_dict({k: v for k, v in m.items() if v is not None},
+                      prog_bar=False, sync_dist=True)
+        if "val_auc" in m and m["val_auc"] is not None:
+            self.log("val_auc", m["val_auc"], prog_bar=True, sync_dist=True)
+
+    # -- optimisation -------------------------------------------------------------------
+    def configure_optimizers(self):
+        c = self.cfg
+        params = self.model.parameters()
+        if c.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum,
+                                  weight_decay=c.weight_decay, nesterov=c.momentum > 0)
+        elif c.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        if c.schedule == "cosine":
+            steps = self.trainer.estimated_stepping_batches
+            warmup = min(int(0.03 * steps) + 1, 200)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(warmup, steps))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if c.schedule == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.3, patience=1)
+            return {"optimizer": opt,
+                    "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
+        return opt
+
+
+def _warmup_cosine(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return f
+
+
+def epoch_summary(y: np.ndarray, probs: np.ndarray, positive: int | None,
+                  loss: float) -> dict[str, float | None]:
+    """The per-epoch curve values: cheap, at 0.5 (2 classes) or argmax (more)."""
+    from sklearn.metrics import precision_score, recall_score, roc_auc_score
+
+    out: dict[str, float | None] = {"loss": loss}
+    if positive is not None:
+        pred = (probs[:, positive] >= 0.5).astype(int)
+        truth = (y == positive).astype(int)
+        out["acc"] = float((pred == truth).mean())
+        out["precision"] = float(precision_score(truth, pred, zero_division=0))
+        out["recall"] = float(recall_score(truth, pred, zero_division=0))
+        out["auc"] = (float(roc_auc_score(truth, probs[:, positive]))
+                      if 0 < truth.sum() < len(truth) else None)
+    else:
+        pred = probs.argmax(1)
+        out["acc"] = float((pred == y).mean())
+        out["precision"] = float(precision_score(y, pred, average="macro", zero_division=0))
+        out["recall"] = float(recall_score(y, pred, average="macro", zero_division=0))
+        try:
+            out["auc"] = float(roc_auc_score(y, probs, multi_class="ovr",
+                                             labels=list(range(probs.shape[1]))))
+        except ValueError:
+            out["auc"] = None
+    return out
+
+
+class HistoryCSV(Callback):
+    """One row per epoch in RUN_DIR/history.csv, train and val side by side."""
+
+    COLUMNS = ["epoch", "train_loss", "val_loss", "train_acc", "val_acc", "train_precision",
+               "val_precision", "train_recall", "val_recall", "val_auc", "lr", "seconds"]
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict] = []
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        row = {c: m.get(c) for c in self.COLUMNS}
+        row["epoch"] = trainer.current_epoch + 1
+        row["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+        row["seconds"] = round(time.perf_counter() - self._t0, 2)
+        self.rows.append(row)
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.COLUMNS)
+            w.writeheader()
+            w.writerows(self.rows)
+        tmp.replace(self.path)
+
+
+def read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in r.items()}
+                for r in csv.DictReader(f)]
+
+
+# ---------------------------------------------------------------------------------------
+# inference helper shared by train / evaluate / predict
+
+
+@torch.no_grad()
+def predict_probs(model: torch.nn.Module, images: np.ndarray | torch.Tensor,
+                  batch_size: int = 64, bf16: bool = False,
+                  channels_last: bool = True) -> np.ndarray:
+    """(N, K) probabilities for uint8 images (N, C, H, W)."""
+    model.eval()
+    images = torch.as_tensor(images)
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(device).float().div_(255.0)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(probabilities(model(x)).cpu())
+    if not out:
+        return np.zeros((0, 2), dtype=np.float32)
+    return torch.cat(out).numpy()
+
+
+@dataclass
+class FitResult:
+    module: ClassifierModule
+    best_path: str
+    epochs_run: int
+    seconds: float
+
+
+def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_y,
+        n_classes: int, positive: int | None, run_dir: Path,
+        progress: bool = True) -> FitResult:
+    """Train with Lightning; returns the module holding the best (lowest val loss) weights."""
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    weights = class_weights(np.asarray(train_y), n_classes) if config.class_weights else None
+    module = ClassifierModule(model, config, n_classes, weights, positive)
+    if config.channels_last:
+        module.model.to(memory_format=torch.channels_last)
+    train_dl = make_loader(ArrayDataset(train_x, train_y), config.batch_size, train=True,
+                           seed=config.seed, balanced=config.sampler == "balanced")
+    val_dl = make_loader(ArrayDataset(val_x, val_y), max(config.batch_size, 64), train=False,
+                         seed=config.seed)
+    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss",
+                           mode="min", save_last=True, save_top_k=1)
+    history = HistoryCSV(run_dir / "history.csv")
+    callbacks: list[Callback] = [
+        EarlyStopping(monitor="val_loss", patience=config.patience, mode="min"),
+        ckpt,
+        history,
+    ]
+    if progress:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar(leave=True))
+    trainer = L.Trainer(
+        max_epochs=config.epochs,
+        accelerator="auto",
+        devices=1,
+        precision="bf16-mixed" if use_bf16(config.precision) else "32-true",
+        deterministic=config.deterministic,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(run_dir),
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, train_dl, val_dl)
+    seconds = time.perf_counter() - t0
+    if not ckpt.best_model_path:
+        raise CxrlabError("training produced no checkpoint (no validation epoch completed)")
+    best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
+    module.load_state_dict(best["state_dict"])
+    module.model.to(memory_format=torch.contiguous_format)
+    return FitResult(module, ckpt.best_model_path, trainer.current_epoch, seconds)
