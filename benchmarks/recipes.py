@@ -25,7 +25,7 @@ from cxrlab.pipeline import train_run
 RECIPES: dict[str, dict] = {
     "default": {},
     "cnn-notebook": dict(model="cnn", image_size=180, optimizer="adam", lr=1e-3,
-                         weight_decay=0.0, augment="notebook", schedule="plateau", dropout=0.0),
+                         weight_decay=0.0, augment="notebook", schedule="plateau"),
     "resnet18-224": dict(image_size=224, epochs=10),
     "resnet18-128": dict(image_size=128, epochs=20),
 }

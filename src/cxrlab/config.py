@@ -36,13 +36,15 @@ class RunConfig(BaseModel):
 
     # -- model ----------------------------------------------------------------------------
     model: str = "resnet18"
-    image_size: int = Field(192, ge=16, le=1024)
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    image_size: int = Field(160, ge=16, le=1024)
+    dropout: float | None = Field(
+        None, ge=0.0, lt=1.0, description="None = the model's own (notebook rates for cnn)"
+    )
     batchnorm: bool = True
     pretrained: str | None = None
 
     # -- optimisation -------------------------------------------------------------------
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(14, ge=1)
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)

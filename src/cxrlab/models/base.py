@@ -1,0 +1,154 @@
+"""The model contract every architecture follows, the registry, and weight loading.
+
+`ImageClassifier` fixes the split timm uses: `forward_features` (normalise + backbone -> the
+last feature map, what Grad-CAM, feature caching and frozen backbones need) and `forward_head`
+(pool/flatten + classifier -> logits). Inputs are float images in [0, 1]; the model owns its
+normalisation (buffers saved with the weights), so no caller has to remember it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from cxrlab.errors import CxrlabError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Scratch models: X-rays in [0, 1] sit roughly around 0.5 with a spread of ~0.25.
+SCRATCH_MEAN = 0.5
+SCRATCH_STD = 0.25
+
+_REGISTRY: dict[str, Callable[..., ImageClassifier]] = {}
+
+
+def register_model(name: str) -> Callable:
+    """Decorator: make a factory reachable as `create_model(name, ...)` (timm-style)."""
+
+    def deco(fn: Callable[..., ImageClassifier]) -> Callable[..., ImageClassifier]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+class ImageClassifier(nn.Module):
+    """Base of every cxrlab model: normalisation buffers + the features/head split.
+
+    Subclasses implement `forward_backbone` and set `feature_layer` (dotted name of the module
+    whose output is the last feature map: Grad-CAM hooks it), `first_conv` (name of the first
+    conv, whose weights are adapted when pretrained weights have other input channels) and
+    `classifier` (name of the final Linear: the part never loaded from pretrained weights).
+    """
+
+    feature_layer: str = ""
+    first_conv: str = ""
+    classifier: str = "fc"
+
+    def __init__(self, num_classes: int, in_chans: int, num_features: int,
+                 mean: float | Sequence[float] = SCRATCH_MEAN,
+                 std: float | Sequence[float] = SCRATCH_STD):
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = num_features  # channels of the forward_features output
+        self.register_buffer("pixel_mean", torch.zeros(1, in_chans, 1, 1))
+        self.register_buffer("pixel_std", torch.ones(1, in_chans, 1, 1))
+        self.set_pixel_stats(mean, std)
+
+    def set_pixel_stats(self, mean: float | Sequence[float] | torch.Tensor,
+                        std: float | Sequence[float] | torch.Tensor) -> None:
+        """Per-channel mean/std in [0, 1] units; 3 values for a 1-channel model are averaged."""
+        for buf, val in ((self.pixel_mean, mean), (self.pixel_std, std)):
+            t = torch.as_tensor(val, dtype=torch.float32).flatten()
+            if t.numel() == 3 and self.in_chans == 1:
+                t = t.mean(0, keepdim=True)
+            if t.numel() == 1:
+                t = t.expand(self.in_chans)
+            if t.numel() != self.in_chans:
+                raise CxrlabError(f"pixel stats: {t.numel()} values for {self.in_chans} channels")
+            buf.copy_(t.view(1, -1, 1, 1))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)
+
+    def forward_backbone(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) in [0, 1] -> last feature map (B, num_features, h, w)."""
+        return self.forward_backbone(self.normalize(x))
+
+    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pool (a mean, not AdaptiveAvgPool2d: its CUDA backward is not
+        deterministic), dropout, classifier -> logits (B, num_classes)."""
+        x = feats.mean(dim=(2, 3))
+        x = self.head_drop(x)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def make_dropout(p: float) -> nn.Module:
+    """Identity at p=0, so 'no dropout' leaves no Dropout module behind (and none to forget)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+def load_matching_state_dict(model: ImageClassifier, state_dict: Mapping[str, torch.Tensor],
+                             source: str = "state dict") -> None:
+    """Load every backbone weight from `state_dict` (our names = torchvision's names), asserting
+    each key and shape, like nanoGPT's from_pretrained; no strict=False-and-hope.
+
+    - The classifier (`model.classifier`, e.g. `fc.*`) is skipped: the new task has its own head.
+    - A 3-channel first conv loaded into a 1-channel model is summed over its input channels:
+      exactly what the 3-channel net computes on a grey image repeated 3 times (up to the
+      per-channel normalisation, which becomes the mean of the 3).
+    - `num_batches_tracked` may be missing (torchvision's own files predate it).
+    - Pixel stats come from the dict when it holds them (a cxrlab model.pt), else ImageNet's
+      (torchvision weights expect ImageNet-normalised input).
+    Any missing key, unexpected key or shape mismatch raises CxrlabError naming the first one.
+    """
+    src = dict(state_dict)
+    for prefix in ("module.", "model."):  # DataParallel/DDP; a Lightning checkpoint's model
+        if src and all(k.startswith(prefix) for k in src):
+            src = {k.removeprefix(prefix): v for k, v in src.items()}
+    head = model.classifier + "."
+    stats = ("pixel_mean", "pixel_std")
+    own = model.state_dict()
+    first = model.first_conv + ".weight"
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    loaded: dict[str, torch.Tensor] = {}
+    for key, target in own.items():
+        if key.startswith(head) or key in stats:
+            continue
+        if key not in src:
+            if key.endswith("num_batches_tracked"):
+                continue
+            raise CxrlabError(f"{source}: missing key '{key}'")
+        value = src[key]
+        if not isinstance(value, torch.Tensor):
+            raise CxrlabError(f"{source}: key '{key}' is not a tensor")
+        if key == first and value.ndim == 4 and value.shape[1] == 3 and target.shape[1] == 1:
+            value = value.sum(dim=1, keepdim=True)
+        if value.shape != target.shape:
+            raise CxrlabError(f"{source}: key '{key}' has shape {tuple(value.shape)}, "
+                              f"the model expects {tuple(target.shape)}")
+        loaded[key] = value
+    extra = [k for k in src if k not in own and not k.startswith(head) and k not in stats]
+    if extra:
+        hint = ""
+        if not has_bn and any(".running_mean" in k or k.startswith("bn") for k in extra):
+            hint = " (the weights were trained with batch norm: use batchnorm=True)"
+        raise CxrlabError(f"{source}: unexpected key '{extra[0]}'{hint}")
+    with torch.no_grad():
+        for key, value in loaded.items():
+            own[key].copy_(value)
+    if all(k in src for k in stats):
+        model.set_pixel_stats(src["pixel_mean"], src["pixel_std"])
+    else:
+        model.set_pixel_stats(IMAGENET_MEAN, IMAGENET_STD)

@@ -1,0 +1,131 @@
+"""Batched augmentation: contracts (shape, dtype, identity, seeds) and Keras' geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import cxrlab.data.augment as aug
+from cxrlab.data.augment import POLICIES, augment_batch
+from cxrlab.errors import CxrlabError
+
+
+def smooth_batch(b: int = 6, c: int = 1, h: int = 32, w: int = 32, seed: int = 0) -> torch.Tensor:
+    """Smooth, left-right asymmetric images in [0, 1] (bilinear warps of noise are not smooth)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, c, h // 4, w // 4, generator=g)
+    x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    x[..., : h // 3, : w // 4] = 1.0  # a bright corner: flips and shifts are visible
+    return x.clamp(0, 1)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("shape", [(4, 1, 32, 32), (3, 3, 24, 40)])
+def test_shape_dtype_and_device_kept(policy, shape):
+    x = smooth_batch(*shape)
+    out = augment_batch(x, policy, gen(0))
+    assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
+    assert torch.isfinite(out).all()
+
+
+def test_none_is_exactly_the_input():
+    x = smooth_batch()
+    assert augment_batch(x, "none", gen(0)) is x
+
+
+@pytest.mark.parametrize("policy", ["flip", "light", "notebook"])
+def test_seeded_runs_repeat_and_other_seeds_differ(policy):
+    x = smooth_batch(8)
+    a = augment_batch(x, policy, gen(1))
+    assert torch.equal(a, augment_batch(x, policy, gen(1)))
+    assert not torch.equal(a, augment_batch(x, policy, gen(2)))
+    assert augment_batch(x, policy).shape == x.shape  # global RNG when no generator
+
+
+def test_flip_flips_some_images_exactly_and_leaves_the_others():
+    x = smooth_batch(16)
+    out = augment_batch(x, "flip", gen(0))
+    flipped = [torch.equal(o, xi.flip(-1)) for o, xi in zip(out, x, strict=True)]
+    kept = [torch.equal(o, xi) for o, xi in zip(out, x, strict=True)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True))
+    assert 0 < sum(flipped) < 16
+
+
+@pytest.mark.parametrize("policy", ["light", "notebook"])
+def test_warps_change_images_but_keep_mean_intensity(policy):
+    x = smooth_batch(16, h=48, w=48)
+    x[..., : 16, : 12] = x.mean()  # no dominant corner: a shift then moves the mean little
+    out = augment_batch(x, policy, gen(0))
+    per_image = (out - x).abs().mean(dim=(1, 2, 3))
+    assert (per_image > 1e-3).all()  # every image changed
+    assert (out.mean(dim=(1, 2, 3)) - x.mean(dim=(1, 2, 3))).abs().mean() < 0.05
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def fixed_draws(monkeypatch, values: list[float]) -> None:
+    """Every image gets the same draws: values[i] for parameter i (see _affine_policy)."""
+    def fake(n, generator, device, low=0.0, high=1.0):
+        return torch.tensor(values, dtype=torch.float32).repeat_interleave(n // len(values))
+    monkeypatch.setattr(aug, "_uniform", fake)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 3, 24, 40)])
+def test_middle_draws_are_the_identity(monkeypatch, shape):
+    """Zero rotation/shift/shear, zoom 1, no flip, no jitter -> the input back (also for
+    non-square images: checks the pixel <-> affine_grid coordinate conversion)."""
+    fixed_draws(monkeypatch, [0.5] * 9)
+    x = smooth_batch(*shape)
+    for policy in ("light", "notebook"):
+        assert torch.allclose(augment_batch(x, policy), x, atol=1e-5)
+
+
+def keras_apply_affine_transform(img, theta, tx, ty, shear, zx, zy):
+    """Keras 2's apply_affine_transform (rows, cols image; angles in degrees), re-typed."""
+    from scipy import ndimage
+
+    t = np.deg2rad(theta)
+    s = np.deg2rad(shear)
+    m = (np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+         @ np.array([[1, 0, tx], [0, 1, ty], [0, 0, 1]])
+         @ np.array([[1, -np.sin(s), 0], [0, np.cos(s), 0], [0, 0, 1]])
+         @ np.diag([zx, zy, 1.0]))
+    h, w = img.shape
+    ox, oy = h / 2 - 0.5, w / 2 - 0.5
+    m = np.array([[1, 0, ox], [0, 1, oy], [0, 0, 1]]) @ m @ np.array(
+        [[1, 0, -ox], [0, 1, -oy], [0, 0, 1]])
+    m[:, [0, 1]] = m[:, [1, 0]]
+    m[[0, 1]] = m[[1, 0]]
+    return ndimage.affine_transform(img, m[:2, :2], m[:2, 2], order=1, mode="nearest")
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_notebook_matches_keras_image_data_generator(monkeypatch, flip):
+    pytest.importorskip("scipy")
+    draws = [0.9, 0.2, 0.7, 0.8, 0.3, 0.6, 0.2 if flip else 0.8, 0.5, 0.5]
+    fixed_draws(monkeypatch, draws)
+    x = smooth_batch(1, h=40, w=40)
+    out = augment_batch(x, "notebook")[0, 0].numpy()
+    u = [2 * d - 1 for d in draws]  # the draws mapped to [-1, 1)
+    ref = keras_apply_affine_transform(
+        x[0, 0].numpy(), theta=30 * u[0], tx=0.2 * 40 * u[1], ty=0.2 * 40 * u[2],
+        shear=0.2 * u[3], zx=1 + 0.2 * u[4], zy=1 + 0.2 * u[5])
+    if flip:
+        ref = ref[:, ::-1]
+    assert np.abs(out - ref).max() < 1e-4
+    assert np.abs(out - x[0, 0].numpy()).max() > 0.1
+
+
+def test_bf16_in_bf16_out():
+    x = smooth_batch(4).to(torch.bfloat16)
+    for policy in POLICIES:
+        assert augment_batch(x, policy, gen(0)).dtype == torch.bfloat16
+
+
+def test_unknown_policy_is_a_user_error():
+    with pytest.raises(CxrlabError, match="choose from none, flip, light, notebook"):
+        augment_batch(smooth_batch(), "heavy")
