@@ -7,7 +7,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -35,9 +35,11 @@ def _setup_logging(verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
-DataArg = Annotated[Optional[Path], typer.Argument(help="class folders, train/val/test folders, or CSV")]
-ImageCol = Annotated[Optional[str], typer.Option(help="CSV column with image paths")]
-LabelCol = Annotated[Optional[str], typer.Option(help="CSV column with labels")]
+DataArg = Annotated[
+    Path | None, typer.Argument(help="class folders, train/val/test folders, or CSV")
+]
+ImageCol = Annotated[str | None, typer.Option(help="CSV column with image paths")]
+LabelCol = Annotated[str | None, typer.Option(help="CSV column with labels")]
 
 
 # ---------------------------------------------------------------------------------------
@@ -48,35 +50,35 @@ LabelCol = Annotated[Optional[str], typer.Option(help="CSV column with labels")]
 def train(
     data: DataArg = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="new run directory")] = ...,
-    config: Annotated[Optional[Path], typer.Option(help="config.yaml of an earlier run")] = None,
-    model: Annotated[Optional[str], typer.Option(help="see `cxrlab models`")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="pixels (square)")] = None,
-    batch_size: Annotated[Optional[int], typer.Option()] = None,
-    epochs: Annotated[Optional[int], typer.Option()] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adam | adamw | sgd")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="learning rate")] = None,
-    momentum: Annotated[Optional[float], typer.Option(help="SGD momentum")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option()] = None,
-    schedule: Annotated[Optional[str], typer.Option(help="none | cosine | plateau")] = None,
-    patience: Annotated[Optional[int], typer.Option(help="early-stopping patience")] = None,
-    class_weights: Annotated[Optional[bool], typer.Option(
+    config: Annotated[Path | None, typer.Option(help="config.yaml of an earlier run")] = None,
+    model: Annotated[str | None, typer.Option(help="see `cxrlab models`")] = None,
+    image_size: Annotated[int | None, typer.Option(help="pixels (square)")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adam | adamw | sgd")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
+    momentum: Annotated[float | None, typer.Option(help="SGD momentum")] = None,
+    weight_decay: Annotated[float | None, typer.Option()] = None,
+    schedule: Annotated[str | None, typer.Option(help="none | cosine | plateau")] = None,
+    patience: Annotated[int | None, typer.Option(help="early-stopping patience")] = None,
+    class_weights: Annotated[bool | None, typer.Option(
         "--class-weights/--no-class-weights", help="n_total / (n_classes * n_c)")] = None,
-    sampler: Annotated[Optional[str], typer.Option(help="none | balanced")] = None,
-    augment: Annotated[Optional[str], typer.Option(help="none | flip | light | notebook")] = None,
-    dropout: Annotated[Optional[float], typer.Option(help="dropout before the head")] = None,
-    batchnorm: Annotated[Optional[bool], typer.Option("--batchnorm/--no-batchnorm")] = None,
-    pretrained: Annotated[Optional[str], typer.Option(help="state dict to start from")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    val_fraction: Annotated[Optional[float], typer.Option()] = None,
-    group_regex: Annotated[Optional[str], typer.Option(help="patient key regex")] = None,
+    sampler: Annotated[str | None, typer.Option(help="none | balanced")] = None,
+    augment: Annotated[str | None, typer.Option(help="none | flip | light | notebook")] = None,
+    dropout: Annotated[float | None, typer.Option(help="dropout before the head")] = None,
+    batchnorm: Annotated[bool | None, typer.Option("--batchnorm/--no-batchnorm")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="state dict to start from")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    val_fraction: Annotated[float | None, typer.Option()] = None,
+    group_regex: Annotated[str | None, typer.Option(help="patient key regex")] = None,
     image_col: ImageCol = None,
     label_col: LabelCol = None,
-    positive: Annotated[Optional[str], typer.Option(help="positive class (2 classes)")] = None,
-    target_sensitivity: Annotated[Optional[float], typer.Option(
+    positive: Annotated[str | None, typer.Option(help="positive class (2 classes)")] = None,
+    target_sensitivity: Annotated[float | None, typer.Option(
         help="choose the threshold for this sensitivity instead of Youden's J")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32")] = None,
-    channels: Annotated[Optional[int], typer.Option(help="1 or 3 (default: from images)")] = None,
-    skip_bad: Annotated[Optional[bool], typer.Option(
+    precision: Annotated[str | None, typer.Option(help="auto | bf16 | fp32")] = None,
+    channels: Annotated[int | None, typer.Option(help="1 or 3 (default: from images)")] = None,
+    skip_bad: Annotated[bool | None, typer.Option(
         "--skip-bad", help="list and skip unreadable images")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
@@ -126,9 +128,9 @@ def _print_metrics(metrics: dict, title: str) -> None:
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
     data: Annotated[Path, typer.Argument(help="labelled images: any source train accepts")],
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="write metrics here")] = None,
-    split: Annotated[Optional[str], typer.Option(help="only this split of DATA")] = None,
-    positive: Annotated[Optional[str], typer.Option(help="positive class (2 classes)")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write metrics here")] = None,
+    split: Annotated[str | None, typer.Option(help="only this split of DATA")] = None,
+    positive: Annotated[str | None, typer.Option(help="positive class (2 classes)")] = None,
     image_col: ImageCol = None,
     label_col: LabelCol = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad")] = False,
@@ -176,14 +178,14 @@ def predict(
 @data_app.command("summary")
 def data_summary(
     data: Annotated[Path, typer.Argument(help="class folders, train/val/test folders, or CSV")],
-    grid: Annotated[Optional[Path], typer.Option(help="write a PNG of samples per class")] = None,
+    grid: Annotated[Path | None, typer.Option(help="write a PNG of samples per class")] = None,
     augment: Annotated[str, typer.Option(help="augmentation shown in the grid")] = "light",
     image_col: ImageCol = None,
     label_col: LabelCol = None,
-    group_regex: Annotated[Optional[str], typer.Option(help="patient key regex")] = None,
+    group_regex: Annotated[str | None, typer.Option(help="patient key regex")] = None,
     val_fraction: Annotated[float, typer.Option()] = 0.2,
     seed: Annotated[int, typer.Option()] = 0,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the summary")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the summary")] = None,
 ) -> None:
     """Counts per class and split, patients, sizes, duplicates, leakage, unreadable files."""
     from cxrlab.data.audit import render_summary, summarize, write_grid
@@ -206,7 +208,7 @@ def data_summary(
 
 @app.command("models")
 def models_cmd(
-    name: Annotated[Optional[str], typer.Argument(help="one model")] = None,
+    name: Annotated[str | None, typer.Argument(help="one model")] = None,
     summary: Annotated[bool, typer.Option("--summary", help="layer table")] = False,
     image_size: Annotated[int, typer.Option(help="for multiply-adds and shapes")] = 224,
     in_chans: Annotated[int, typer.Option(help="input channels")] = 1,
@@ -226,13 +228,13 @@ def models_cmd(
     console.print(table)
     if summary:
         for n, m in built.items():
-            render_summary(model_summary(m, image_size), console)
+            render_summary(model_summary(m, image_size), console, title=n)
 
 
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("cxrlab-demo"),
-    epochs: Annotated[Optional[int], typer.Option(help="override the demo's epochs")] = None,
+    epochs: Annotated[int | None, typer.Option(help="override the demo's epochs")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Train and evaluate a small model on the chest X-rays shipped with cxrlab."""

@@ -36,7 +36,7 @@ class RunConfig(BaseModel):
 
     # -- model ----------------------------------------------------------------------------
     model: str = "resnet18"
-    image_size: int = Field(160, ge=16, le=1024)
+    image_size: int = Field(192, ge=16, le=1024)
     dropout: float | None = Field(
         None, ge=0.0, lt=1.0, description="None = the model's own (notebook rates for cnn)"
     )

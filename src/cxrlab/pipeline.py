@@ -99,6 +99,14 @@ def prepare_data(config: RunConfig) -> PreparedData:
 # train
 
 
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -112,14 +120,20 @@ class TrainResult:
 
 def train_run(config: RunConfig, out: Path, progress: bool = True) -> TrainResult:
     """Validate everything, then train; the run directory says complete only at the very end."""
-    from cxrlab.models import create_model
+    from cxrlab.models import create_model, list_models
 
     out = Path(out)
+    if config.model not in list_models():
+        raise CxrlabError(f"--model {config.model}: unknown model; choose from: "
+                          f"{', '.join(list_models())}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        prepare_out_dir(out)  # raises: refuse before the slow part
     data = prepare_data(config)  # bad data fails here, before anything is written
     classes = data.source.classes
     positive = resolve_positive(classes, config.positive)
     n_out = 1 if len(classes) == 2 else len(classes)
     in_chans = int(data.images.shape[1])
+    seed_everything(config.seed)  # the initial weights are part of the run
     model = create_model(config.model, num_classes=n_out, in_chans=in_chans,
                          dropout=config.dropout, batchnorm=config.batchnorm,
                          pretrained=config.pretrained, image_size=config.image_size)

@@ -183,10 +183,11 @@ class ClassifierModule(L.LightningModule):
         if self.trainer.sanity_checking or not m:
             return
         self.log("val_loss", m.pop("val_loss"), prog_bar=True, sync_dist=True)
+        auc = m.pop("val_auc", None)
         self.log_dict({k: v for k, v in m.items() if v is not None},
                       prog_bar=False, sync_dist=True)
-        if "val_auc" in m and m["val_auc"] is not None:
-            self.log("val_auc", m["val_auc"], prog_bar=True, sync_dist=True)
+        if auc is not None:
+            self.log("val_auc", auc, prog_bar=True, sync_dist=True)
 
     # -- optimisation -------------------------------------------------------------------
     def configure_optimizers(self):
@@ -246,6 +247,12 @@ def epoch_summary(y: np.ndarray, probs: np.ndarray, positive: int | None,
         except ValueError:
             out["auc"] = None
     return out
+
+
+def quiet_lightning() -> None:
+    """Lightning sets its loggers to INFO on import; its banner is noise in our output."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class HistoryCSV(Callback):
@@ -323,6 +330,7 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
         n_classes: int, positive: int | None, run_dir: Path,
         progress: bool = True) -> FitResult:
     """Train with Lightning; returns the module holding the best (lowest val loss) weights."""
+    quiet_lightning()
     L.seed_everything(config.seed, workers=True, verbose=False)
     weights = class_weights(np.asarray(train_y), n_classes) if config.class_weights else None
     module = ClassifierModule(model, config, n_classes, weights, positive)

@@ -1,0 +1,235 @@
+"""The command line end to end, in-process: exit codes, one-line errors, files written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxrlab.cli import main
+from tests.conftest import make_kermany_folder
+
+FAST = ["--image-size", "32", "--epochs", "2", "--batch-size", "8", "--quiet"]
+
+
+def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["cxrlab", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cxrlab: error:"), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def not_complete(run: Path) -> bool:
+    info = run / "run.json"
+    return not info.exists() or json.loads(info.read_text())["state"] != "complete"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    data = make_kermany_folder(root / "data", 16, 16)
+    run = root / "run"
+    code = 0
+    argv = sys.argv
+    sys.argv = ["cxrlab", "train", str(data), "--out", str(run), "--model", "cnn", *FAST]
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+    assert code in (0, None)
+    return data, run
+
+
+def test_train_writes_a_complete_run(trained_run):
+    data, run = trained_run
+    for name in ["config.yaml", "split.csv", "history.csv", "model.pt", "threshold",
+                 "metrics.json", "curves.png", "confusion_matrix.png", "roc.png",
+                 "val_predictions.png", "checkpoints/best.ckpt"]:
+        assert (run / name).is_file(), name
+    assert json.loads((run / "run.json").read_text())["state"] == "complete"
+    m = json.loads((run / "metrics.json").read_text())
+    for key in ["accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc",
+                "threshold", "confusion_matrix", "classes", "positive_class", "n", "ci"]:
+        assert key in m
+    assert m["classes"] == ["NORMAL", "PNEUMONIA"] and m["positive_class"] == "PNEUMONIA"
+    assert m["threshold"] == pytest.approx(float((run / "threshold").read_text()))
+
+
+def test_evaluate_and_predict(trained_run, tmp_path, capsys, monkeypatch):
+    data, run = trained_run
+    out_json = tmp_path / "m.json"
+    code, out, err = run_cli(["evaluate", run, data, "--json", out_json], capsys, monkeypatch)
+    assert code == 0, err
+    m = json.loads(out_json.read_text())
+    assert m["n"] == 32 and sum(map(sum, m["confusion_matrix"])) == 32
+    assert "at_0_5" in m
+    code, out, err = run_cli(["predict", run, data / "NORMAL", "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 16
+    for r in rows:
+        p = r["probabilities"]
+        assert set(p) == {"NORMAL", "PNEUMONIA"}
+        assert sum(p.values()) == pytest.approx(1, abs=1e-5)
+        expected = "PNEUMONIA" if p["PNEUMONIA"] >= r["threshold"] else "NORMAL"
+        assert r["class"] == expected
+
+
+def test_evaluate_unknown_class_is_named(trained_run, tmp_path, capsys, monkeypatch):
+    _, run = trained_run
+    other = make_kermany_folder(tmp_path / "other", 2, 2)
+    (other / "PNEUMONIA").rename(other / "COVID")
+    code, _, err = run_cli(["evaluate", run, other], capsys, monkeypatch)
+    assert_user_error(code, err, "COVID")
+
+
+def test_retrain_from_config_reproduces_metrics(trained_run, tmp_path, capsys, monkeypatch):
+    _, run = trained_run
+    again = tmp_path / "again"
+    code, _, err = run_cli(["train", "--config", run / "config.yaml", "--out", again, "--quiet"],
+                           capsys, monkeypatch)
+    assert code == 0, err
+    a = json.loads((run / "metrics.json").read_text())
+    b = json.loads((again / "metrics.json").read_text())
+    for k in ["accuracy", "roc_auc", "threshold", "confusion_matrix"]:
+        assert a[k] == b[k], k
+    assert (run / "history.csv").read_text().split("\n")[1].split(",")[1:3] == \
+        (again / "history.csv").read_text().split("\n")[1].split(",")[1:3]
+
+
+def test_models_lists_registry(capsys, monkeypatch):
+    code, out, err = run_cli(["models", "--image-size", "64"], capsys, monkeypatch)
+    assert code == 0, err
+    for name in ["cnn", "resnet18", "resnet50"]:
+        assert name in out
+    code, out, _ = run_cli(["models", "cnn", "--summary", "--image-size", "64"], capsys,
+                           monkeypatch)
+    assert code == 0 and "Conv2d" in out
+
+
+def test_data_summary_with_grid(kermany_folder, tmp_path, capsys, monkeypatch):
+    grid = tmp_path / "grid.png"
+    code, out, err = run_cli(["data", "summary", kermany_folder, "--grid", grid,
+                              "--augment", "notebook"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "NORMAL" in out and "PNEUMONIA" in out
+    assert Image.open(grid).size[0] > 100
+
+
+# ---------------------------------------------------------------------------------------
+# bad input: one line, exit 2, no complete-looking run
+
+
+def _train(args, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", *args, "--out", run, *FAST], capsys, monkeypatch)
+    return code, err, run
+
+
+def test_missing_path(tmp_path, capsys, monkeypatch):
+    code, err, run = _train([tmp_path / "nope"], tmp_path, capsys, monkeypatch)
+    assert_user_error(code, err, "nope")
+    assert not run.exists()
+
+
+def test_empty_class_folder(kermany_folder, tmp_path, capsys, monkeypatch):
+    (kermany_folder / "COVID").mkdir()
+    code, err, run = _train([kermany_folder], tmp_path, capsys, monkeypatch)
+    assert_user_error(code, err, "COVID")
+    assert not run.exists()
+
+
+def test_only_one_class(kermany_folder, tmp_path, capsys, monkeypatch):
+    for f in (kermany_folder / "NORMAL").iterdir():
+        f.unlink()
+    (kermany_folder / "NORMAL").rmdir()
+    code, err, run = _train([kermany_folder], tmp_path, capsys, monkeypatch)
+    assert_user_error(code, err)
+    assert "class" in err.lower()
+    assert not run.exists()
+
+
+def test_truncated_image_and_skip_bad(kermany_folder, tmp_path, capsys, monkeypatch, caplog):
+    bad = kermany_folder / "NORMAL" / "IM-0900-0001.jpeg"
+    buf = tmp_path / "full.jpeg"
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(buf)
+    bad.write_bytes(buf.read_bytes()[:200])
+    code, err, run = _train([kermany_folder], tmp_path, capsys, monkeypatch)
+    assert_user_error(code, err, "IM-0900-0001.jpeg")
+    assert not run.exists()
+    code, _, err = run_cli(["train", kermany_folder, "--out", tmp_path / "ok", "--skip-bad",
+                            "--model", "cnn", *FAST], capsys, monkeypatch)
+    assert code == 0, err
+    assert "IM-0900-0001.jpeg" in err + caplog.text  # listed as skipped
+    split = (tmp_path / "ok" / "split.csv").read_text()
+    assert "IM-0900-0001.jpeg" not in split
+
+
+def test_non_image_with_image_extension(kermany_folder, tmp_path, capsys, monkeypatch):
+    (kermany_folder / "PNEUMONIA" / "person9999_virus_1.png").write_text("not an image")
+    code, err, run = _train([kermany_folder], tmp_path, capsys, monkeypatch)
+    assert_user_error(code, err, "person9999_virus_1.png")
+    assert not run.exists()
+
+
+def test_csv_missing_column_and_missing_files(kermany_folder, tmp_path, capsys, monkeypatch):
+    csv = kermany_folder / "meta.csv"
+    csv.write_text("path,label\nNORMAL/IM-0000-0001.png,NORMAL\n")
+    code, err, _ = _train([csv, "--image-col", "file", "--label-col", "label"], tmp_path,
+                          capsys, monkeypatch)
+    assert_user_error(code, err, "file")
+    csv.write_text("path,label\nNORMAL/IM-0000-0001.png,NORMAL\nNORMAL/gone.png,NORMAL\n")
+    code, err, run = _train([csv, "--image-col", "path", "--label-col", "label"], tmp_path,
+                            capsys, monkeypatch)
+    assert_user_error(code, err, "gone.png")
+    assert not run.exists()
+
+
+def test_unknown_model(kermany_folder, tmp_path, capsys, monkeypatch):
+    code, err, run = _train([kermany_folder, "--model", "resnet1000"], tmp_path, capsys,
+                            monkeypatch)
+    assert_user_error(code, err, "resnet1000")
+    assert not run.exists()
+
+
+def test_image_smaller_than_16px(kermany_folder, tmp_path, capsys, monkeypatch):
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(kermany_folder / "NORMAL" / "IM-0901-0001.png")
+    code, err, run = _train([kermany_folder], tmp_path, capsys, monkeypatch)
+    assert_user_error(code, err, "IM-0901-0001.png")
+    assert not run.exists()
+
+
+def test_out_dir_not_empty_is_refused(kermany_folder, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    keep = run / "precious.txt"
+    keep.write_text("mine")
+    code, _, err = run_cli(["train", kermany_folder, "--out", run, *FAST], capsys, monkeypatch)
+    assert_user_error(code, err, "--out")
+    assert keep.read_text() == "mine" and len(list(run.iterdir())) == 1
+
+
+def test_bad_option_value(kermany_folder, tmp_path, capsys, monkeypatch):
+    code, err, run = _train([kermany_folder, "--augment", "sideways"], tmp_path, capsys,
+                            monkeypatch)
+    assert_user_error(code, err, "augment")
+    assert not run.exists()
