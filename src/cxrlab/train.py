@@ -115,6 +115,8 @@ class ClassifierModule(L.LightningModule):
         self.use_weights = weights is not None
         self._aug_gen: torch.Generator | None = None
         self._outputs: dict[str, list] = {"train": [], "val": []}
+        self.history: HistoryCSV | None = None
+        self._epoch_t0 = time.perf_counter()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -172,11 +174,16 @@ class ClassifierModule(L.LightningModule):
         loss = float(sum(o[2] for o in outs) / len(y))
         return {f"{stage}_{k}": v for k, v in epoch_summary(y, probs, self.positive, loss).items()}
 
+    def on_train_epoch_start(self) -> None:
+        self._epoch_t0 = time.perf_counter()
+
     def on_train_epoch_end(self) -> None:
         m = self._epoch_metrics("train")
         self.log_dict({k: v for k, v in m.items() if v is not None and k != "train_loss"},
                       sync_dist=True)
         self.log("train_loss", m["train_loss"], prog_bar=True, sync_dist=True)
+        if self.history is not None:
+            self.history.add(self.trainer, time.perf_counter() - self._epoch_t0)
 
     def on_validation_epoch_end(self) -> None:
         m = self._epoch_metrics("val")
@@ -255,8 +262,12 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-class HistoryCSV(Callback):
-    """One row per epoch in RUN_DIR/history.csv, train and val side by side."""
+class HistoryCSV:
+    """One row per epoch in RUN_DIR/history.csv, train and val side by side.
+
+    Written by the module after it logs the epoch's train metrics: a Callback's
+    on_train_epoch_end runs before the module's and would see the previous epoch's values.
+    """
 
     COLUMNS = ["epoch", "train_loss", "val_loss", "train_acc", "val_acc", "train_precision",
                "val_precision", "train_recall", "val_recall", "val_auc", "lr", "seconds"]
@@ -264,19 +275,15 @@ class HistoryCSV(Callback):
     def __init__(self, path: Path):
         self.path = path
         self.rows: list[dict] = []
-        self._t0 = time.perf_counter()
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def add(self, trainer, seconds: float) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
         row = {c: m.get(c) for c in self.COLUMNS}
         row["epoch"] = trainer.current_epoch + 1
         row["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
-        row["seconds"] = round(time.perf_counter() - self._t0, 2)
+        row["seconds"] = round(seconds, 2)
         self.rows.append(row)
         tmp = self.path.with_suffix(".tmp")
         with tmp.open("w", newline="") as f:
@@ -342,11 +349,10 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
                          seed=config.seed)
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss",
                            mode="min", save_last=True, save_top_k=1)
-    history = HistoryCSV(run_dir / "history.csv")
+    module.history = HistoryCSV(run_dir / "history.csv")
     callbacks: list[Callback] = [
         EarlyStopping(monitor="val_loss", patience=config.patience, mode="min"),
         ckpt,
-        history,
     ]
     if progress:
         from lightning.pytorch.callbacks import RichProgressBar
