@@ -11,6 +11,12 @@ from PIL import Image
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Tests never read or fill the user's image cache."""
+    monkeypatch.setenv("CXRLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cxrlab-cache"))
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """`../shared/data` beside the checkout; tests that need it skip cleanly without it."""
