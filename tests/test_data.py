@@ -78,7 +78,7 @@ def test_modes_decode_to_expected_channels(tmp_path):
     rgb = np.stack([grey] * 3, -1)
     rgba = np.concatenate([rgb, np.full((64, 64, 1), 255, np.uint8)], -1)
     p16 = tmp_path / "x16.png"
-    Image.fromarray((grey.astype(np.uint16) * 16)).save(p16)  # 12-bit values in a 16-bit PNG
+    Image.fromarray(grey.astype(np.uint16) * 16).save(p16)  # 12-bit values in a 16-bit PNG
     cmyk = tmp_path / "c.jpg"
     Image.fromarray(rgb).convert("CMYK").save(cmyk)
     for p in [_save(tmp_path, "g.png", grey), _save(tmp_path, "rgb.jpg", rgb, quality=95),
