@@ -174,7 +174,7 @@ def _train_and_report(model, config: RunConfig, data: PreparedData, positive: in
     if positive is not None:
         threshold = choose_threshold((vy == positive).astype(int), vp[:, positive],
                                      config.threshold_rule, config.target_sensitivity)
-        atomic_write_text(out / "threshold", f"{threshold:.6f}\n")
+        atomic_write_text(out / "threshold", f"{float(threshold)!r}\n")
     metrics = compute_metrics(vy, vp, classes, positive=positive, threshold=threshold,
                               seed=config.seed)
     metrics["split"] = "val"
