@@ -29,7 +29,7 @@ class RunConfig(BaseModel):
     group_regex: str | None = Field(
         None, description="regex whose first group (or whole match) is the patient key"
     )
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    val_fraction: float = Field(0.2, gt=0.0, le=0.5)
     channels: Literal[0, 1, 3] = Field(0, description="0 = 1 for grey images, 3 for colour")
     skip_bad: bool = False
     positive: str | None = Field(None, description="positive class for 2 classes")

@@ -1,10 +1,15 @@
-"""Validation splits that do not leak: stratified by class, grouped by patient, seeded."""
+"""Validation splits that do not leak: stratified by class, grouped by patient, seeded.
+
+Kermany has several images per patient; a split by image puts the same patient in train and
+val and inflates validation scores. Source-given splits (train/val/test folders) are kept.
+"""
 
 from __future__ import annotations
 
 import csv
 import re
-from collections import defaultdict
+import warnings
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,33 +20,35 @@ from cxrlab.data.sources import Source
 from cxrlab.errors import CxrlabError
 
 # person123_bacteria_456.jpeg -> person123; IM-0115-0001.jpeg -> IM-0115;
-# NORMAL2-IM-1427-0001.jpeg -> NORMAL2-IM-1427
+# NORMAL2-IM-1427-0001.jpeg -> NORMAL2-IM-1427 (IM-0467-0001-0002.jpeg -> IM-0467)
 KERMANY_PATTERN = re.compile(r"^(person\d+)_|^((?:[A-Za-z0-9]+-)?IM-\d+)-\d+")
+NOT_GROUPED = "no patient key matched: split is not grouped by patient"
+SPLIT_CSV_COLUMNS = ("path", "label", "split", "patient")
 
 
 def patient_key(path: Path | str, regex: str | re.Pattern | None = None) -> str | None:
+    """Patient id from the file name: the Kermany forms, or `regex`'s first group (or match)."""
     name = Path(path).name
     if regex is None:
         m = KERMANY_PATTERN.match(name)
         return next((g for g in m.groups() if g), None) if m else None
-    pattern = re.compile(regex) if isinstance(regex, str) else regex
+    pattern = _compile(regex) if isinstance(regex, str) else regex
     m = pattern.search(name)
     if not m:
         return None
-    return m.group(1) if pattern.groups else m.group(0)
+    key = m.group(1) if pattern.groups else m.group(0)
+    return key or None
 
 
 @dataclass
 class SplitResult:
     splits: list[str]  # per record: train / val / test
-    groups: list[str]  # patient key per record ("" when ungrouped)
-    grouped: bool
-    message: str
+    groups: list[str]  # patient key per record ("" for a file without one)
+    grouped: bool  # False when no file name gave a patient key
+    message: str  # what a user should know about this split ("" when nothing)
 
 
-def _compile(regex: str | None):
-    if regex is None:
-        return None
+def _compile(regex: str) -> re.Pattern:
     try:
         return re.compile(regex)
     except re.error as e:
@@ -51,69 +58,103 @@ def _compile(regex: str | None):
 
 def assign_splits(source: Source, val_fraction: float = 0.2, seed: int = 0,
                   group_regex: str | None = None) -> SplitResult:
-    pattern = _compile(group_regex)
+    """Keep given splits; carve val out of train when none is given, by patient group.
+
+    StratifiedGroupKFold(n_splits=round(1/val_fraction)) and its first fold as val: whole
+    patients move, classes stay balanced as far as patients allow. Files without a patient
+    key are their own group; when no file has one, a plain stratified split (and the message
+    says so).
+    """
+    if not 0 < val_fraction <= 0.5:
+        raise CxrlabError(f"--val-fraction {val_fraction}: must be > 0 and <= 0.5")
+    pattern = _compile(group_regex) if group_regex is not None else None
     records = source.records
     keys = [patient_key(r.path, pattern) for r in records]
     matched = sum(k is not None for k in keys)
     grouped = matched > 0
-    groups = [k if k is not None else f"__file__{r.path}" for k, r in zip(keys, records,
-                                                                            strict=True)]
+    # a file without a key is its own group (its path is unique)
+    groups = [k if k is not None else f"\0{r.path}" for k, r in zip(keys, records, strict=True)]
     splits = [r.split or "train" for r in records]
     notes = []
     if not grouped:
-        notes.append("no patient key matched any file name: the split is not grouped by "
-                      "patient (use --group-regex)")
+        hint = "" if group_regex else " (--group-regex sets how to read it from file names)"
+        notes.append(NOT_GROUPED + hint)
     elif matched < len(records):
-        notes.append(f"{len(records) - matched} file(s) without a patient key: each is its "
+        notes.append(f"{len(records) - matched} file(s) without a patient key are each their "
                      "own group")
-    has_val = any(s == "val" for s in splits)
-    if not has_val:
+    if "val" not in splits:
         idx = np.array([i for i, s in enumerate(splits) if s == "train"])
-        labels = np.array([records[i].label for i in idx])
         if len(idx) < 2:
             raise CxrlabError(f"{source.root}: too few training images to hold out validation")
+        labels = np.array([records[i].label for i in idx])
         if grouped:
             g = np.array([groups[i] for i in idx])
-            n_splits = max(2, round(1 / val_fraction))
-            n_splits = min(n_splits, len(set(g.tolist())))
+            # sklearn needs n_splits <= groups and <= the largest class: tiny sets get a
+            # bigger validation share rather than an error
+            n_splits = min(max(2, round(1 / val_fraction)), len(set(g.tolist())),
+                           max(Counter(labels.tolist()).values()))
+            if len(set(g.tolist())) < 2:
+                raise CxrlabError(f"{source.root}: all training images belong to one patient: "
+                                  "cannot hold out validation")
             if n_splits < 2:
-                raise CxrlabError(f"{source.root}: only one patient: cannot hold out validation")
+                raise CxrlabError(f"{source.root}: too few training images per class to hold "
+                                  "out a stratified validation split")
             sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-            _, val_idx = next(sgkf.split(np.zeros(len(idx)), labels, g))
+            with warnings.catch_warnings():  # a rare class is fine: it lands where it can
+                warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+                _, val_idx = next(sgkf.split(np.zeros(len(idx)), labels, g))
         else:
             n_val = max(len(set(labels.tolist())), round(val_fraction * len(idx)))
-            sss = StratifiedShuffleSplit(n_splits=1, test_size=n_val, random_state=seed)
             try:
+                sss = StratifiedShuffleSplit(n_splits=1, test_size=n_val, random_state=seed)
                 _, val_idx = next(sss.split(np.zeros(len(idx)), labels))
             except ValueError as e:
-                raise CxrlabError(f"{source.root}: cannot stratify the split ({e})") from None
+                raise CxrlabError(f"{source.root}: cannot stratify the validation split "
+                                  f"({e})") from None
         for j in val_idx:
             splits[idx[j]] = "val"
-    # A patient must live in one split; given splits can leak: say so.
-    where = defaultdict(set)
+    # A patient must live in one split; carving never splits one, given layouts can.
+    where: dict[str, set[str]] = defaultdict(set)
     for g, s in zip(groups, splits, strict=True):
         where[g].add(s)
-    leaking = [g for g, ss in where.items() if len(ss) > 1]
-    if leaking:
-        notes.append(f"{len(leaking)} patient(s) appear in more than one of the given splits, "
-                     f"e.g. {leaking[0]}")
-    n_groups = len(set(groups)) if grouped else 0
+    leaking = sorted(g for g, ss in where.items() if len(ss) > 1)
     if grouped:
+        n_groups = len({g for g in groups if not g.startswith("\0")})
         notes.insert(0, f"split grouped by patient ({n_groups} patients)")
-    return SplitResult(splits, [g if not g.startswith("__file__") else "" for g in groups],
-                       grouped, "; ".join(notes))
+    if leaking:
+        notes.append(f"warning: {len(leaking)} patient(s) appear in more than one of the given "
+                     f"splits (leakage), e.g. {leaking[0]} in "
+                     f"{'/'.join(sorted(where[leaking[0]]))}")
+    return SplitResult(splits, ["" if g.startswith("\0") else g for g in groups], grouped,
+                       "; ".join(notes))
 
 
-def write_split_csv(path: Path, source: Source, result: SplitResult) -> None:
-    tmp = Path(path).with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
+def write_split_csv(path: Path | str, source: Source, result: SplitResult) -> None:
+    """path,label,split,patient per record: the run's split, readable without cxrlab."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "split", "patient"])
+        w.writerow(SPLIT_CSV_COLUMNS)
         for r, s, g in zip(source.records, result.splits, result.groups, strict=True):
             w.writerow([str(r.path), r.label, s, g])
     tmp.replace(path)
 
 
-def read_split_csv(path: Path) -> list[dict]:
-    with Path(path).open(newline="") as f:
-        return list(csv.DictReader(f))
+def read_split_csv(path: Path | str) -> list[dict[str, str]]:
+    """Rows of a split.csv as dicts (keys path, label, split, patient)."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except OSError as e:
+        raise CxrlabError(f"{path}: cannot read split CSV ({e.strerror})") from None
+    missing = [c for c in SPLIT_CSV_COLUMNS if c not in columns]
+    if missing:
+        raise CxrlabError(f"{path}: not a split CSV (missing column {missing[0]!r})")
+    bad = next((r for r in rows if r["split"] not in ("train", "val", "test")), None)
+    if bad is not None:
+        raise CxrlabError(f"{path}: unknown split {bad['split']!r} for {bad['path']}")
+    return rows
