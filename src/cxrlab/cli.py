@@ -49,7 +49,7 @@ LabelCol = Annotated[str | None, typer.Option(help="CSV column with labels")]
 @app.command()
 def train(
     data: DataArg = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="new run directory")] = ...,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="new run directory")] = None,
     config: Annotated[Path | None, typer.Option(help="config.yaml of an earlier run")] = None,
     model: Annotated[str | None, typer.Option(help="see `cxrlab models`")] = None,
     image_size: Annotated[int | None, typer.Option(help="pixels (square)")] = None,
@@ -81,14 +81,21 @@ def train(
     skip_bad: Annotated[bool | None, typer.Option(
         "--skip-bad", help="list and skip unreadable images")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    resume: Annotated[Path | None, typer.Option(
+        help="continue a killed or failed run from its last checkpoint")] = None,
+    accelerator: Annotated[str | None, typer.Option(help="auto | cpu | gpu")] = None,
+    devices: Annotated[int | None, typer.Option(help="processes per machine (DDP)")] = None,
+    num_nodes: Annotated[int | None, typer.Option(help="machines (DDP)")] = None,
+    strategy: Annotated[str | None, typer.Option(help="auto | ddp | ddp_spawn")] = None,
 ) -> None:
     """Train a classifier; everything that defines the run goes to OUT/config.yaml."""
     from cxrlab.config import RunConfig
-    from cxrlab.pipeline import train_run
+    from cxrlab.pipeline import resume_run, train_run
 
+    hardware = {k: v for k, v in dict(accelerator=accelerator, devices=devices,
+                                      num_nodes=num_nodes, strategy=strategy).items()
+                if v is not None}
     values: dict = {}
-    if config is not None:
-        values = RunConfig.load(config).model_dump()
     given = dict(
         data=str(data) if data is not None else None, model=model, image_size=image_size,
         batch_size=batch_size, epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum,
@@ -100,11 +107,29 @@ def train(
     )
     if target_sensitivity is not None:
         given.update(threshold_rule="sensitivity", target_sensitivity=target_sensitivity)
-    values.update({k: v for k, v in given.items() if v is not None})
+    if resume is not None:
+        given.update(out=out, config=config)
+        recipe = [k for k, v in given.items() if v is not None]
+        if recipe:
+            name = "DATA" if recipe[0] == "data" else "--" + recipe[0].replace("_", "-")
+            raise CxrlabError(f"{name}: --resume continues a run with its own config.yaml; "
+                              "only --quiet and the hardware options may be given")
+        _print_result(resume_run(resume, progress=not quiet, hardware=hardware))
+        return
+    if out is None:
+        raise CxrlabError("--out: give a new run directory (or --resume RUN_DIR)")
+    if config is not None:
+        values = RunConfig.load(config).model_dump()
+    values.update({k: v for k, v in {**given, **hardware}.items() if v is not None})
     if "data" not in values:
         raise CxrlabError("DATA: give a dataset (or --config with a data entry)")
     cfg = RunConfig.build(values, source="option")
-    result = train_run(cfg, out, progress=not quiet)
+    _print_result(train_run(cfg, out, progress=not quiet))
+
+
+def _print_result(result) -> None:
+    if result.rank != 0:
+        return  # data-parallel: rank 0 reports
     _print_metrics(result.metrics, f"Validation ({result.n_val} images, "
                    f"{result.epochs} epochs, {result.seconds:.0f} s)")
     if result.test_metrics:

@@ -67,6 +67,14 @@ class RunConfig(BaseModel):
     channels_last: bool = True
     deterministic: bool = True
 
+    # -- hardware: data-parallel over devices and machines (Lightning DDP) ----------------
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: int = Field(1, ge=1, description="processes (devices) per machine")
+    num_nodes: int = Field(1, ge=1, description="machines")
+    strategy: Literal["auto", "ddp", "ddp_spawn"] = Field(
+        "auto", description="ddp: one process per device; batch_size is per device"
+    )
+
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if self.sampler == "balanced" and self.class_weights:

@@ -23,8 +23,11 @@ from cxrlab.run import (
     LoadedRun,
     RunInfo,
     atomic_write_text,
+    check_free_space,
+    check_out_dir,
     load_run,
     prepare_out_dir,
+    run_lock,
     save_info,
     write_json,
 )
@@ -116,18 +119,24 @@ class TrainResult:
     seconds: float
     n_train: int
     n_val: int
+    rank: int = 0  # data-parallel process; only rank 0 has metrics and wrote the run
 
 
 def train_run(config: RunConfig, out: Path, progress: bool = True) -> TrainResult:
-    """Validate everything, then train; the run directory says complete only at the very end."""
+    """Validate everything, then train; the run directory says complete only at the very end.
+
+    Under data-parallel training every process runs this; only rank 0 touches `out`.
+    """
+    from cxrlab.distributed import is_rank_zero
     from cxrlab.models import create_model, list_models
 
     out = Path(out)
+    rank0 = is_rank_zero()
     if config.model not in list_models():
         raise CxrlabError(f"--model {config.model}: unknown model; choose from: "
                           f"{', '.join(list_models())}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        prepare_out_dir(out)  # raises: refuse before the slow part
+    if rank0:
+        check_out_dir(out)  # refuse before the slow part
     data = prepare_data(config)  # bad data fails here, before anything is written
     classes = data.source.classes
     positive = resolve_positive(classes, config.positive)
@@ -137,27 +146,119 @@ def train_run(config: RunConfig, out: Path, progress: bool = True) -> TrainResul
     model = create_model(config.model, num_classes=n_out, in_chans=in_chans,
                          dropout=config.dropout, batchnorm=config.batchnorm,
                          pretrained=config.pretrained, image_size=config.image_size)
+    if not rank0:
+        return _train_and_report(model, config, data, positive, out, progress)
+    check_free_space(out, model)
     prepare_out_dir(out)
     info = RunInfo(classes=classes, positive=positive, in_chans=in_chans)
     save_info(out, info)
     config.save(out / "config.yaml")
     write_split_csv(out / "split.csv", data.source, data.split_result)
+    with run_lock(out):
+        return _guarded(info, out, lambda: _train_and_report(model, config, data, positive,
+                                                             out, progress))
+
+
+def _guarded(info: RunInfo, out: Path, work) -> TrainResult:
+    """run.json says complete only when `work` finished, failed (with the error) when it raised.
+
+    A killed process (SIGKILL, power cut) leaves `running`; `cxrlab train --resume` continues
+    both. A full or read-only disk during training becomes a one-line error.
+    """
+    import errno
+
     try:
-        result = _train_and_report(model, config, data, positive, out, progress)
+        result = work()
     except BaseException as e:
         info.state = "failed"
-        info.error = f"{type(e).__name__}: {e}"
-        save_info(out, info)
-        if not isinstance(e, (CxrlabError, KeyboardInterrupt)):
-            (out / "error.txt").write_text(traceback.format_exc())
+        interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
+        info.error = "interrupted" if interrupted else f"{type(e).__name__}: {e}"
+        try:
+            save_info(out, info)
+            if not isinstance(e, (CxrlabError, KeyboardInterrupt, SystemExit, OSError)):
+                (out / "error.txt").write_text(traceback.format_exc())
+        except OSError:
+            pass  # the disk that failed the run may refuse this too
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS,
+                                                  errno.EACCES, errno.EIO):
+            where = e.filename or out
+            raise CxrlabError(f"{where}: {e.strerror} while training; the run is kept "
+                              f"(state failed): fix it, then cxrlab train --resume {out}"
+                              ) from None
         raise
     info.state = "complete"
     save_info(out, info)
     return result
 
 
+def resume_run(run_dir: Path, progress: bool = True,
+               hardware: dict | None = None) -> TrainResult:
+    """Continue a killed or failed run from checkpoints/last.ckpt, in its own directory.
+
+    The result equals that of an uninterrupted run (same machine): the checkpoint holds model,
+    optimizer, scheduler, random generators, early stopping, best checkpoint and history.
+    `hardware` may change devices / num_nodes / strategy / accelerator (then it need not).
+    """
+    from contextlib import ExitStack
+
+    from cxrlab.distributed import is_rank_zero
+    from cxrlab.run import load_info
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CxrlabError(f"--resume {run_dir}: run directory not found")
+    info = load_info(run_dir)
+    if info.state == "complete":
+        raise CxrlabError(f"--resume {run_dir}: the run is already complete; nothing to resume")
+    rank0 = is_rank_zero()
+    with ExitStack() as stack:
+        if rank0:
+            stack.enter_context(run_lock(run_dir))  # refuses while another process trains it
+        return _resume(run_dir, info, rank0, progress, hardware)
+
+
+def _resume(run_dir: Path, info: RunInfo, rank0: bool, progress: bool,
+            hardware: dict | None) -> TrainResult:
+    import tempfile
+
+    from cxrlab.checkpoints import LAST
+    from cxrlab.models import create_model
+
+    config = RunConfig.load(run_dir / "config.yaml")
+    if hardware:
+        config = RunConfig.build({**config.model_dump(), **hardware}, source="option")
+    data = prepare_data(config)
+    if data.source.classes != info.classes:
+        raise CxrlabError(f"{config.data}: classes are now {', '.join(data.source.classes)}, "
+                          f"the run was started with {', '.join(info.classes)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        write_split_csv(Path(tmp) / "split.csv", data.source, data.split_result)
+        same = (Path(tmp) / "split.csv").read_bytes() == (run_dir / "split.csv").read_bytes()
+    if not same:
+        raise CxrlabError(f"{config.data}: the images differ from those the run started with "
+                          f"(compare {run_dir / 'split.csv'}); start a new run")
+    positive = info.positive
+    n_out = 1 if len(info.classes) == 2 else len(info.classes)
+    seed_everything(config.seed)
+    model = create_model(config.model, num_classes=n_out, in_chans=info.in_chans,
+                         dropout=config.dropout, batchnorm=config.batchnorm,
+                         pretrained=config.pretrained, image_size=config.image_size)
+    ckpt = run_dir / "checkpoints" / LAST
+    if not ckpt.is_file():
+        log.info("%s: no checkpoint yet; training starts from the first epoch", run_dir)
+        ckpt = None
+    if not rank0:
+        return _train_and_report(model, config, data, positive, run_dir, progress, ckpt)
+    if hardware:
+        config.save(run_dir / "config.yaml")
+    info.state, info.error = "running", None
+    save_info(run_dir, info)
+    return _guarded(info, run_dir, lambda: _train_and_report(
+        model, config, data, positive, run_dir, progress, ckpt))
+
+
 def _train_and_report(model, config: RunConfig, data: PreparedData, positive: int | None,
-                      out: Path, progress: bool) -> TrainResult:
+                      out: Path, progress: bool, ckpt_path: Path | None = None) -> TrainResult:
     from cxrlab import plots
     from cxrlab.evaluate import choose_threshold, compute_metrics
     from cxrlab.train import fit, predict_probs, read_history, use_bf16
@@ -165,7 +266,11 @@ def _train_and_report(model, config: RunConfig, data: PreparedData, positive: in
     classes = data.source.classes
     tx, ty, _ = data.subset("train")
     vx, vy, _ = data.subset("val")
-    fitted = fit(model, config, tx, ty, vx, vy, len(classes), positive, out, progress)
+    fitted = fit(model, config, tx, ty, vx, vy, len(classes), positive, out, progress,
+                 ckpt_path=ckpt_path)
+    if fitted.module.global_rank != 0:
+        return TrainResult(out, {}, None, fitted.epochs_run, fitted.seconds, len(ty), len(vy),
+                           rank=fitted.module.global_rank)
     model = fitted.module.model
     torch.save(model.state_dict(), out / "model.pt")
     bf16 = use_bf16(config.precision)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,55 @@ def prepare_out_dir(out: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise CxrlabError(f"--out {out}: cannot write there ({e.strerror})") from None
+
+
+def check_out_dir(out: Path) -> None:
+    """Cheap checks before the slow part: not a non-empty directory, and writable."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        prepare_out_dir(out)  # raises with the reason
+    parent = out if out.is_dir() else _existing_parent(out)
+    if not os.access(parent, os.W_OK):
+        raise CxrlabError(f"--out {out}: cannot write there (permission denied)")
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_free_space(out: Path, model: torch.nn.Module) -> None:
+    """Refuse to start when the disk cannot hold the run's checkpoints and files.
+
+    Two checkpoints (best, last) hold weights plus up to two optimizer moments each, and
+    model.pt the weights again: about 7 x the weights, plus room for plots and CSVs.
+    """
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    need = 7 * weights + 20 * 2**20
+    free = shutil.disk_usage(_existing_parent(out)).free
+    if free < need:
+        raise CxrlabError(f"--out {out}: not enough free disk space ({free / 2**20:.0f} MiB "
+                          f"free, the run needs about {need / 2**20:.0f} MiB)")
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """Held by the process training a run, so a second `--resume` cannot train it at once.
+
+    An OS lock (flock): released by the kernel when the holder dies, even by SIGKILL.
+    """
+    import fcntl
+
+    f = (Path(run_dir) / ".lock").open("a")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise CxrlabError(f"{run_dir}: another process is training this run") from None
+        yield
+    finally:
+        f.close()
 
 
 @dataclass

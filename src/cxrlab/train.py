@@ -153,9 +153,7 @@ class ClassifierModule(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self.loss(logits, y)
-        self._outputs[stage].append(
-            (probabilities(logits.detach()).cpu(), y.cpu(), loss.detach().cpu() * len(y))
-        )
+        self._outputs[stage].append((logits.detach().float().cpu(), y.cpu()))
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -165,14 +163,23 @@ class ClassifierModule(L.LightningModule):
         self._step(batch, "val")
 
     def _epoch_metrics(self, stage: str) -> dict[str, float]:
+        """The epoch's curve values over all its samples (gathered from every process)."""
         outs = self._outputs[stage]
         self._outputs[stage] = []
         if not outs:
             return {}
-        probs = torch.cat([o[0] for o in outs]).numpy()
-        y = torch.cat([o[1] for o in outs]).numpy()
-        loss = float(sum(o[2] for o in outs) / len(y))
-        return {f"{stage}_{k}": v for k, v in epoch_summary(y, probs, self.positive, loss).items()}
+        logits = torch.cat([o[0] for o in outs])
+        y = torch.cat([o[1] for o in outs])
+        if self.trainer.world_size > 1:
+            from cxrlab.distributed import gather_in_order
+
+            n_val = len(self.trainer.val_dataloaders.dataset) if stage == "val" else None
+            logits, y = gather_in_order(self, [logits, y], n_val)
+        with torch.no_grad():
+            loss = float(self.loss(logits.to(self.device), y.to(self.device)))
+        probs = probabilities(logits).numpy()
+        summary = epoch_summary(y.numpy(), probs, self.positive, loss)
+        return {f"{stage}_{k}": v for k, v in summary.items()}
 
     def on_train_epoch_start(self) -> None:
         self._epoch_t0 = time.perf_counter()
@@ -276,6 +283,11 @@ class HistoryCSV:
         self.path = path
         self.rows: list[dict] = []
 
+    def replace(self, rows: list[dict]) -> None:
+        """A resumed run's rows, as its checkpoint recorded them."""
+        self.rows = [dict(r) for r in rows]
+        self._write()
+
     def add(self, trainer, seconds: float) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
@@ -285,6 +297,9 @@ class HistoryCSV:
         row["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
         row["seconds"] = round(seconds, 2)
         self.rows.append(row)
+        self._write()
+
+    def _write(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         with tmp.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.COLUMNS)
@@ -335,8 +350,14 @@ class FitResult:
 
 def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_y,
         n_classes: int, positive: int | None, run_dir: Path,
-        progress: bool = True) -> FitResult:
-    """Train with Lightning; returns the module holding the best (lowest val loss) weights."""
+        progress: bool = True, ckpt_path: Path | None = None) -> FitResult:
+    """Train with Lightning; returns the module holding the best (lowest val loss) weights.
+
+    A checkpoint (checkpoints/last.ckpt) is written atomically at the end of every epoch;
+    `ckpt_path` continues a run from one (see cxrlab.checkpoints).
+    """
+    from cxrlab.checkpoints import AtomicCheckpointIO, TrainingState
+
     quiet_lightning()
     L.seed_everything(config.seed, workers=True, verbose=False)
     weights = class_weights(np.asarray(train_y), n_classes) if config.class_weights else None
@@ -347,12 +368,18 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
                            seed=config.seed, balanced=config.sampler == "balanced")
     val_dl = make_loader(ArrayDataset(val_x, val_y), max(config.batch_size, 64), train=False,
                          seed=config.seed)
+    # Saved and checked at the very end of the epoch (after the module's history row), so a
+    # checkpoint holds everything the epoch did.
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss",
-                           mode="min", save_last=True, save_top_k=1)
+                           mode="min", save_last=True, save_top_k=1,
+                           save_on_train_epoch_end=True, enable_version_counter=False)
     module.history = HistoryCSV(run_dir / "history.csv")
+    state = TrainingState(train_dl.generator or getattr(train_dl.sampler, "generator", None))
     callbacks: list[Callback] = [
-        EarlyStopping(monitor="val_loss", patience=config.patience, mode="min"),
+        EarlyStopping(monitor="val_loss", patience=config.patience, mode="min",
+                      check_on_train_epoch_end=True),
         ckpt,
+        state,
     ]
     if progress:
         from lightning.pytorch.callbacks import RichProgressBar
@@ -360,8 +387,11 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
         callbacks.append(RichProgressBar(leave=True))
     trainer = L.Trainer(
         max_epochs=config.epochs,
-        accelerator="auto",
-        devices=1,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=config.strategy,
+        plugins=[AtomicCheckpointIO()],
         precision="bf16-mixed" if use_bf16(config.precision) else "32-true",
         deterministic=config.deterministic,
         callbacks=callbacks,
@@ -371,9 +401,10 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
         num_sanity_val_steps=0,
         default_root_dir=str(run_dir),
     )
-    t0 = time.perf_counter()
-    trainer.fit(module, train_dl, val_dl)
-    seconds = time.perf_counter() - t0
+    trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
+    seconds = state.seconds
+    if not trainer.is_global_zero:  # rank 0 alone writes and evaluates the run
+        return FitResult(module, ckpt.best_model_path, trainer.current_epoch, seconds)
     if not ckpt.best_model_path:
         raise CxrlabError("training produced no checkpoint (no validation epoch completed)")
     best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)

@@ -1,0 +1,113 @@
+"""Crash and resume: a run killed with SIGKILL mid-epoch and resumed ends exactly like an
+uninterrupted run with the same seed (metrics, history, weights)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import make_kermany_folder
+from tests.test_cli import assert_user_error, run_cli
+
+# dropout, augmentation, shuffling, plateau schedule and early stopping all carry state
+RECIPE = ["--model", "cnn", "--image-size", "32", "--epochs", "4", "--batch-size", "8",
+          "--augment", "notebook", "--schedule", "plateau", "--patience", "3", "--seed", "3",
+          "--quiet"]
+
+# Runs the real CLI, but the second epoch stops at its third batch and says so, to be killed
+# there: a kill mid-epoch, every time, without timing guesses.
+KILLABLE = """
+import sys, time, pathlib
+from cxrlab import train
+marker = pathlib.Path(sys.argv[1])
+step = train.ClassifierModule.training_step
+def stalling_step(self, batch, batch_idx):
+    if self.current_epoch == 1 and batch_idx == 2:
+        marker.write_text("epoch 2, batch 3")
+        time.sleep(600)
+    return step(self, batch, batch_idx)
+train.ClassifierModule.training_step = stalling_step
+from cxrlab.cli import main
+sys.argv = ["cxrlab", *sys.argv[2:]]
+main()
+"""
+
+
+def history_without_timing(run: Path) -> list[dict]:
+    with (run / "history.csv").open() as f:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+
+
+def metrics_without_timing(run: Path) -> dict:
+    m = json.loads((run / "metrics.json").read_text())
+    m.pop("train_seconds")
+    return m
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert history_without_timing(a) == history_without_timing(b)
+    assert metrics_without_timing(a) == metrics_without_timing(b)
+    assert (a / "threshold").read_text() == (b / "threshold").read_text()
+    wa = torch.load(a / "model.pt", weights_only=True)
+    wb = torch.load(b / "model.pt", weights_only=True)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.mark.timeout(240)
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, capsys, monkeypatch):
+    data = make_kermany_folder(tmp_path / "data", 20, 20, size=32)
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    marker = tmp_path / "stalled"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE, str(marker), "train", str(data), "--out", str(killed),
+         *RECIPE], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "the run never reached its second epoch"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    # what a crash leaves: one epoch checkpointed, state still running
+    assert json.loads((killed / "run.json").read_text())["state"] == "running"
+    assert (killed / "checkpoints" / "last.ckpt").is_file()
+    assert len(history_without_timing(killed)) == 1
+    assert not (killed / "metrics.json").exists()
+
+    code, _, err = run_cli(["train", "--resume", killed], capsys, monkeypatch)
+    assert code == 0, err
+    code, _, err = run_cli(["train", data, "--out", whole, *RECIPE], capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads((killed / "run.json").read_text())["state"] == "complete"
+    assert_same_run(killed, whole)
+    assert len(history_without_timing(whole)) >= 2
+
+    # a complete run is not resumed again, and recipe options do not mix with --resume
+    code, _, err = run_cli(["train", "--resume", killed], capsys, monkeypatch)
+    assert_user_error(code, err, "already complete")
+    code, _, err = run_cli(["train", "--resume", whole, "--epochs", "9"], capsys, monkeypatch)
+    assert_user_error(code, err, "--epochs", "--resume")
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys, monkeypatch):
+    code, _, err = run_cli(["train", "--resume", tmp_path / "nope"], capsys, monkeypatch)
+    assert_user_error(code, err, "not found")
+    code, _, err = run_cli(["train", "--resume", tmp_path], capsys, monkeypatch)
+    assert_user_error(code, err, "no run.json")
+    code, _, err = run_cli(["train", str(tmp_path)], capsys, monkeypatch)
+    assert_user_error(code, err, "--out")
