@@ -132,6 +132,8 @@ def train_run(config: RunConfig, out: Path, progress: bool = True) -> TrainResul
 
     out = Path(out)
     rank0 = is_rank_zero()
+    if not rank0:
+        log.setLevel(logging.WARNING)  # rank 0 tells the story once
     if config.model not in list_models():
         raise CxrlabError(f"--model {config.model}: unknown model; choose from: "
                           f"{', '.join(list_models())}")
