@@ -19,7 +19,7 @@ from tests.conftest import make_kermany_folder
 from tests.test_cli import assert_user_error, run_cli
 
 # dropout, augmentation, shuffling, plateau schedule and early stopping all carry state
-RECIPE = ["--model", "cnn", "--image-size", "32", "--epochs", "4", "--batch-size", "8",
+RECIPE = ["--model", "cnn", "--image-size", "32", "--epochs", "3", "--batch-size", "8",
           "--augment", "notebook", "--schedule", "plateau", "--patience", "3", "--seed", "3",
           "--quiet"]
 
