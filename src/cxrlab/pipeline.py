@@ -154,11 +154,14 @@ def train_run(config: RunConfig, out: Path, progress: bool = True) -> TrainResul
     prepare_out_dir(out)
     info = RunInfo(classes=classes, positive=positive, in_chans=in_chans)
     save_info(out, info)
-    config.save(out / "config.yaml")
-    write_split_csv(out / "split.csv", data.source, data.split_result)
+
+    def work() -> TrainResult:
+        config.save(out / "config.yaml")
+        write_split_csv(out / "split.csv", data.source, data.split_result)
+        return _train_and_report(model, config, data, positive, out, progress)
+
     with run_lock(out):
-        return _guarded(info, out, lambda: _train_and_report(model, config, data, positive,
-                                                             out, progress))
+        return _guarded(info, out, work)
 
 
 def _guarded(info: RunInfo, out: Path, work) -> TrainResult:

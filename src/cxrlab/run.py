@@ -53,12 +53,15 @@ def prepare_out_dir(out: Path) -> None:
         raise CxrlabError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         raise CxrlabError(f"--out {out}: directory exists and is not empty (choose a new one)")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # leave nothing behind
         raise CxrlabError(f"--out {out}: cannot write there ({e.strerror})") from None
 
 

@@ -155,3 +155,10 @@ def require_trainable(source: Source) -> None:
         only = next(iter(counts), "none")
         raise CxrlabError(f"{source.root}: needs at least 2 classes to train, "
                           f"found {len(counts)} ({only})")
+    folded: dict[str, str] = {}
+    for label in sorted(counts):
+        other = folded.setdefault(label.casefold(), label)
+        if other != label:
+            # almost always one class spelled two ways; on macOS/Windows the folders would merge
+            raise CxrlabError(f"{source.root}: classes {other!r} and {label!r} differ only in "
+                              "case; give them one spelling")

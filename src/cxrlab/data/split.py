@@ -133,7 +133,8 @@ def write_split_csv(path: Path | str, source: Source, result: SplitResult) -> No
     """path,label,split,patient per record: the run's split, readable without cxrlab."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
+    # surrogateescape: a file name that is not UTF-8 (bytes on Linux) round-trips unchanged
+    with tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         w = csv.writer(f)
         w.writerow(SPLIT_CSV_COLUMNS)
         for r, s, g in zip(source.records, result.splits, result.groups, strict=True):
@@ -145,7 +146,7 @@ def read_split_csv(path: Path | str) -> list[dict[str, str]]:
     """Rows of a split.csv as dicts (keys path, label, split, patient)."""
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
             reader = csv.DictReader(f)
             rows = list(reader)
             columns = reader.fieldnames or []
