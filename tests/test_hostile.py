@@ -68,7 +68,8 @@ def train(args, out: Path, capsys, monkeypatch, *extra):
 # -- odd files that must work ---------------------------------------------------------------
 
 
-def test_odd_but_valid_files_train(data, tmp_path, capsys, monkeypatch):
+def test_odd_but_valid_files_train_and_bad_ones_are_skipped(data, tmp_path, capsys,
+                                                             monkeypatch, caplog):
     normal = data / "NORMAL"
     grey = np.asarray(Image.open(next(normal.iterdir())))
     Image.fromarray(grey).save(normal / "really a png.jpg", format="PNG")
@@ -81,9 +82,15 @@ def test_odd_but_valid_files_train(data, tmp_path, capsys, monkeypatch):
     (data / "PNEUMONIA with space").mkdir()
     for f in sorted((data / "PNEUMONIA").iterdir())[:4]:
         f.rename(data / "PNEUMONIA with space" / f.name)
+    (data / "NORMAL" / "zero.png").write_bytes(b"")
+    (data / "NORMAL" / "bomb.png").write_bytes(png_header_only(100_000, 100_000))
+    Image.new("L", (1, 1)).save(data / "PNEUMONIA" / "one.png")
     run = tmp_path / "run with space"
-    code, _, err = train([data], run, capsys, monkeypatch)
+    code, _, err = train([data], run, capsys, monkeypatch, "--skip-bad")
     assert code == 0, err
+    for name in ("zero.png", "bomb.png", "one.png"):  # listed as skipped, not in the run
+        assert name in err + caplog.text
+        assert name not in (run / "split.csv").read_text()
     assert json.loads((run / "run.json").read_text())["state"] == "complete"
     rows = read_split_csv(run / "split.csv")
     names = {os.fsencode(Path(r["path"]).name) for r in rows}
@@ -111,18 +118,6 @@ def test_bad_file_is_one_line_and_skip_bad_lists_it(data, tmp_path, capsys, monk
     code, _, err = train([data], tmp_path / "run", capsys, monkeypatch)
     assert_user_error(code, err, name, needle)
     assert not (tmp_path / "run").exists()
-
-
-def test_bad_files_skipped_together(data, tmp_path, capsys, monkeypatch, caplog):
-    (data / "NORMAL" / "zero.png").write_bytes(b"")
-    (data / "NORMAL" / "bomb.png").write_bytes(png_header_only(100_000, 100_000))
-    Image.new("L", (1, 1)).save(data / "PNEUMONIA" / "one.png")
-    run = tmp_path / "run"
-    code, _, err = train([data], run, capsys, monkeypatch, "--skip-bad")
-    assert code == 0, err
-    for name in ("zero.png", "bomb.png", "one.png"):
-        assert name in err + caplog.text
-        assert name not in (run / "split.csv").read_text()
 
 
 def test_bad_file_through_a_real_process_prints_no_traceback(data, tmp_path):
