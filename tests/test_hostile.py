@@ -90,7 +90,7 @@ def test_odd_but_valid_files_train_and_bad_ones_are_skipped(data, tmp_path, caps
     assert code == 0, err
     for name in ("zero.png", "bomb.png", "one.png"):  # listed as skipped, not in the run
         assert name in err + caplog.text
-        assert name not in (run / "split.csv").read_text()
+        assert name.encode() not in (run / "split.csv").read_bytes()
     assert json.loads((run / "run.json").read_text())["state"] == "complete"
     rows = read_split_csv(run / "split.csv")
     names = {os.fsencode(Path(r["path"]).name) for r in rows}
