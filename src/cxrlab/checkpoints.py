@@ -112,6 +112,8 @@ class TrainingState(Callback):
                          if trainer is not None and "val_loss" in trainer.callback_metrics
                          else None),
             "seconds": self.seconds,
+            # early stopping decided at this epoch's end: a resumed run must not train on
+            "should_stop": bool(trainer.should_stop) if trainer is not None else False,
         }
 
     @property
@@ -149,4 +151,6 @@ class TrainingState(Callback):
                     cfg.scheduler.step(s["val_loss"])
             else:
                 cfg.scheduler.step()
+        if s.get("should_stop"):
+            trainer.should_stop = True
         set_rng_states(s["rng"])
