@@ -13,6 +13,7 @@ import torch
 
 from cxrlab.errors import CxrlabError
 from cxrlab.models import cnn as _cnn  # noqa: F401  (registers "cnn")
+from cxrlab.models import efficientnet_lite as _efficientnet_lite  # noqa: F401
 from cxrlab.models import resnet as _resnet  # noqa: F401  (registers "resnet18", "resnet50")
 from cxrlab.models.base import (
     _REGISTRY,
