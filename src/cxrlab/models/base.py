@@ -115,6 +115,12 @@ class ImageClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def load_source_state_dict(self, state_dict: Mapping[str, torch.Tensor],
+                               source: str) -> None:
+        """Load weights in the layout this architecture is published in (torchvision's by
+        default; DenseNet and EfficientNet-Lite rename first), head excepted."""
+        load_matching_state_dict(self, state_dict, source)
+
 
 def make_dropout(p: float) -> nn.Module:
     """Identity at p=0, so 'no dropout' leaves no Dropout module behind (and none to forget)."""

@@ -178,6 +178,13 @@ class EfficientNetLite(ImageClassifier):
     def forward_backbone(self, x: torch.Tensor) -> torch.Tensor:
         return self.top(self.stages(self.stem(x)))
 
+    def load_source_state_dict(self, state_dict, source: str) -> None:
+        if "_conv_stem.weight" in state_dict:
+            self.load_lite_weights(dict(state_dict), source)
+        else:  # our own layout (a cxrlab model.pt)
+            load_matching_state_dict(self, state_dict, source,
+                                     imagenet_stats=(LITE_MEAN, LITE_STD))
+
     def load_lite_weights(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
         """Load an efficientnet_lite_pytorch-layout state dict (its `_fc` excepted)."""
         mapped = {}
@@ -236,6 +243,9 @@ def load_packaged_weights(model: EfficientNetLite) -> None:
     path = packaged_weights(model.variant)
     sd = torch.load(path, map_location="cpu", weights_only=True)
     model.load_lite_weights(sd, str(path))
+
+
+EfficientNetLite.load_packaged_weights = load_packaged_weights
 
 
 @register_model("efficientnet_lite0")
