@@ -120,7 +120,7 @@ class TrainResult:
 
 def train_run(config: RunConfig, out: Path, progress: bool = True) -> TrainResult:
     """Validate everything, then train; the run directory says complete only at the very end."""
-    from cxrlab.models import create_model, list_models
+    from cxrlab.models import create_model, list_models, resolve_pretrained
 
     out = Path(out)
     if config.model not in list_models():
@@ -134,9 +134,13 @@ def train_run(config: RunConfig, out: Path, progress: bool = True) -> TrainResul
     n_out = 1 if len(classes) == 2 else len(classes)
     in_chans = int(data.images.shape[1])
     seed_everything(config.seed)  # the initial weights are part of the run
+    pretrained = resolve_pretrained(config.model, config.pretrained)
+    if config.freeze_backbone and pretrained is None:
+        log.warning("--freeze-backbone: %s starts from random weights (no --pretrained); only "
+                    "the head will learn, on random features", config.model)
     model = create_model(config.model, num_classes=n_out, in_chans=in_chans,
                          dropout=config.dropout, batchnorm=config.batchnorm,
-                         pretrained=config.pretrained, image_size=config.image_size)
+                         pretrained=pretrained, image_size=config.image_size, head=config.head)
     prepare_out_dir(out)
     info = RunInfo(classes=classes, positive=positive, in_chans=in_chans)
     save_info(out, info)
