@@ -67,7 +67,17 @@ def train(
     augment: Annotated[str | None, typer.Option(help="none | flip | light | notebook")] = None,
     dropout: Annotated[float | None, typer.Option(help="dropout before the head")] = None,
     batchnorm: Annotated[bool | None, typer.Option("--batchnorm/--no-batchnorm")] = None,
-    pretrained: Annotated[str | None, typer.Option(help="state dict to start from")] = None,
+    pretrained: Annotated[str | None, typer.Option(
+        help="state dict file or URL to start from (torchvision layout)")] = None,
+    no_pretrained: Annotated[bool, typer.Option(
+        "--no-pretrained", help="random init, even for models with packaged weights")] = False,
+    head: Annotated[str | None, typer.Option(help="linear | mlp-bn | vgg")] = None,
+    freeze_backbone: Annotated[bool | None, typer.Option(
+        "--freeze-backbone", help="train the head only")] = None,
+    unfreeze_after: Annotated[int | None, typer.Option(
+        help="then train everything after N epochs")] = None,
+    backbone_lr_mult: Annotated[float | None, typer.Option(
+        help="backbone lr = lr * this (e.g. 0.1)")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     val_fraction: Annotated[float | None, typer.Option()] = None,
     group_regex: Annotated[str | None, typer.Option(help="patient key regex")] = None,
@@ -103,8 +113,14 @@ def train(
         class_weights=class_weights, sampler=sampler, augment=augment, dropout=dropout,
         batchnorm=batchnorm, pretrained=pretrained, seed=seed, val_fraction=val_fraction,
         group_regex=group_regex, image_col=image_col, label_col=label_col, positive=positive,
-        precision=precision, channels=channels, skip_bad=skip_bad,
+        precision=precision, channels=channels, skip_bad=skip_bad, head=head,
+        freeze_backbone=freeze_backbone, unfreeze_after=unfreeze_after,
+        backbone_lr_mult=backbone_lr_mult,
     )
+    if no_pretrained:
+        if pretrained is not None:
+            raise CxrlabError("--pretrained and --no-pretrained: give one of them")
+        given["pretrained"] = "none"
     if target_sensitivity is not None:
         given.update(threshold_rule="sensitivity", target_sensitivity=target_sensitivity)
     if resume is not None:

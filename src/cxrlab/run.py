@@ -188,6 +188,7 @@ def load_run(run_dir: Path) -> LoadedRun:
         dropout=config.dropout,
         batchnorm=config.batchnorm,
         image_size=config.image_size,
+        head=config.head,
     )
     state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state)

@@ -117,13 +117,42 @@ class ClassifierModule(L.LightningModule):
         self._outputs: dict[str, list] = {"train": [], "val": []}
         self.history: HistoryCSV | None = None
         self._epoch_t0 = time.perf_counter()
+        # Fine-tuning (see finetune.py): batches are pooled features when they are cached.
+        self.features_cached = False
+        self.backbone_frozen = False
+        if config.freeze_backbone:
+            self.set_backbone_frozen(True)
+
+    def set_backbone_frozen(self, frozen: bool) -> None:
+        from cxrlab.finetune import set_backbone_trainable
+
+        self.backbone_frozen = frozen
+        set_backbone_trainable(self.model, not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        """Lightning calls train() every epoch: a frozen backbone's BN stays in eval mode."""
+        super().train(mode)
+        if mode and getattr(self, "backbone_frozen", False):
+            from cxrlab.finetune import backbone_bn_eval
+
+            backbone_bn_eval(self.model)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.features_cached:
+            return self.model.forward_head(x)
+        if self.backbone_frozen:
+            with torch.no_grad():
+                feats = self.model.forward_features(x)
+            return self.model.forward_head(feats)
         return self.model(x)
 
     # -- data on the device -------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         x, y = batch
+        if self.features_cached:
+            return x.float(), y
         x = x.float().div_(255.0)
         if self.trainer.training and self.cfg.augment != "none":
             if self._aug_gen is None or self._aug_gen.device != x.device:
@@ -205,8 +234,19 @@ class ClassifierModule(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------
     def configure_optimizers(self):
+        from cxrlab.finetune import backbone_parameters, head_parameters
+
         c = self.cfg
-        opt = make_optimizer(self.model.parameters(), c, self.device)
+        params = self.model.parameters()
+        if c.freeze_backbone and c.unfreeze_after is None:
+            params = head_parameters(self.model)
+        elif c.unfreeze_after is not None or c.backbone_lr_mult != 1.0:
+            # Head first (history's lr column); the backbone group is skipped by the
+            # optimizer while its parameters have no gradient (frozen epochs).
+            params = [{"params": head_parameters(self.model)},
+                      {"params": backbone_parameters(self.model),
+                       "lr": c.lr * c.backbone_lr_mult}]
+        opt = make_optimizer(params, c, self.device)
         if c.schedule == "cosine":
             steps = self.trainer.estimated_stepping_batches
             warmup = min(int(0.03 * steps) + 1, 200)
@@ -356,12 +396,16 @@ class FitResult:
 
 def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_y,
         n_classes: int, positive: int | None, run_dir: Path,
-        progress: bool = True, ckpt_path: Path | None = None) -> FitResult:
+        progress: bool = True, ckpt_path: Path | None = None,
+        cache_features: bool = True) -> FitResult:
     """Train with Lightning; returns the module holding the best (lowest val loss) weights.
 
     A checkpoint (checkpoints/last.ckpt) is written atomically at the end of every epoch;
-    `ckpt_path` continues a run from one (see cxrlab.checkpoints).
+    `ckpt_path` continues a run from one (see cxrlab.checkpoints). A frozen backbone without
+    augmentation trains on cached pooled features (`cache_features=False` recomputes them
+    every batch: the benchmark's baseline).
     """
+    from cxrlab import finetune
     from cxrlab.checkpoints import AtomicCheckpointIO, TrainingState
 
     quiet_lightning()
@@ -370,6 +414,11 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
     module = ClassifierModule(model, config, n_classes, weights, positive)
     if config.channels_last:
         module.model.to(memory_format=torch.channels_last)
+    if cache_features and finetune.can_cache_features(model, config):
+        train_x, val_x = finetune.cache_features(model, [train_x, val_x],
+                                                 use_bf16(config.precision),
+                                                 config.channels_last)
+        module.features_cached = True
     train_dl = make_loader(ArrayDataset(train_x, train_y), config.batch_size, train=True,
                            seed=config.seed, balanced=config.sampler == "balanced")
     val_dl = make_loader(ArrayDataset(val_x, val_y), max(config.batch_size, 64), train=False,
@@ -387,6 +436,8 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
         ckpt,
         state,
     ]
+    if config.unfreeze_after is not None:
+        callbacks.append(finetune.UnfreezeBackbone(config.unfreeze_after))
     if progress:
         from lightning.pytorch.callbacks import RichProgressBar
 
@@ -415,5 +466,6 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
         raise CxrlabError("training produced no checkpoint (no validation epoch completed)")
     best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
     module.load_state_dict(best["state_dict"])
+    finetune.set_backbone_trainable(module.model, True)
     module.model.to(memory_format=torch.contiguous_format)
     return FitResult(module, ckpt.best_model_path, trainer.current_epoch, seconds)

@@ -8,20 +8,25 @@ the CLI, the trainer and the tests.
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
 from cxrlab.errors import CxrlabError
-from cxrlab.models import cnn as _cnn  # noqa: F401  (registers "cnn")
-from cxrlab.models import resnet as _resnet  # noqa: F401  (registers "resnet18", "resnet50")
-from cxrlab.models.base import (
-    _REGISTRY,
-    ImageClassifier,
-    load_matching_state_dict,
-    register_model,
-)
 
-__all__ = ["ImageClassifier", "create_model", "list_models", "load_pretrained", "register_model"]
+# Importing a model module registers its names.
+from cxrlab.models import cnn as _cnn  # noqa: F401
+from cxrlab.models import densenet as _densenet  # noqa: F401
+from cxrlab.models import efficientnet_lite as _efficientnet_lite  # noqa: F401
+from cxrlab.models import resnet as _resnet  # noqa: F401
+from cxrlab.models import vgg as _vgg  # noqa: F401
+from cxrlab.models.base import _REGISTRY, ImageClassifier, register_model
+
+__all__ = ["ImageClassifier", "create_model", "has_packaged_weights", "list_models",
+           "load_pretrained", "register_model", "resolve_pretrained"]
+
+PACKAGED = "imagenet"  # create_model(pretrained="imagenet"): the weights installed with cxrlab
+URL_TIMEOUT_S = 30
 
 
 def list_models() -> list[str]:
@@ -30,15 +35,21 @@ def list_models() -> list[str]:
 
 def create_model(name: str, num_classes: int, in_chans: int = 1, *,
                  dropout: float | None = None, batchnorm: bool = True,
-                 pretrained: str | Path | None = None, **options) -> ImageClassifier:
+                 pretrained: str | Path | None = None, head: str = "linear",
+                 **options) -> ImageClassifier:
     """Build a registered model.
 
     dropout: None = the model's own default (none for ResNets, the notebook's rates for `cnn`);
     a number = that rate (for `cnn` it replaces every rate; 0 turns dropout off everywhere).
-    pretrained: path to a .pth/.pt state dict in torchvision layout (or a cxrlab model.pt);
-    the head is left freshly initialised. options: model-specific (e.g. `image_size` for cnn;
-    the ResNets accept and ignore it).
+    pretrained: None = random init; "imagenet" = the ImageNet weights installed with the
+    package (efficientnet_lite*); a path or http(s) URL of a state dict in torchvision layout
+    (or the architecture's published layout, or a cxrlab model.pt); the head is left freshly
+    initialised. head: one of heads.HEADS. options: model-specific (e.g. `image_size` for
+    cnn; the others accept and ignore it).
     """
+    from cxrlab.models.heads import check_head
+
+    check_head(head)
     if name not in _REGISTRY:
         raise CxrlabError(f"unknown model {name!r}; choose from: {', '.join(list_models())}")
     if not isinstance(num_classes, int) or num_classes < 1:
@@ -49,7 +60,7 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, *,
         raise CxrlabError(f"dropout: must be in [0, 1), got {dropout}")
     try:
         model = _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, dropout=dropout,
-                                batchnorm=batchnorm, **options)
+                                batchnorm=batchnorm, head=head, **options)
     except TypeError as e:
         if "unexpected keyword argument" not in str(e):
             raise
@@ -60,22 +71,77 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, *,
     return model
 
 
+def has_packaged_weights(name: str) -> bool:
+    """Models whose ImageNet weights install with cxrlab (the `pretrained` extra)."""
+    return name.startswith("efficientnet_lite")
+
+
+def resolve_pretrained(name: str, value: str | None) -> str | None:
+    """A config's `pretrained` -> create_model's: None means the model's default (its
+    packaged ImageNet weights if it has them, else none); "none" means from scratch."""
+    if value is None:
+        return PACKAGED if has_packaged_weights(name) else None
+    if value.lower() == "none":
+        return None
+    return value
+
+
 def load_pretrained(model: ImageClassifier, path: str | Path) -> None:
-    """Load a local state dict file into `model` (all but the head), checking every shape."""
+    """Load weights into `model` (all but the head), checking every key and shape: the
+    packaged ImageNet weights ("imagenet"), a local file, or a URL via the torch hub cache."""
     text = str(path)
+    if text == PACKAGED:
+        if not hasattr(model, "load_packaged_weights"):
+            raise CxrlabError(f"--pretrained {PACKAGED}: {type(model).__name__} has no "
+                              "packaged weights; give a state dict file or URL")
+        model.load_packaged_weights()
+        return
     if text.startswith(("http://", "https://")):
-        raise CxrlabError(f"pretrained {text}: URLs are not supported yet; download the file "
-                          "and pass its path")
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CxrlabError(f"{path}: pretrained weights file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors all mean the same to the user
-        raise CxrlabError(f"{path}: not a PyTorch state dict ({type(e).__name__}: {e})") from None
+        obj, where = _fetch_url(text), text
+    else:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise CxrlabError(f"{path}: pretrained weights file not found")
+        obj, where = _torch_load(path, str(path)), str(path)
     for wrapper in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not obj:
-        raise CxrlabError(f"{path}: expected a state dict (a mapping of name -> tensor)")
-    load_matching_state_dict(model, obj, source=str(path))
+        raise CxrlabError(f"{where}: expected a state dict (a mapping of name -> tensor)")
+    model.load_source_state_dict(obj, where)
+
+
+def _torch_load(path: Path, where: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors all mean the same to the user
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise CxrlabError(f"{where}: not a PyTorch state dict ({type(e).__name__}: "
+                          f"{msg})") from None
+
+
+def _fetch_url(url: str):
+    """torch.hub's cache: a file named like the URL's basename in <hub dir>/checkpoints is
+    used as is; otherwise it is downloaded there once (a bounded wait when offline)."""
+    import socket
+    import urllib.error
+
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    name = Path(urlparse(url).path).name
+    if not name:
+        raise CxrlabError(f"--pretrained {url}: the URL names no file")
+    cached = cache / name
+    if not cached.is_file():
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(URL_TIMEOUT_S)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(cached), progress=False)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise CxrlabError(f"--pretrained {url}: the weights could not be reached "
+                              f"({reason}); download the file and pass its path, or put it "
+                              f"in {cache}") from None
+        finally:
+            socket.setdefaulttimeout(old)
+    return _torch_load(cached, f"{url} (cached as {cached})")

@@ -48,6 +48,12 @@ class ImageClassifier(nn.Module):
     feature_layer: str = ""
     first_conv: str = ""
     classifier: str = "fc"
+    # Prefix of the classifier in the weights this architecture is usually loaded from
+    # (torchvision's `classifier` for VGG/DenseNet): skipped when loading, like our own head.
+    source_classifier: str = "fc"
+    # True when forward_head starts with global average pooling (every heads.py head): then
+    # a frozen backbone's pooled features can be cached. The notebook CNN flattens instead.
+    pooled_head: bool = True
 
     def __init__(self, num_classes: int, in_chans: int, num_features: int,
                  mean: float | Sequence[float] = SCRATCH_MEAN,
@@ -83,15 +89,37 @@ class ImageClassifier(nn.Module):
         """(B, in_chans, H, W) in [0, 1] -> last feature map (B, num_features, h, w)."""
         return self.forward_backbone(self.normalize(x))
 
+    def init_head(self, head: str, dropout: float | None) -> None:
+        """The named head of `heads.py` (`linear`, `mlp-bn`, `vgg`) on `num_features`."""
+        from cxrlab.models.heads import attach_head
+
+        attach_head(self, head, self.num_features, self.num_classes, dropout)
+
+    def head_names(self) -> tuple[str, ...]:
+        """Top-level module names that make up the head (everything else is the backbone)."""
+        from cxrlab.models.heads import HEAD_MODULES
+
+        return tuple(n for n in HEAD_MODULES if hasattr(self, n)) or (self.classifier,)
+
+    def trainable_head_names(self) -> tuple[str, ...]:
+        """What `--freeze-backbone` leaves trainable (the head, plus any dense blocks)."""
+        return self.head_names()
+
     def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global average pool (a mean, not AdaptiveAvgPool2d: its CUDA backward is not
-        deterministic), dropout, classifier -> logits (B, num_classes)."""
-        x = feats.mean(dim=(2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.fc(x)
+        """Global average pool, dropout, the head (see heads.py) -> logits (B, num_classes).
+        Also accepts already pooled features (B, C): what feature caching feeds it."""
+        from cxrlab.models.heads import pooled_head
+
+        return pooled_head(self, feats, pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def load_source_state_dict(self, state_dict: Mapping[str, torch.Tensor],
+                               source: str) -> None:
+        """Load weights in the layout this architecture is published in (torchvision's by
+        default; DenseNet and EfficientNet-Lite rename first), head excepted."""
+        load_matching_state_dict(self, state_dict, source)
 
 
 def make_dropout(p: float) -> nn.Module:
@@ -100,11 +128,13 @@ def make_dropout(p: float) -> nn.Module:
 
 
 def load_matching_state_dict(model: ImageClassifier, state_dict: Mapping[str, torch.Tensor],
-                             source: str = "state dict") -> None:
+                             source: str = "state dict",
+                             imagenet_stats: tuple = (IMAGENET_MEAN, IMAGENET_STD)) -> None:
     """Load every backbone weight from `state_dict` (our names = torchvision's names), asserting
     each key and shape, like nanoGPT's from_pretrained; no strict=False-and-hope.
 
-    - The classifier (`model.classifier`, e.g. `fc.*`) is skipped: the new task has its own head.
+    - The head (`model.head_names()`, e.g. `fc.*`) and the source's classifier
+      (`model.source_classifier`) are skipped: the new task has its own head.
     - A 3-channel first conv loaded into a 1-channel model is summed over its input channels:
       exactly what the 3-channel net computes on a grey image repeated 3 times (up to the
       per-channel normalisation, which becomes the mean of the 3).
@@ -117,14 +147,15 @@ def load_matching_state_dict(model: ImageClassifier, state_dict: Mapping[str, to
     for prefix in ("module.", "model."):  # DataParallel/DDP; a Lightning checkpoint's model
         if src and all(k.startswith(prefix) for k in src):
             src = {k.removeprefix(prefix): v for k, v in src.items()}
-    head = model.classifier + "."
+    heads = tuple(f"{n}." for n in model.head_names())
+    src_head = model.source_classifier + "."
     stats = ("pixel_mean", "pixel_std")
     own = model.state_dict()
     first = model.first_conv + ".weight"
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     loaded: dict[str, torch.Tensor] = {}
     for key, target in own.items():
-        if key.startswith(head) or key in stats:
+        if key.startswith(heads) or key in stats:
             continue
         if key not in src:
             if key.endswith("num_batches_tracked"):
@@ -139,7 +170,8 @@ def load_matching_state_dict(model: ImageClassifier, state_dict: Mapping[str, to
             raise CxrlabError(f"{source}: key '{key}' has shape {tuple(value.shape)}, "
                               f"the model expects {tuple(target.shape)}")
         loaded[key] = value
-    extra = [k for k in src if k not in own and not k.startswith(head) and k not in stats]
+    extra = [k for k in src if k not in own and not k.startswith((*heads, src_head))
+             and k not in stats]
     if extra:
         hint = ""
         if not has_bn and any(".running_mean" in k or k.startswith("bn") for k in extra):
@@ -151,4 +183,4 @@ def load_matching_state_dict(model: ImageClassifier, state_dict: Mapping[str, to
     if all(k in src for k in stats):
         model.set_pixel_stats(src["pixel_mean"], src["pixel_std"])
     else:
-        model.set_pixel_stats(IMAGENET_MEAN, IMAGENET_STD)
+        model.set_pixel_stats(*imagenet_stats)

@@ -48,11 +48,15 @@ class NotebookCNN(ImageClassifier):
     feature_layer = "blocks.3"
     first_conv = "stem.0"
     classifier = "fc"
+    pooled_head = False  # flattens: no pooled-feature cache, no heads.py heads
 
     def __init__(self, num_classes: int = 1, in_chans: int = 1, *, dropout: float | None = None,
                  batchnorm: bool = True, image_size: int = 180,
-                 widths: tuple[int, ...] = (32, 64, 128, 256)):
+                 widths: tuple[int, ...] = (32, 64, 128, 256), head: str = "linear"):
         super().__init__(num_classes, in_chans, num_features=widths[-1])
+        if head != "linear":
+            raise CxrlabError(f"--head {head}: the cnn has the notebook's own flatten + dense "
+                              "head; other heads need a pooled backbone (e.g. resnet18)")
         self.image_size = image_size
         # Five 2x2 max-pools (floor each time): the spatial size the head is built for.
         side = image_size
@@ -87,6 +91,9 @@ class NotebookCNN(ImageClassifier):
             n_in = units
         self.dense = nn.Sequential(*dense)
         self.fc = nn.Linear(n_in, num_classes)
+
+    def trainable_head_names(self) -> tuple[str, ...]:
+        return ("dense", "fc")  # a cnn model.pt still transfers its dense blocks
 
     def forward_backbone(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.stem(x))

@@ -22,7 +22,6 @@ from cxrlab.errors import CxrlabError
 from cxrlab.models.base import (
     ImageClassifier,
     load_matching_state_dict,
-    make_dropout,
     register_model,
 )
 
@@ -97,7 +96,7 @@ class ResNet(ImageClassifier):
 
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int],
                  num_classes: int = 1, in_chans: int = 1, *, dropout: float | None = None,
-                 batchnorm: bool = True, image_size: int | None = None):
+                 batchnorm: bool = True, image_size: int | None = None, head: str = "linear"):
         # image_size is accepted for a uniform create_model interface and not needed:
         # global average pooling makes the network work at any size.
         super().__init__(num_classes, in_chans, num_features=512 * block.expansion)
@@ -111,8 +110,7 @@ class ResNet(ImageClassifier):
         self.layer2 = self._make_layer(block, 128, layers[1], 2)
         self.layer3 = self._make_layer(block, 256, layers[2], 2)
         self.layer4 = self._make_layer(block, 512, layers[3], 2)
-        self.head_drop = make_dropout(dropout or 0.0)
-        self.fc = nn.Linear(self.num_features, num_classes)
+        self.init_head(head, dropout)
         self._init_weights()
 
     def _make_layer(self, block, width: int, blocks: int, stride: int) -> nn.Sequential:
