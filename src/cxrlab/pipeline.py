@@ -16,7 +16,13 @@ import torch
 from cxrlab.config import RunConfig
 from cxrlab.data.cache import load_images
 from cxrlab.data.images import guess_channels
-from cxrlab.data.sources import IMAGE_EXTENSIONS, Record, Source, load_source, require_trainable
+from cxrlab.data.sources import (
+    Record,
+    Source,
+    is_image_file,
+    load_source,
+    require_trainable,
+)
 from cxrlab.data.split import assign_splits, write_split_csv
 from cxrlab.errors import CxrlabError
 from cxrlab.run import (
@@ -263,9 +269,7 @@ def expand_paths(paths: list[Path]) -> list[Path]:
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*")
-                           if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS
-                           and not q.name.startswith("."))
+            found = sorted(q for q in p.rglob("*") if is_image_file(q))
             if not found:
                 raise CxrlabError(f"{p}: no images in this folder")
             out.extend(found)
