@@ -96,33 +96,35 @@ def read_image(path: Path | str, channels: int, size: int | None = None) -> np.n
 
 
 def decode_image(data: bytes, channels: int, size: int | None = None,
-                 name: str = "upload") -> np.ndarray:
-    """`read_image` for bytes in memory (uploads): nothing touches the disk."""
+                 name: str = "upload", max_pixels: int | None = None) -> np.ndarray:
+    """`read_image` for bytes in memory (uploads): nothing touches the disk. `max_pixels`
+    lowers the decompression-bomb limit (a service decodes many images at once)."""
     if channels not in (1, 3):
         raise CxrlabError(f"--channels {channels}: must be 1 or 3")
     if not data:
         raise CxrlabError(f"{name}: empty file (0 bytes)")
     dicom = has_dicom_magic(data[:132]) or Path(name).suffix.lower() in DICOM_EXTENSIONS
-    return _decode(io.BytesIO(data), name, channels, size, dicom=dicom)
+    return _decode(io.BytesIO(data), name, channels, size, dicom=dicom, max_pixels=max_pixels)
 
 
-def _check_side(name: str, w: int, h: int) -> None:
+def _check_side(name: str, w: int, h: int, max_pixels: int | None = None) -> None:
     if min(w, h) < MIN_SIDE:
         raise CxrlabError(f"{name}: image is {w}x{h} px, smaller than {MIN_SIDE} px")
     # Our own check, not catch_warnings (not thread-safe): PIL only warns up to 2x this.
-    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+    limit = min(filter(None, (Image.MAX_IMAGE_PIXELS, max_pixels)), default=None)
+    if limit and w * h > limit:
         raise CxrlabError(f"{name}: image is {w}x{h} px, over the decompression-bomb "
-                          f"limit of {Image.MAX_IMAGE_PIXELS} pixels")
+                          f"limit of {limit} pixels")
 
 
 def _decode(fp: BinaryIO, name: str, channels: int, size: int | None,
-            dicom: bool) -> np.ndarray:
+            dicom: bool, max_pixels: int | None = None) -> np.ndarray:
     try:
         if dicom:
-            out = _to_mode(_dicom_image(fp, name), channels)
+            out = _to_mode(_dicom_image(fp, name, max_pixels), channels)
         else:
             with Image.open(fp) as im:
-                _check_side(name, *im.size)
+                _check_side(name, *im.size, max_pixels)
                 if size is not None and im.format == "JPEG":
                     im.draft("L" if channels == 1 else "RGB", (size, size))
                 im.load()  # decode now, so truncation raises here
@@ -162,7 +164,7 @@ def _read_dataset(fp: BinaryIO, name: str, header_only: bool = False):
         raise CxrlabError(f"{name}: unreadable DICOM file ({reason})") from None
 
 
-def _dicom_image(fp: BinaryIO, name: str) -> Image.Image:
+def _dicom_image(fp: BinaryIO, name: str, max_pixels: int | None = None) -> Image.Image:
     """8-bit PIL image (L or RGB) of a single-frame DICOM, as its display would show it."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -173,7 +175,7 @@ def _dicom_image(fp: BinaryIO, name: str) -> Image.Image:
     if frames > 1:
         raise CxrlabError(f"{name}: multi-frame DICOM ({frames} frames); cxrlab reads "
                           f"single-frame images only")
-    _check_side(name, int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0))
+    _check_side(name, int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0), max_pixels)
     try:
         arr = ds.pixel_array
     except Exception as e:  # missing decoder plugin, corrupt or truncated pixel data
