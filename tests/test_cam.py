@@ -56,7 +56,7 @@ def square_model():
     rng = np.random.default_rng(0)
     model = TinyFCN()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
+    for _ in range(40):
         x, y, _ = squares(32, rng)
         loss = nn.functional.binary_cross_entropy_with_logits(
             model(torch.as_tensor(x).float() / 255)[:, 0], torch.as_tensor(y).float())

@@ -71,6 +71,9 @@ class GradCam:
         self.binary = getattr(model, "num_classes", None) == 1
         net = copy.deepcopy(model).float().eval()
         net = net.to(memory_format=torch.contiguous_format)
+        # Gradients flow to the input instead of the weights: no weight gradients to compute,
+        # and the full backward hook sees a graph with inputs (no warning from torch).
+        net.requires_grad_(False)
         self._net = _Scores(net)
         self._cam = GradCAM(self._net, target_layers=f"model.{layer}", postprocessing=_normalize)
         self._lock = threading.Lock()
@@ -87,7 +90,7 @@ class GradCam:
         device = next(self._net.parameters()).device
         with self._lock, torch.enable_grad():
             for i in range(0, n, CHUNK):
-                x = x_all[i : i + CHUNK].to(device).float().div(255.0)
+                x = x_all[i : i + CHUNK].to(device).float().div(255.0).requires_grad_(True)
                 targets = self._targets(x, target)
                 for t in np.unique(targets):
                     idx = np.flatnonzero(targets == t)
