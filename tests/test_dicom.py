@@ -175,3 +175,15 @@ def test_train_and_predict_on_a_folder_with_dicoms(tmp_path):
     assert len(rows) == 10 and all("error" not in r for r in rows)
     assert sum(r["path"].endswith(".dcm") for r in rows) == 5
     assert {r["class"] for r in rows} <= {"NORMAL", "PNEUMONIA"}
+
+
+def test_data_summary_reads_dicom_headers(tmp_path):
+    from cxrlab.data.audit import summarize
+
+    root = make_kermany_folder(tmp_path / "d", 4, 4, size=32)
+    write_dicom(root / "NORMAL" / "IM-0100-0001.dcm", ramp12(), bits_stored=12)
+    write_dicom(root / "NORMAL" / "IM-0101-0001.dcm", np.stack([ramp12()] * 2), bits_stored=12)
+    d = summarize(load_source(root)).to_dict()
+    assert d["sizes"]["formats"] == {"DICOM": 1, "PNG": 8} and d["sizes"]["width"]["max"] == 64
+    assert [(Path(p).name, "multi-frame" in why) for p, why in d["unreadable"]] == [
+        ("IM-0101-0001.dcm", True)]
