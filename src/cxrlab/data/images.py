@@ -86,7 +86,9 @@ def read_image(path: Path | str, channels: int, size: int | None = None) -> np.n
         if path.stat().st_size == 0:
             raise CxrlabError(f"{path}: empty file (0 bytes)")
         with path.open("rb") as f:
-            return _decode(f, str(path), channels, size, dicom=is_dicom(path))
+            dicom = path.suffix.lower() in DICOM_EXTENSIONS or has_dicom_magic(f.read(132))
+            f.seek(0)
+            return _decode(f, str(path), channels, size, dicom=dicom)
     except FileNotFoundError:
         raise CxrlabError(f"{path}: no such file") from None
     except IsADirectoryError:
