@@ -214,7 +214,7 @@ def create_app(run_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
                   description=f"Run `{engine.run.run_dir}`: {engine.run.config.model} on "
                               f"{', '.join(engine.classes)}.")
     app.state.engine = engine
-    app.add_middleware(BodyLimit, max_bytes=int(max_upload_mb * 1024 * 1024))
+    app.add_middleware(BodyLimit, max_bytes=int(max_upload_mb * 1_000_000))
 
     @app.get("/health")
     def health() -> dict:
