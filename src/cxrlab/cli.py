@@ -193,11 +193,19 @@ def predict(
     paths: Annotated[list[Path], typer.Argument(help="images or folders")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad")] = False,
+    cam: Annotated[Path | None, typer.Option(
+        "--cam", help="write a Grad-CAM PNG per image into this folder")] = None,
+    layer: Annotated[str | None, typer.Option(
+        help="Grad-CAM layer (default: the last conv block)")] = None,
+    backend: Annotated[str, typer.Option(help="torch | onnx (ONNX Runtime)")] = "torch",
+    onnx: Annotated[Path | None, typer.Option(
+        help="with --backend onnx: a file from `cxrlab export` (default: export now)")] = None,
 ) -> None:
     """Predicted class and per-class probability for each image, at the run's threshold."""
     from cxrlab.pipeline import predict_paths
 
-    rows = predict_paths(run_dir, paths, skip_bad=skip_bad)
+    rows = predict_paths(run_dir, paths, skip_bad=skip_bad, backend=backend, onnx_file=onnx,
+                         cam_dir=cam, layer=layer)
     if as_json:
         for r in rows:
             sys.stdout.write(json.dumps(r) + "\n")
@@ -210,6 +218,38 @@ def predict(
         else:
             table.add_row(r["path"], r["class"], *[f"{v:.3f}" for v in r["probabilities"].values()])
     console.print(table)
+    if cam is not None:
+        console.print(f"Grad-CAM images written to [bold]{cam}[/]")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    onnx: Annotated[Path, typer.Option(help="ONNX file to write")] = ...,
+) -> None:
+    """The run as one ONNX file: uint8 images in, probabilities out, classes and threshold
+    in its metadata."""
+    from cxrlab.export import export_onnx
+
+    out = export_onnx(run_dir, onnx)
+    console.print(f"ONNX model written to [bold]{out}[/] ({out.stat().st_size / 1e6:.1f} MB)")
+
+
+@app.command()
+def serve(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    host: Annotated[str, typer.Option(help="address to bind (0.0.0.0 = every network)")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="larger uploads get 413")] = 20.0,
+    batch_wait_ms: Annotated[float, typer.Option(
+        help="batch concurrent requests waiting up to this long (0 = off)")] = 0.0,
+) -> None:
+    """A web service and page for the run: POST /predict, GET / , /health, /docs."""
+    from cxrlab.serve import serve_run
+
+    serve_run(run_dir, host=host, port=port, max_upload_mb=max_upload_mb,
+              batch_wait_ms=batch_wait_ms)
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,7 +16,13 @@ import torch
 from cxrlab.config import RunConfig
 from cxrlab.data.cache import load_images
 from cxrlab.data.images import guess_channels
-from cxrlab.data.sources import IMAGE_EXTENSIONS, Record, Source, load_source, require_trainable
+from cxrlab.data.sources import (
+    Record,
+    Source,
+    is_image_file,
+    load_source,
+    require_trainable,
+)
 from cxrlab.data.split import assign_splits, write_split_csv
 from cxrlab.errors import CxrlabError
 from cxrlab.run import (
@@ -377,9 +383,7 @@ def expand_paths(paths: list[Path]) -> list[Path]:
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*")
-                           if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS
-                           and not q.name.startswith("."))
+            found = sorted(q for q in p.rglob("*") if is_image_file(q))
             if not found:
                 raise CxrlabError(f"{p}: no images in this folder")
             out.extend(found)
@@ -390,17 +394,27 @@ def expand_paths(paths: list[Path]) -> list[Path]:
     return out
 
 
-def predict_paths(run: LoadedRun | Path, paths: list[Path], skip_bad: bool = False) -> list[dict]:
-    from cxrlab.train import predict_probs, use_bf16
+def predict_paths(run: LoadedRun | Path, paths: list[Path], skip_bad: bool = False,
+                  backend: str = "torch", onnx_file: Path | None = None,
+                  cam_dir: Path | None = None, layer: str | None = None) -> list[dict]:
+    """One row per image; `backend` torch or onnx (cxrlab.export); `cam_dir` adds a Grad-CAM
+    PNG per image (cxrlab.cam) and its path as row["cam"]."""
+    from cxrlab.export import make_predictor
 
     if not isinstance(run, LoadedRun):
         run = load_run(run)
     files = expand_paths(paths)
+    cam = None
+    if cam_dir is not None:  # a bad --layer fails before any work
+        from cxrlab.cam import GradCam
+
+        cam = GradCam(run.model, layer)
+    predictor = make_predictor(run, backend, onnx_file)
     images, bad = load_images(files, run.config.image_size, run.info.in_chans,
                               cache_dir=None, skip_bad=skip_bad)
     bad_paths = {Path(p) for p, _ in bad}
     files = [f for f in files if f not in bad_paths]
-    probs = predict_probs(run.model, images, bf16=use_bf16(run.config.precision))
+    probs = predictor(images)
     pred = decide(probs, run.info.positive, run.threshold)
     rows = []
     for f, p, k in zip(files, probs, pred, strict=True):
@@ -410,6 +424,12 @@ def predict_paths(run: LoadedRun | Path, paths: list[Path], skip_bad: bool = Fal
             "probabilities": {c: round(float(v), 6) for c, v in zip(run.classes, p, strict=True)},
             "threshold": run.threshold,
         })
+    if cam is not None:
+        from cxrlab.cam import write_cam_pngs
+
+        pngs = write_cam_pngs(run, files, images, rows, Path(cam_dir), cam=cam)
+        for row, png in zip(rows, pngs, strict=True):
+            row["cam"] = str(png)
     for f, why in bad:
         rows.append({"path": str(f), "error": why})
     return rows

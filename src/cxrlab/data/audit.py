@@ -14,10 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from cxrlab.data.cache import n_workers
-from cxrlab.data.images import GREY_MODES, read_image
+from cxrlab.data.images import GREY_MODES, image_header, read_image
 from cxrlab.data.sources import Source
 from cxrlab.data.split import assign_splits
 from cxrlab.errors import CxrlabError
@@ -58,9 +57,8 @@ def _inspect(path: Path) -> _Inspected:
     """Header facts and a hash of the decoded pixels; a bad file gives its reason instead."""
     info = _Inspected()
     try:
-        with Image.open(path) as im:
-            info = _Inspected(width=im.size[0], height=im.size[1], mode=im.mode,
-                              format=im.format or "")
+        w, h, mode, fmt = image_header(path)
+        info = _Inspected(width=w, height=h, mode=mode, format=fmt)
     except Exception:  # read_image below says what is wrong, in its words
         pass
     try:

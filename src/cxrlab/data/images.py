@@ -5,11 +5,20 @@ depth is the image maximum's bit length rounded up to an even number (min 8), so
 X-rays stored in 16-bit PNGs fill 0..255 (x 255/4095) and full-range 16-bit is divided by 257,
 while two images of the same depth keep their relative brightness. Alpha is composited on
 black (X-ray background). channels=1 is ITU-R 601 luminance, channels=3 RGB.
+
+DICOM (`.dcm`/`.dicom`, or any file with the `DICM` magic) goes through pydicom: the modality
+LUT (rescale) and the VOI LUT or window centre/width are applied when the file has them, and
+their output range becomes 0..255; without a window the stored bit depth is scaled like a
+16-bit PNG (BitsStored, or fewer bits when the values never reach the top ones); MONOCHROME1
+(white = low values) is inverted so bone is bright as in every other format; multi-frame
+files are refused (which frame would be the X-ray?).
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -20,6 +29,23 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a g
 MIN_SIDE = 16
 GREY_MODES = ("1", "L", "I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+
+
+def has_dicom_magic(head: bytes) -> bool:
+    """The DICOM file format: a 128-byte preamble, then b"DICM"."""
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+def is_dicom(path: Path | str) -> bool:
+    path = Path(path)
+    if path.suffix.lower() in DICOM_EXTENSIONS:
+        return True
+    try:
+        with path.open("rb") as f:
+            return has_dicom_magic(f.read(132))
+    except OSError:
+        return False
 
 
 def _wide_to_8bit(im: Image.Image) -> Image.Image:
@@ -59,39 +85,178 @@ def read_image(path: Path | str, channels: int, size: int | None = None) -> np.n
     try:
         if path.stat().st_size == 0:
             raise CxrlabError(f"{path}: empty file (0 bytes)")
-        with Image.open(path) as im:
-            w, h = im.size
-            if min(w, h) < MIN_SIDE:
-                raise CxrlabError(f"{path}: image is {w}x{h} px, smaller than {MIN_SIDE} px")
-            # Our own check, not catch_warnings (not thread-safe): PIL only warns up to 2x this.
-            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
-                raise CxrlabError(f"{path}: image is {w}x{h} px, over the decompression-bomb "
-                                  f"limit of {Image.MAX_IMAGE_PIXELS} pixels")
-            if size is not None and im.format == "JPEG":
-                im.draft("L" if channels == 1 else "RGB", (size, size))
-            im.load()  # decode now, so truncation raises here
-            out = _to_mode(im, channels)
-            if size is not None and out.size != (size, size):
-                out = out.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-            a = np.asarray(out, dtype=np.uint8)
+        with path.open("rb") as f:
+            dicom = path.suffix.lower() in DICOM_EXTENSIONS or has_dicom_magic(f.read(132))
+            f.seek(0)
+            return _decode(f, str(path), channels, size, dicom=dicom)
+    except FileNotFoundError:
+        raise CxrlabError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CxrlabError(f"{path}: is a folder, not an image") from None
+    except PermissionError:
+        raise CxrlabError(f"{path}: permission denied") from None
+
+
+def decode_image(data: bytes, channels: int, size: int | None = None,
+                 name: str = "upload", max_pixels: int | None = None) -> np.ndarray:
+    """`read_image` for bytes in memory (uploads): nothing touches the disk. `max_pixels`
+    lowers the decompression-bomb limit (a service decodes many images at once)."""
+    if channels not in (1, 3):
+        raise CxrlabError(f"--channels {channels}: must be 1 or 3")
+    if not data:
+        raise CxrlabError(f"{name}: empty file (0 bytes)")
+    dicom = has_dicom_magic(data[:132]) or Path(name).suffix.lower() in DICOM_EXTENSIONS
+    return _decode(io.BytesIO(data), name, channels, size, dicom=dicom, max_pixels=max_pixels)
+
+
+def _check_side(name: str, w: int, h: int, max_pixels: int | None = None) -> None:
+    if min(w, h) < MIN_SIDE:
+        raise CxrlabError(f"{name}: image is {w}x{h} px, smaller than {MIN_SIDE} px")
+    # Our own check, not catch_warnings (not thread-safe): PIL only warns up to 2x this.
+    limit = min(filter(None, (Image.MAX_IMAGE_PIXELS, max_pixels)), default=None)
+    if limit and w * h > limit:
+        raise CxrlabError(f"{name}: image is {w}x{h} px, over the decompression-bomb "
+                          f"limit of {limit} pixels")
+
+
+def _decode(fp: BinaryIO, name: str, channels: int, size: int | None,
+            dicom: bool, max_pixels: int | None = None) -> np.ndarray:
+    try:
+        if dicom:
+            out = _to_mode(_dicom_image(fp, name, max_pixels), channels)
+        else:
+            with Image.open(fp) as im:
+                _check_side(name, *im.size, max_pixels)
+                if size is not None and im.format == "JPEG":
+                    im.draft("L" if channels == 1 else "RGB", (size, size))
+                im.load()  # decode now, so truncation raises here
+                out = _to_mode(im, channels)
+        if size is not None and out.size != (size, size):
+            out = out.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        a = np.asarray(out, dtype=np.uint8)
     except CxrlabError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise CxrlabError(f"{path}: image too large (decompression-bomb guard)") from None
+        raise CxrlabError(f"{name}: image too large (decompression-bomb guard)") from None
     except UnidentifiedImageError:
-        raise CxrlabError(f"{path}: not an image (or a format cxrlab cannot read)") from None
-    except FileNotFoundError:
-        raise CxrlabError(f"{path}: no such file") from None
+        raise CxrlabError(f"{name}: not an image (or a format cxrlab cannot read)") from None
     except OSError as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CxrlabError(f"{path}: unreadable image ({reason})") from None
+        raise CxrlabError(f"{name}: unreadable image ({reason})") from None
     except (ValueError, SyntaxError, TypeError, IndexError, EOFError) as e:
         # PIL's plugins raise these on corrupt headers and chunks
-        raise CxrlabError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+        raise CxrlabError(f"{name}: unreadable image ({type(e).__name__}: {e})") from None
     return a[None].copy() if a.ndim == 2 else a.transpose(2, 0, 1).copy()
 
 
+# ---------------------------------------------------------------------------------------
+# DICOM
+
+
+def _read_dataset(fp: BinaryIO, name: str, header_only: bool = False):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        # force: raw DICOM without the 128-byte preamble still parses; a file that is not
+        # DICOM at all then fails on the missing pixel data below.
+        return pydicom.dcmread(fp, force=True, stop_before_pixels=header_only)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CxrlabError(f"{name}: unreadable DICOM file ({reason})") from None
+
+
+def _dicom_image(fp: BinaryIO, name: str, max_pixels: int | None = None) -> Image.Image:
+    """8-bit PIL image (L or RGB) of a single-frame DICOM, as its display would show it."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = _read_dataset(fp, name)
+    if "PixelData" not in ds:
+        raise CxrlabError(f"{name}: DICOM file holds no image (no Pixel Data)")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise CxrlabError(f"{name}: multi-frame DICOM ({frames} frames); cxrlab reads "
+                          f"single-frame images only")
+    _check_side(name, int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0), max_pixels)
+    try:
+        arr = ds.pixel_array
+    except Exception as e:  # missing decoder plugin, corrupt or truncated pixel data
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        how = f" ({ts.name})" if ts is not None else ""
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CxrlabError(f"{name}: cannot decode the DICOM pixel data{how}: {reason}") from None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if arr.ndim == 3:  # colour (pydicom already converted YBR to RGB)
+        if arr.dtype != np.uint8:
+            bits = int(ds.get("BitsStored", 8) or 8)
+            arr = (arr.astype(np.float64) * (255.0 / ((1 << bits) - 1))).round()
+        return Image.fromarray(arr.clip(0, 255).astype(np.uint8), mode="RGB")
+    if arr.ndim != 2:
+        raise CxrlabError(f"{name}: DICOM pixel data of shape {arr.shape} is not one image")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):  # PALETTE COLOR and friends
+        from pydicom.pixels import apply_color_lut
+
+        rgb = apply_color_lut(arr, ds)
+        if rgb.dtype != np.uint8:
+            rgb = rgb // 257
+        return Image.fromarray(rgb.astype(np.uint8), mode="RGB")
+    values = apply_modality_lut(arr, ds).astype(np.float64)
+    lo, hi = _stored_range(arr, ds)
+    if ds.get("VOILUTSequence") or ("WindowCenter" in ds and "WindowWidth" in ds):
+        # pydicom maps the window onto a fixed output range: find it from the extremes.
+        with np.errstate(over="ignore"):
+            values = apply_voi_lut(values, ds).astype(np.float64)
+            if ds.get("VOILUTSequence"):
+                lut = ds.VOILUTSequence[0].LUTData
+                lut = (np.frombuffer(lut, "<u2") if isinstance(lut, bytes)
+                       else np.asarray(lut)).astype(np.float64).ravel()
+                lo, hi = float(lut.min()), float(lut.max())
+            else:
+                lo, hi = apply_voi_lut(np.array([-1e300, 1e300]), ds).astype(float).tolist()
+    else:
+        ends = apply_modality_lut(np.array([lo, hi]), ds).astype(np.float64)
+        lo, hi = float(ends.min()), float(ends.max())
+    scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+    out = scaled.round().clip(0, 255).astype(np.uint8)
+    if photometric == "MONOCHROME1":
+        out = 255 - out
+    return Image.fromarray(out, mode="L")
+
+
+def _stored_range(arr: np.ndarray, ds) -> tuple[float, float]:
+    """The stored values' range by bit depth (BitsStored, or fewer when the top bits are never
+    used: the 16-bit PNG rule), signed when PixelRepresentation says so."""
+    declared = int(ds.get("BitsStored", 0) or 0) or arr.dtype.itemsize * 8
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        span = int(max(-int(arr.min()), int(arr.max()) + 1, 1)).bit_length() + 1
+        bits = min(declared, max(8, span + span % 2))
+        return float(-(1 << (bits - 1))), float((1 << (bits - 1)) - 1)
+    used = max(8, int(max(int(arr.max()), 0)).bit_length())
+    bits = min(declared, used + used % 2)
+    return 0.0, float((1 << bits) - 1)
+
+
+def image_header(path: Path | str) -> tuple[int, int, str, str]:
+    """(width, height, PIL-style mode, format) without decoding the pixels."""
+    path = Path(path)
+    if is_dicom(path):
+        with path.open("rb") as f:
+            ds = _read_dataset(f, str(path), header_only=True)
+        grey = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper().startswith("MONO")
+        return int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), "L" if grey else "RGB", "DICOM"
+    with Image.open(path) as im:
+        return im.size[0], im.size[1], im.mode, im.format or ""
+
+
 def _is_grey(path: Path) -> bool | None:
+    if is_dicom(path):
+        try:
+            with Path(path).open("rb") as f:
+                ds = _read_dataset(f, str(path), header_only=True)
+            return str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper().startswith(
+                "MONOCHROME")
+        except Exception:
+            return None
     try:
         with Image.open(path) as im:
             if im.mode in GREY_MODES or im.mode == "LA":

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from cxrlab.data.images import is_dicom
 from cxrlab.errors import CxrlabError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -44,7 +45,12 @@ def _hidden(p: Path, below: Path) -> bool:
 
 
 def is_image_file(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    """By extension; a file without one counts when it is DICOM (PACS exports rarely have one)."""
+    if p.name.startswith(".") or not p.is_file():
+        return False
+    if p.suffix.lower() in IMAGE_EXTENSIONS:
+        return True
+    return p.suffix == "" and is_dicom(p)
 
 
 def _subdirs(folder: Path) -> list[Path]:

@@ -1,0 +1,179 @@
+"""Export a run to ONNX, and run it with ONNX Runtime.
+
+The exported graph takes what the cache stores and returns what `predict` reports:
+
+    input  "image": uint8 (N, in_chans, S, S), pixel values 0..255, the image resized to S x S
+           (aspect not kept, bilinear with antialiasing, as `cxrlab.data.images.read_image`
+           does), grey X-rays as 1 channel (ITU-R 601 luminance), colour as RGB;
+    output "probabilities": float32 (N, K), one column per class in `classes` order.
+
+Scaling to [0, 1], the run's normalisation and the sigmoid/softmax are inside the graph, so a
+caller only decodes and resizes. The model's metadata_props say the rest (JSON where a value
+is a list): classes, positive_class, threshold, image_size, in_chans, input_spec,
+preprocessing, model, cxrlab_version, run. The legacy TorchScript exporter is used
+(`dynamo=False`): the dynamo one needs onnxscript, a large extra dependency, and gives the
+same graph for these plain CNNs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cxrlab.errors import CxrlabError
+from cxrlab.run import LoadedRun, load_run
+
+OPSET = 17
+INPUT_SPEC = ("uint8 (N, in_chans, S, S), values 0..255; S = image_size; "
+              "the graph scales to [0, 1] and normalises itself")
+PREPROCESSING = ("decode (JPEG/PNG/DICOM) -> 1 channel luminance (in_chans 1) or RGB (3) -> "
+                 "resize to image_size x image_size, aspect not kept, bilinear, antialiased "
+                 "-> uint8 CHW")
+
+
+class ProbabilityModel(nn.Module):
+    """uint8 images in, class probabilities out: everything between is part of the model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits = self.model(image.float() / 255.0).float()
+        if logits.shape[1] == 1:  # same columns as cxrlab.train.probabilities
+            p = torch.sigmoid(logits)
+            return torch.cat([1 - p, p], dim=1)
+        return torch.softmax(logits, dim=1)
+
+
+def run_metadata(run: LoadedRun) -> dict[str, str]:
+    from cxrlab import __version__
+
+    pos = run.info.positive
+    return {
+        "classes": json.dumps(run.classes),
+        "positive_class": "" if pos is None else run.classes[pos],
+        "threshold": "" if run.threshold is None else repr(float(run.threshold)),
+        "image_size": str(run.config.image_size),
+        "in_chans": str(run.info.in_chans),
+        "input_spec": INPUT_SPEC,
+        "preprocessing": PREPROCESSING,
+        "model": run.config.model,
+        "cxrlab_version": __version__,
+        "run": str(Path(run.run_dir).resolve().name),
+    }
+
+
+def export_onnx(run: LoadedRun | Path, out: Path, overwrite: bool = False) -> Path:
+    """Write the run as one ONNX file (weights inside), checked with onnx.checker."""
+    import onnx
+
+    if not isinstance(run, LoadedRun):
+        run = load_run(run)
+    out = Path(out)
+    if out.is_dir():
+        raise CxrlabError(f"--onnx {out}: is a folder; give a file name (model.onnx)")
+    if out.exists() and not overwrite:
+        raise CxrlabError(f"--onnx {out}: file exists (choose a new name)")
+    if not out.parent.is_dir():
+        raise CxrlabError(f"--onnx {out}: folder {out.parent} does not exist")
+    wrapped = ProbabilityModel(run.model.float()).eval()
+    wrapped = wrapped.to(memory_format=torch.contiguous_format)
+    s, c = run.config.image_size, run.info.in_chans
+    example = torch.zeros(1, c, s, s, dtype=torch.uint8)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer chatter about shape checks
+            torch.onnx.export(wrapped, (example,), tmp, dynamo=False, opset_version=OPSET,
+                              input_names=["image"], output_names=["probabilities"],
+                              dynamic_axes={"image": {0: "batch"},
+                                            "probabilities": {0: "batch"}})
+        proto = onnx.load(tmp)
+        onnx.helper.set_model_props(proto, run_metadata(run))
+        proto.doc_string = f"cxrlab {run.config.model}: {', '.join(run.classes)}"
+        onnx.checker.check_model(proto)
+        onnx.save(proto, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        run.model.eval()
+    return out
+
+
+class OnnxPredictor:
+    """An ONNX Runtime session for an exported run: uint8 images -> probabilities."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise CxrlabError(f"--onnx {path}: no such file")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CxrlabError(f"--onnx {path}: not a loadable ONNX model ({reason})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "classes" not in meta:
+            raise CxrlabError(f"--onnx {path}: not exported by cxrlab (no classes metadata)")
+        self.path = path
+        self.metadata = dict(meta)
+        self.classes: list[str] = json.loads(meta["classes"])
+        self.image_size = int(meta["image_size"])
+        self.in_chans = int(meta["in_chans"])
+        self.threshold = float(meta["threshold"]) if meta.get("threshold") else None
+        pos = meta.get("positive_class") or None
+        self.positive = None if pos is None else self.classes.index(pos)
+
+    def check_matches(self, run: LoadedRun) -> None:
+        """Refuse a file exported from another run (other classes or input)."""
+        ours = (self.classes, self.image_size, self.in_chans)
+        theirs = (run.classes, run.config.image_size, run.info.in_chans)
+        if ours != theirs:
+            raise CxrlabError(f"--onnx {self.path}: exported for classes {self.classes} at "
+                              f"{self.image_size} px x {self.in_chans} ch, the run has "
+                              f"{run.classes} at {theirs[1]} px x {theirs[2]} ch")
+
+    def __call__(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        if len(images) == 0:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        out = [self.session.run(None, {"image": images[i : i + batch_size]})[0]
+               for i in range(0, len(images), batch_size)]
+        return np.concatenate(out).astype(np.float32)
+
+
+def make_predictor(run: LoadedRun, backend: str = "torch", onnx_file: Path | None = None):
+    """A callable uint8 (N, C, S, S) -> probabilities (N, K) for the chosen backend.
+    'onnx' exports the run to a temporary file unless one is given (checked against the run)."""
+    if backend == "torch":
+        from cxrlab.train import predict_probs, use_bf16
+
+        bf16 = use_bf16(run.config.precision)
+        return lambda images: predict_probs(run.model, images, bf16=bf16)
+    if backend != "onnx":
+        raise CxrlabError(f"--backend {backend}: choose torch or onnx")
+    if onnx_file is None:
+        with tempfile.TemporaryDirectory(prefix="cxrlab-onnx-") as d:
+            predictor = OnnxPredictor(export_onnx(run, Path(d) / "model.onnx"))
+    else:
+        predictor = OnnxPredictor(onnx_file)
+    predictor.check_matches(run)
+    return predictor

@@ -1,0 +1,189 @@
+"""DICOM wherever an image is accepted: files built here with pydicom, no download."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from cxrlab.config import RunConfig
+from cxrlab.data.images import decode_image, guess_channels, image_header, read_image
+from cxrlab.data.sources import load_source
+from cxrlab.errors import CxrlabError
+from cxrlab.pipeline import predict_paths, train_run
+from tests.conftest import make_kermany_folder
+
+
+def write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2",
+                bits_stored: int | None = None, preamble: bool = True, **elements) -> Path:
+    """A minimal valid DICOM file (Secondary Capture) holding `arr`."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.Modality = "DX"
+    bits = bits_stored or arr.dtype.itemsize * 8
+    ds.set_pixel_data(arr, photometric, bits)
+    for k, v in elements.items():
+        setattr(ds, k, v)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=preamble)
+    return path
+
+
+def ramp12(h: int = 32, w: int = 64) -> np.ndarray:
+    """12-bit values 0..4095 across the width."""
+    row = np.linspace(0, 4095, w).round().astype(np.uint16)
+    return np.tile(row, (h, 1))
+
+
+def test_12_bit_is_scaled_by_its_bit_depth(tmp_path):
+    a = ramp12()
+    got = read_image(write_dicom(tmp_path / "a.dcm", a, bits_stored=12), 1)
+    assert got.shape == (1, 32, 64) and got.dtype == np.uint8
+    expected = (a.astype(float) * 255 / 4095).round()
+    assert np.abs(got[0].astype(int) - expected).max() <= 1
+    assert got.min() == 0 and got.max() == 255
+
+
+def test_12_bit_values_in_16_bit_storage_are_not_left_dark(tmp_path):
+    a = ramp12()
+    got = read_image(write_dicom(tmp_path / "a.dcm", a, bits_stored=16), 1)
+    assert got.max() == 255  # the 16-bit PNG rule: the top 4 bits are never used
+
+
+def test_monochrome1_is_inverted(tmp_path):
+    a = ramp12()
+    m2 = read_image(write_dicom(tmp_path / "m2.dcm", a, bits_stored=12), 1)
+    m1 = read_image(write_dicom(tmp_path / "m1.dcm", a, "MONOCHROME1", bits_stored=12), 1)
+    assert np.array_equal(m1, 255 - m2)
+    assert m1[0, 0, 0] == 255 and m1[0, 0, -1] == 0  # low values are white in MONOCHROME1
+
+
+def test_window_centre_and_width_are_applied(tmp_path):
+    a = ramp12()
+    path = write_dicom(tmp_path / "w.dcm", a, bits_stored=12, WindowCenter=2048,
+                       WindowWidth=1024)
+    got = read_image(path, 1)[0].astype(int)
+    v = a.astype(float)
+    expected = np.clip(((v - 2047.5) / 1023 + 0.5) * 255, 0, 255).round()  # PS3.3 C.11.2.1.2
+    assert np.abs(got - expected).max() <= 1
+    assert (got[:, v[0] < 1500] == 0).all() and (got[:, v[0] > 2600] == 255).all()
+
+
+def test_rescale_then_window_in_output_units(tmp_path):
+    a = ramp12()  # stored 0..4095, rescaled to -1024..3071 (CT-like units)
+    path = write_dicom(tmp_path / "r.dcm", a, bits_stored=12, RescaleSlope=1,
+                       RescaleIntercept=-1024, WindowCenter=0, WindowWidth=2001)
+    got = read_image(path, 1)[0].astype(int)
+    v = a.astype(float) - 1024
+    expected = np.clip(((v + 0.5) / 2000 + 0.5) * 255, 0, 255).round()
+    assert np.abs(got - expected).max() <= 1
+
+
+def test_voi_lut_sequence_is_applied(tmp_path):
+    a = ramp12()
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.add_new(0x00283006, "US", (4095 - np.arange(4096)).tolist())  # LUTData, inverting
+    path = write_dicom(tmp_path / "l.dcm", a, bits_stored=12, VOILUTSequence=Sequence([item]))
+    plain = read_image(write_dicom(tmp_path / "p.dcm", a, bits_stored=12), 1)
+    got = read_image(path, 1)
+    assert np.abs(got.astype(int) - (255 - plain.astype(int))).max() <= 1
+
+
+def test_8_bit_dicom_equals_the_same_pixels_as_png(tmp_path):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (40, 48), dtype=np.uint8)
+    dcm = write_dicom(tmp_path / "x.dcm", a)
+    png = tmp_path / "x.png"
+    Image.fromarray(a, mode="L").save(png)
+    for channels, size in ((1, None), (1, 32), (3, 32)):
+        assert np.array_equal(read_image(dcm, channels, size), read_image(png, channels, size))
+    assert np.array_equal(decode_image(dcm.read_bytes(), 1, 32), read_image(png, 1, 32))
+    assert image_header(dcm) == (48, 40, "L", "DICOM")
+
+
+def test_rgb_dicom(tmp_path):
+    a = np.zeros((32, 32, 3), dtype=np.uint8)
+    a[..., 0] = 200
+    got = read_image(write_dicom(tmp_path / "c.dcm", a, "RGB"), 3)
+    assert got.shape == (3, 32, 32) and (got[0] == 200).all() and (got[1:] == 0).all()
+    assert guess_channels([tmp_path / "c.dcm"]) == 3
+
+
+def test_multi_frame_is_refused_with_one_line(tmp_path):
+    a = np.stack([ramp12(), ramp12()])
+    path = write_dicom(tmp_path / "cine.dcm", a, bits_stored=12)
+    with pytest.raises(CxrlabError, match="multi-frame") as e:
+        read_image(path, 1)
+    assert str(path) in str(e.value) and "\n" not in str(e.value) and "2 frames" in str(e.value)
+
+
+def test_not_dicom_with_dicom_extension_names_the_file(tmp_path):
+    bad = tmp_path / "fake.dcm"
+    bad.write_bytes(b"this is not a dicom file at all" * 10)
+    with pytest.raises(CxrlabError, match="fake.dcm"):
+        read_image(bad, 1)
+    empty = write_dicom(tmp_path / "nopix.dcm", ramp12(), bits_stored=12)
+    from pydicom import dcmread
+
+    ds = dcmread(empty)
+    del ds.PixelData
+    ds.save_as(empty)
+    with pytest.raises(CxrlabError, match="no Pixel Data"):
+        read_image(empty, 1)
+
+
+def test_dicom_without_extension_is_found_by_magic(tmp_path):
+    root = make_kermany_folder(tmp_path / "d", 4, 4, size=32)
+    write_dicom(root / "NORMAL" / "IM9000", ramp12(), bits_stored=12)  # PACS export, no suffix
+    (root / "NORMAL" / "README").write_text("not an image")
+    names = [r.path.name for r in load_source(root).records]
+    assert "IM9000" in names and "README" not in names
+    assert read_image(root / "NORMAL" / "IM9000", 1, 32).shape == (1, 32, 32)
+
+
+def test_tiny_dicom_is_refused(tmp_path):
+    with pytest.raises(CxrlabError, match="smaller than"):
+        read_image(write_dicom(tmp_path / "t.dcm", np.zeros((8, 8), np.uint8)), 1)
+
+
+def _png_to_dicom(png: Path, bits: int = 12) -> Path:
+    """The same X-ray as a 12-bit DICOM (values x 4095/255), the PNG removed."""
+    a = np.asarray(Image.open(png).convert("L")).astype(np.uint16) * 4095 // 255
+    out = write_dicom(png.with_suffix(".dcm"), a.astype(np.uint16), bits_stored=bits)
+    png.unlink()
+    return out
+
+
+def test_train_and_predict_on_a_folder_with_dicoms(tmp_path):
+    root = make_kermany_folder(tmp_path / "data", 10, 10, size=32)
+    converted = [_png_to_dicom(p) for p in sorted(root.rglob("*.png"))[::2]]
+    assert len(converted) == 10
+    cfg = RunConfig(data=str(root), model="cnn", image_size=32, epochs=1, batch_size=8)
+    result = train_run(cfg, tmp_path / "run", progress=False)
+    assert result.n_train + result.n_val == 20  # every DICOM was read
+    rows = predict_paths(tmp_path / "run", [root / "PNEUMONIA"])
+    assert len(rows) == 10 and all("error" not in r for r in rows)
+    assert sum(r["path"].endswith(".dcm") for r in rows) == 5
+    assert {r["class"] for r in rows} <= {"NORMAL", "PNEUMONIA"}
+
+
+def test_data_summary_reads_dicom_headers(tmp_path):
+    from cxrlab.data.audit import summarize
+
+    root = make_kermany_folder(tmp_path / "d", 4, 4, size=32)
+    write_dicom(root / "NORMAL" / "IM-0100-0001.dcm", ramp12(), bits_stored=12)
+    write_dicom(root / "NORMAL" / "IM-0101-0001.dcm", np.stack([ramp12()] * 2), bits_stored=12)
+    d = summarize(load_source(root)).to_dict()
+    assert d["sizes"]["formats"] == {"DICOM": 1, "PNG": 8} and d["sizes"]["width"]["max"] == 64
+    assert [(Path(p).name, "multi-frame" in why) for p, why in d["unreadable"]] == [
+        ("IM-0101-0001.dcm", True)]
