@@ -168,7 +168,9 @@ class ClassifierModule(L.LightningModule):
         logits = logits.float()
         w = self.class_w if self.use_weights else None
         if logits.shape[1] == 1:
-            target = (y == self.positive).float()
+            # The logit is evidence for class 1 whatever `positive` is: `probabilities` puts its
+            # sigmoid in column 1; `positive` only picks the column thresholds and metrics read.
+            target = (y == 1).float()
             if self.cfg.label_smoothing:
                 target = target * (1 - self.cfg.label_smoothing) + 0.5 * self.cfg.label_smoothing
             per = F.binary_cross_entropy_with_logits(logits[:, 0], target, reduction="none")
