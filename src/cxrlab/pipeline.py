@@ -127,7 +127,7 @@ def train_run(config: RunConfig, out: Path, progress: bool = True) -> TrainResul
 
     Under data-parallel training every process runs this; only rank 0 touches `out`.
     """
-    from cxrlab.distributed import check_supported, is_rank_zero
+    from cxrlab.distributed import is_rank_zero
     from cxrlab.models import create_model, list_models
 
     out = Path(out)
@@ -137,6 +137,8 @@ def train_run(config: RunConfig, out: Path, progress: bool = True) -> TrainResul
     if config.model not in list_models():
         raise CxrlabError(f"--model {config.model}: unknown model; choose from: "
                           f"{', '.join(list_models())}")
+    from cxrlab.distributed import check_supported
+
     check_supported(config)
     if rank0:
         check_out_dir(out)  # refuse before the slow part
