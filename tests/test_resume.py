@@ -23,7 +23,7 @@ RECIPE = ["--model", "cnn", "--image-size", "32", "--epochs", "3", "--batch-size
           "--augment", "notebook", "--schedule", "plateau", "--patience", "3", "--seed", "3",
           "--quiet"]
 
-# Runs the real CLI, but the second epoch stops at its third batch and says so, to be killed
+# Runs the real CLI, but the third epoch stops at its third batch and says so, to be killed
 # there: a kill mid-epoch, every time, without timing guesses.
 KILLABLE = """
 import sys, time, pathlib
@@ -31,8 +31,8 @@ from cxrlab import train
 marker = pathlib.Path(sys.argv[1])
 step = train.ClassifierModule.training_step
 def stalling_step(self, batch, batch_idx):
-    if self.current_epoch == 1 and batch_idx == 2:
-        marker.write_text("epoch 2, batch 3")
+    if self.current_epoch == 2 and batch_idx == 2:
+        marker.write_text("epoch 3, batch 3")
         time.sleep(600)
     return step(self, batch, batch_idx)
 train.ClassifierModule.training_step = stalling_step
@@ -40,6 +40,10 @@ from cxrlab.cli import main
 sys.argv = ["cxrlab", *sys.argv[2:]]
 main()
 """
+
+
+def last_epoch(run: Path) -> int:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"]
 
 
 def history_without_timing(run: Path) -> list[dict]:
@@ -77,16 +81,16 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, capsys, mo
         deadline = time.monotonic() + 180
         while not marker.exists():
             assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "the run never reached its second epoch"
+            assert time.monotonic() < deadline, "the run never reached its third epoch"
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
 
-    # what a crash leaves: one epoch checkpointed, state still running
+    # what a crash leaves: two epochs checkpointed, state still running
     assert json.loads((killed / "run.json").read_text())["state"] == "running"
-    assert (killed / "checkpoints" / "last.ckpt").is_file()
-    assert len(history_without_timing(killed)) == 1
+    assert len(history_without_timing(killed)) == 2
+    assert last_epoch(killed) == 1  # the second epoch's, improved on the first or not
     assert not (killed / "metrics.json").exists()
 
     code, _, err = run_cli(["train", "--resume", killed], capsys, monkeypatch)
@@ -95,7 +99,10 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, capsys, mo
     assert code == 0, err
     assert json.loads((killed / "run.json").read_text())["state"] == "complete"
     assert_same_run(killed, whole)
-    assert len(history_without_timing(whole)) >= 2
+    # a checkpoint after every epoch, whether or not it improved
+    n_epochs = len(history_without_timing(whole))
+    assert n_epochs >= 2
+    assert last_epoch(whole) == n_epochs - 1
 
     # a complete run is not resumed again, and recipe options do not mix with --resume
     code, _, err = run_cli(["train", "--resume", killed], capsys, monkeypatch)

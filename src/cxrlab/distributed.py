@@ -50,3 +50,18 @@ def gather_in_order(module, tensors: list[torch.Tensor], n_total: int | None) ->
             g = g.reshape(-1, *t.shape[1:])
         out.append(g)
     return out
+
+
+def check_supported(config) -> None:
+    """Refuse what data-parallel training cannot do right, before the slow part.
+
+    DDP registers gradient synchronisation only for the parameters that require gradients when
+    it wraps the model: a backbone unfrozen later (--unfreeze-after) would train on each
+    process's own gradients and the processes would silently drift apart.
+    """
+    from cxrlab.errors import CxrlabError
+
+    if config.devices * config.num_nodes > 1 and getattr(config, "unfreeze_after", None):
+        raise CxrlabError("--unfreeze-after: not with more than one process (DDP would not "
+                          "synchronise the backbone once unfrozen); train on one device, or "
+                          "keep the backbone frozen")

@@ -143,6 +143,9 @@ def train_run(config: RunConfig, out: Path, progress: bool = True) -> TrainResul
     if config.model not in list_models():
         raise CxrlabError(f"--model {config.model}: unknown model; choose from: "
                           f"{', '.join(list_models())}")
+    from cxrlab.distributed import check_supported
+
+    check_supported(config)
     if rank0:
         check_out_dir(out)  # refuse before the slow part
     data = prepare_data(config)  # bad data fails here, before anything is written
@@ -242,6 +245,9 @@ def _resume(run_dir: Path, info: RunInfo, rank0: bool, progress: bool,
     config = RunConfig.load(run_dir / "config.yaml")
     if hardware:
         config = RunConfig.build({**config.model_dump(), **hardware}, source="option")
+        from cxrlab.distributed import check_supported
+
+        check_supported(config)
     data = prepare_data(config)
     if data.source.classes != info.classes:
         raise CxrlabError(f"{config.data}: classes are now {', '.join(data.source.classes)}, "

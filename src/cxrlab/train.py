@@ -426,9 +426,14 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
     val_dl = make_loader(ArrayDataset(val_x, val_y), max(config.batch_size, 64), train=False,
                          seed=config.seed)
     # Saved and checked at the very end of the epoch (after the module's history row), so a
-    # checkpoint holds everything the epoch did.
+    # checkpoint holds everything the epoch did. last.ckpt has its own callback: Lightning's
+    # save_last writes only in epochs that also save a new best, and resuming must not lose
+    # the epochs since. It comes after `ckpt`, so it records this epoch's best tracking.
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss",
-                           mode="min", save_last=True, save_top_k=1,
+                           mode="min", save_top_k=1,
+                           save_on_train_epoch_end=True, enable_version_counter=False)
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None,
+                           save_top_k=1, every_n_epochs=1,
                            save_on_train_epoch_end=True, enable_version_counter=False)
     module.history = HistoryCSV(run_dir / "history.csv")
     state = TrainingState(train_dl.generator or getattr(train_dl.sampler, "generator", None))
@@ -436,6 +441,7 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
         EarlyStopping(monitor="val_loss", patience=config.patience, mode="min",
                       check_on_train_epoch_end=True),
         ckpt,
+        last,
         state,
     ]
     if config.unfreeze_after is not None:
