@@ -1,0 +1,125 @@
+"""Fine-tuning: a frozen backbone stays frozen (weights and BN statistics), unfreezing happens
+at the epoch with the lower backbone learning rate, the feature cache trains the same head,
+and more than two classes work end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cxrlab.config import RunConfig
+from cxrlab.finetune import head_parameters
+from cxrlab.models import create_model
+from cxrlab.train import fit
+from tests.test_cli import run_cli
+
+
+def tiny_arrays(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    x = rng.normal(90, 20, (n, 1, 32, 32))
+    x[y == 1, :, 8:20, 8:20] += 100
+    return x.clip(0, 255).astype(np.uint8), y
+
+
+def run_fit(tmp_path, name: str, model=None, cache: bool = True, **options):
+    tx, ty = tiny_arrays(24, 0)
+    vx, vy = tiny_arrays(8, 1)
+    cfg = RunConfig.build(dict(data="unused", model="resnet18", image_size=32, batch_size=8,
+                               precision="fp32", patience=10, **options))
+    torch.manual_seed(0)
+    model = model or create_model("resnet18", num_classes=1, in_chans=1, head=cfg.head)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    (tmp_path / name).mkdir()
+    res = fit(model, cfg, tx, ty, vx, vy, 2, 1, tmp_path / name, progress=False,
+              cache_features=cache)
+    return before, res
+
+
+def backbone_keys(model) -> list[str]:
+    head = tuple(f"{n}." for n in model.trainable_head_names())
+    return [k for k in model.state_dict() if not k.startswith(head)]
+
+
+def test_frozen_backbone_keeps_weights_and_bn_statistics(tmp_path):
+    # augmentation on: no feature cache, the backbone really runs every batch
+    before, res = run_fit(tmp_path, "frozen", epochs=2, freeze_backbone=True, augment="light")
+    after = res.module.model.state_dict()
+    keys = backbone_keys(res.module.model)
+    assert any("running_mean" in k for k in keys)
+    for k in keys:
+        assert torch.equal(before[k], after[k]), k  # weights, running stats, counters
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
+    assert not res.module.features_cached
+
+
+def test_unfreeze_after_switches_at_the_epoch_with_lower_lr(tmp_path):
+    opts = dict(freeze_backbone=False, unfreeze_after=1, backbone_lr_mult=0.1,
+                augment="none", schedule="none", lr=1e-3)
+    _, res = run_fit(tmp_path, "two", epochs=2, **opts)
+    assert res.module.cfg.freeze_backbone  # unfreeze_after implies a frozen start
+    assert not res.module.features_cached  # the backbone changes later: nothing to cache
+    opt = res.module.trainer.optimizers[0]
+    head, backbone = opt.param_groups
+    assert [head["lr"], backbone["lr"]] == pytest.approx([1e-3, 1e-4])
+    assert {id(p) for p in head["params"]} == {id(p) for p in head_parameters(res.module.model)}
+    # 3 batches per epoch: the head stepped in both epochs, the backbone only in the second
+    steps = lambda p: int(opt.state[p]["step"]) if p in opt.state else 0  # noqa: E731
+    assert {steps(p) for p in head["params"]} == {6}
+    assert {steps(p) for p in backbone["params"]} == {3}
+    assert all(p.requires_grad for p in res.module.model.parameters())
+
+
+def test_feature_cache_trains_the_same_head(tmp_path):
+    opts = dict(epochs=3, freeze_backbone=True, augment="none", head="mlp-bn")
+    _, cached = run_fit(tmp_path, "cached", cache=True, **opts)
+    _, plain = run_fit(tmp_path, "plain", cache=False, **opts)
+    assert cached.module.features_cached and not plain.module.features_cached
+    a, b = cached.module.model.state_dict(), plain.module.model.state_dict()
+    for k in ("head_mlp.0.weight", "head_mlp.2.running_mean", "fc.weight", "fc.bias"):
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    assert not torch.equal(a["fc.weight"], create_model("resnet18", 1, 1).fc.weight)
+
+
+def test_three_classes_end_to_end(tmp_path, capsys, monkeypatch, caplog):
+    """3 colour classes: softmax head, macro + per-class metrics, no threshold, names in the
+    confusion matrix; frozen random backbone warns; cached features; evaluate and predict."""
+    caplog.set_level(logging.INFO, logger="cxrlab")
+    rng = np.random.default_rng(0)
+    names = ["covid", "normal", "viral"]
+    for k, c in enumerate(names):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(10):
+            img = rng.normal(90, 20, (32, 32, 3))
+            img[..., k] += 90
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(
+                tmp_path / "data" / c / f"{c}{i}.png")
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", tmp_path / "data", "--out", run, "--image-size", "32",
+                            "--epochs", "3", "--batch-size", "8", "--freeze-backbone",
+                            "--augment", "none", "--head", "vgg", "-q"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "random weights" in caplog.text and "computed once" in caplog.text
+    assert not (run / "threshold").exists()
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["classes"] == names and m["threshold"] is None and m["positive_class"] is None
+    assert set(m["per_class"]) == set(names)
+    assert np.array(m["confusion_matrix"]).shape == (3, 3)
+    for f in ("roc.png", "confusion_matrix.png"):
+        assert (run / f).stat().st_size > 0
+    code, _, err = run_cli(["evaluate", run, tmp_path / "data", "--json", tmp_path / "e.json"],
+                           capsys, monkeypatch)
+    assert code == 0, err
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["n"] == 30 and set(e["per_class"]) == set(names)
+    code, out, err = run_cli(["predict", run, tmp_path / "data" / "viral", "--json"],
+                             capsys, monkeypatch)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 10 and all(set(r["probabilities"]) == set(names) for r in rows)
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows)
