@@ -394,8 +394,8 @@ def read_run(run_dir: Path) -> dict | None:
     }
 
 
-def _est(values: list) -> dict:
-    return t_interval(values).to_dict()
+def _est(values: list, bounds: tuple[float, float] | None = None) -> dict:
+    return t_interval(values, bounds=bounds).to_dict()
 
 
 def collect(spec: AblationSpec, out: Path) -> dict:
@@ -422,7 +422,7 @@ def collect(spec: AblationSpec, out: Path) -> dict:
                "n": len(mine)}
         for split in splits:
             for key, _ in METRICS:
-                row[f"{split}_{key}"] = _est([(r[split] or {}).get(key) for r in mine])
+                row[f"{split}_{key}"] = _est([(r[split] or {}).get(key) for r in mine], (0, 1))
         for key in ("best_epoch", "epochs_run", "train_seconds"):
             row[key] = _est([r[key] for r in mine])
         variants.append(row)
@@ -490,9 +490,10 @@ def effects(spec: AblationSpec, runs: list[dict], splits: list[str]) -> list[dic
                                      if t[s] is not None and r[s] is not None]
                                 if len(d) == len(per_ctx):
                                     diffs[s] = sum(d) / len(d)
-                            est, diffs = paired_difference(diffs, dict.fromkeys(diffs, 0.0))
+                            est, diffs = paired_difference(diffs, dict.fromkeys(diffs, 0.0),
+                                                           bounds=(-1, 1))
                         else:
-                            est, diffs = paired_difference(*per_ctx[ctx])
+                            est, diffs = paired_difference(*per_ctx[ctx], bounds=(-1, 1))
                         rows.append({
                             "factor": f, "level": level, "reference": ref,
                             "context": shown, "split": split, "metric": key,

@@ -36,10 +36,13 @@ class Estimate:
         return self.ci_low is not None
 
 
-def t_interval(values: Sequence[float | None], level: float = 0.95) -> Estimate:
+def t_interval(values: Sequence[float | None], level: float = 0.95,
+               bounds: tuple[float, float] | None = None) -> Estimate:
     """Mean ± t_{(1+level)/2, n-1} · s/√n over the values that are not None or NaN.
 
-    One value has a mean but no spread and no interval; none has nothing.
+    One value has a mean but no spread and no interval; none has nothing. `bounds` clips the
+    interval to the values the quantity can take (a rate cannot exceed 1), since with three
+    seeds the t-interval can reach past them.
     """
     v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=float)
     n = len(v)
@@ -50,16 +53,20 @@ def t_interval(values: Sequence[float | None], level: float = 0.95) -> Estimate:
         return Estimate(1, mean, None, None, None, float(v[0]), float(v[0]))
     std = float(v.std(ddof=1))
     half = float(_st.t.ppf((1 + level) / 2, n - 1)) * std / math.sqrt(n)
-    return Estimate(n, mean, std, mean - half, mean + half, float(v.min()), float(v.max()))
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return Estimate(n, mean, std, lo, hi, float(v.min()), float(v.max()))
 
 
 def paired_difference(treatment: dict[int, float | None], reference: dict[int, float | None],
-                      level: float = 0.95) -> tuple[Estimate, dict[int, float]]:
+                      level: float = 0.95, bounds: tuple[float, float] | None = None,
+                      ) -> tuple[Estimate, dict[int, float]]:
     """t-interval of treatment − reference over the keys (seeds) both have a value for."""
     diffs = {k: treatment[k] - reference[k] for k in sorted(set(treatment) & set(reference))
              if treatment[k] is not None and reference[k] is not None
              and math.isfinite(treatment[k]) and math.isfinite(reference[k])}
-    return t_interval(list(diffs.values()), level), diffs
+    return t_interval(list(diffs.values()), level, bounds), diffs
 
 
 def verdict(est: Estimate) -> str:
