@@ -109,6 +109,9 @@ def parse_spec(raw: Any, source: str = "spec") -> AblationSpec:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "spec"
         msg = err["msg"].removeprefix("Value error, ")
+        key, sep, rest = msg.partition(": ")
+        if where == "factors" and sep and key in raw.get("factors", {}):
+            where, msg = f"factors.{key}", rest  # name the factor, like pydantic's own paths
         raise CxrlabError(f"{source}: {where}: {msg}") from None
     # Every configuration the sweep will train must be valid before the first one starts.
     if "seed" in spec.base:

@@ -34,7 +34,8 @@ def reliability(y_true: Sequence[int] | np.ndarray, probs: np.ndarray,
         conf, hit = P[np.arange(len(y)), pred], (pred == y).astype(float)
         kind = "top-class probability"
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.searchsorted(edges[1:-1], conf, side="right")  # as sklearn's calibration_curve
+    # bins are (a, b], the first [0, b]: as sklearn's calibration_curve
+    idx = np.searchsorted(edges[1:-1], conf, side="left")
     count = np.bincount(idx, minlength=n_bins)
     sum_conf = np.bincount(idx, weights=conf, minlength=n_bins)
     sum_hit = np.bincount(idx, weights=hit, minlength=n_bins)
