@@ -10,6 +10,7 @@ is an ordinary run directory, OUT/runs/<variant>__seed<k>; the sweep is its run 
     OUT/ablation.csv    per variant: mean, std and 95% t-interval over seeds
     OUT/effects.csv     per factor level: paired difference to the reference level
     OUT/ablation.json   all of it, plus every run's own numbers
+    OUT/ablation.md     the variant table and the effect sentences, as Markdown
 
 A complete run is never trained again, so a killed sweep resumes; a run left half-written is
 moved aside (renamed `<name>.failed-<time>`, never deleted) and trained again. `--shard i/n`
@@ -440,6 +441,7 @@ def collect(spec: AblationSpec, out: Path) -> dict:
     write_json(out / "ablation.json", result)
     atomic_write_text(out / "ablation.csv", variants_csv(result))
     atomic_write_text(out / "effects.csv", effects_csv(result))
+    atomic_write_text(out / "ablation.md", markdown(result))
     return result
 
 
@@ -559,6 +561,34 @@ def effects_csv(result: dict) -> str:
     return buf.getvalue()
 
 
+def markdown(result: dict) -> str:
+    """The variant table and the main-effect sentences as Markdown (for a README)."""
+    def cell(e: dict, scale: float = 1.0, digits: int = 3) -> str:
+        if not e or e.get("mean") is None:
+            return "—"
+        text = f"{e['mean'] * scale:.{digits}f}"
+        if e.get("std") is not None:
+            text += f" ± {e['std'] * scale:.{digits}f}"
+        if e.get("ci_low") is not None:
+            text += f" [{e['ci_low'] * scale:.{digits}f}, {e['ci_high'] * scale:.{digits}f}]"
+        return text
+
+    splits = ["val", "test"] if any(r.get("test") for r in result["runs"]) else ["val"]
+    head = ["variant", "seeds", *[(lab if s == "val" else f"test {lab}") for s in splits
+                                  for _, lab in METRICS], "best epoch", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in result["variants"]:
+        lines.append("| " + " | ".join([
+            v["variant"], str(v["n"]), *[cell(v[f"{s}_{k}"]) for s in splits for k, _ in METRICS],
+            cell(v["best_epoch"], digits=1), cell(v["train_seconds"], digits=0)]) + " |")
+    lines.append("")
+    lines += [f"- {e['sentence']}" for e in result["effects"] if not e["context"]]
+    if result["missing"]:
+        lines.append(f"- {len(result['missing'])} of {result['planned']} planned runs are not "
+                     "complete yet.")
+    return "\n".join(lines) + "\n"
+
+
 def load_result(out: Path) -> dict:
     path = Path(out) / "ablation.json"
     if not path.is_file():
@@ -590,7 +620,7 @@ def render(result: dict, console) -> None:
     title = (f"{result.get('name') or 'Ablation'}: {result['complete']} of {result['planned']} "
              "runs, mean ± std over seeds [95% t-interval]")
     table = Table(title=title, show_lines=True)
-    table.add_column("variant")
+    table.add_column("variant", no_wrap=True)
     table.add_column("seeds", justify="right")
     for split in splits:
         for _, label in METRICS:

@@ -476,7 +476,11 @@ def cam_heatmaps(run_dir: Path, images: np.ndarray):
         from cxrlab.run import load_run
 
         model = load_run(run_dir).model
-        maps = gradcam(model, torch.as_tensor(np.ascontiguousarray(images)))
+        batch = np.ascontiguousarray(images)
+        try:
+            maps = gradcam(model, batch)
+        except (TypeError, AttributeError):  # an implementation that wants a tensor
+            maps = gradcam(model, torch.as_tensor(batch))
         maps = np.asarray(maps.detach().cpu() if hasattr(maps, "detach") else maps,
                           dtype=np.float32)
         return maps, "Overlay: Grad-CAM heat map of the predicted class (red = most evidence)."
