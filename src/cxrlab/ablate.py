@@ -517,7 +517,7 @@ def sentence(factor: str, level: Any, ref: Any, context: str, split: str, label:
         head += f" (at {context})"
     what = f"{label}" if split == "val" else f"test {label}"
     if est.n == 0:
-        return f"{head}: no paired runs yet"
+        return f"{head}: {what}: no paired runs yet"
     if not est.has_interval:
         return (f"{head}: {100 * est.mean:+.1f} pts {what} from 1 seed; no interval is "
                 "possible, so no conclusion")
@@ -620,22 +620,23 @@ def render(result: dict, console) -> None:
     title = (f"{result.get('name') or 'Ablation'}: {result['complete']} of {result['planned']} "
              "runs, mean ± std over seeds [95% t-interval]")
     table = Table(title=title, show_lines=True)
-    table.add_column("variant", no_wrap=True)
-    table.add_column("seeds", justify="right")
+    table.add_column("variant", overflow="fold")
+    table.add_column("n", justify="right")
     for split in splits:
         for _, label in METRICS:
-            table.add_column(label if split == "val" else f"test {label}", justify="right")
-    table.add_column("best epoch", justify="right")
-    table.add_column("train s", justify="right")
+            table.add_column(label if split == "val" else f"test {label}", justify="right",
+                             min_width=13)
+    table.add_column("best epoch", justify="right", min_width=9)
+    table.add_column("train s", justify="right", min_width=7)
     for v in result["variants"]:
         table.add_row(v["variant"], str(v["n"]),
                       *[_cell(v[f"{s}_{k}"]) for s in splits for k, _ in METRICS],
                       _cell(v["best_epoch"], digits=1), _cell(v["train_seconds"], digits=0))
     console.print(table)
-    main = [e for e in result["effects"] if not e["context"]]
+    main = [e for e in result["effects"] if not e["context"] and e["metric"] == "roc_auc"]
     if main:
-        console.print("[bold]Effects against the reference level, paired by seed "
-                      "(pts = percentage points):[/]")
+        console.print("[bold]Effects on ROC AUC against the reference level, paired by seed "
+                      "(pts = percentage points; every metric in effects.csv):[/]")
         for e in main:
             colour = {"better": "green", "worse": "red"}.get(e["verdict"], "")
             console.print(f"  [{colour}]{e['sentence']}[/]" if colour else f"  {e['sentence']}",

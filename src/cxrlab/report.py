@@ -680,12 +680,12 @@ def convergence_ablation(out: Path, res: dict) -> str:
                 within.append(rng)
         final = [r["val"].get("roc_auc") for r in mine if r["val"].get("roc_auc") is not None]
         across_std = float(np.std(final, ddof=1)) if len(final) > 1 else None
-        across_rng = float(max(final) - min(final)) if final else None
+        across_rng = float(max(final) - min(final)) if len(final) > 1 else None
         rows.append([esc(v["variant"]), str(len(mine)),
                      fmt(float(np.mean(within)) if within else None, 4),
                      fmt(float(np.max(within)) if within else None, 4),
                      fmt(across_std, 4), fmt(across_rng, 4)])
-    return ("<p>Within a run: the range of validation ROC AUC (at 0.5-free ranking) over its "
+    return ("<p>Within a run: the range of validation ROC AUC over its "
             f"last {LAST_EPOCHS} epochs, mean and worst over seeds. Across seeds: the spread of "
             "the final validation ROC AUC. A factor's effect smaller than these is not "
             "distinguishable from run-to-run noise.</p>"
