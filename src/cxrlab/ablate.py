@@ -582,7 +582,8 @@ def markdown(result: dict) -> str:
             v["variant"], str(v["n"]), *[cell(v[f"{s}_{k}"]) for s in splits for k, _ in METRICS],
             cell(v["best_epoch"], digits=1), cell(v["train_seconds"], digits=0)]) + " |")
     lines.append("")
-    lines += [f"- {e['sentence']}" for e in result["effects"] if not e["context"]]
+    lines += [f"- {e['sentence']}" for e in result["effects"]
+              if not e["context"] and e["metric"] == "roc_auc"]
     if result["missing"]:
         lines.append(f"- {len(result['missing'])} of {result['planned']} planned runs are not "
                      "complete yet.")
