@@ -56,3 +56,8 @@ def make_kermany_folder(
 @pytest.fixture
 def kermany_folder(tmp_path: Path) -> Path:
     return make_kermany_folder(tmp_path / "xray")
+
+
+# One tiny real ablation sweep for the ablate, report and browser tests (session scope: it is
+# defined here once, so every module shares the same sweep).
+from tests._sweep import tiny_sweep  # noqa: E402, F401

@@ -253,6 +253,58 @@ def serve(
 
 
 # ---------------------------------------------------------------------------------------
+# ablate / report
+
+
+@app.command()
+def ablate(
+    spec: Annotated[Path, typer.Argument(help="ablation spec (YAML): base, factors, seeds")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="sweep directory")] = ...,
+    shard: Annotated[str | None, typer.Option(help="i/n: train runs i, i+n, ... only")] = None,
+    collect: Annotated[bool, typer.Option(
+        "--collect", help="train nothing: merge the runs under OUT into the answer")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Train every variant x seed (complete runs are skipped), then compare them, paired."""
+    from cxrlab import ablate as ab
+
+    study = ab.load_spec(spec)
+    parsed = ab.parse_shard(shard)
+    if not collect:
+        def show(e: ab.SweepEvent) -> None:
+            where = f"[{e.index}/{e.total}] {e.run.name}"
+            if e.kind == "training":
+                err_console.print(f"{where}: training", highlight=False)
+            else:
+                err_console.print(f"{where}: {e.kind} {e.detail}".rstrip(), highlight=False)
+
+        res = ab.run_sweep(study, out, parsed, progress=not quiet, on_event=show)
+        err_console.print(f"trained {len(res.trained)}, skipped {len(res.skipped)} complete, "
+                          f"set aside {len(res.moved)} half-written in {res.seconds:.0f} s")
+        if parsed is not None:
+            console.print(f"Shard {shard} done. When every shard is done: "
+                          f"cxrlab ablate {spec} --out {out} --collect")
+            return
+    result = ab.collect(study, out)
+    ab.render(result, console)
+    console.print(f"Written: {out / 'ablation.csv'}, {out / 'effects.csv'}, "
+                  f"{out / 'ablation.json'}")
+
+
+@app.command()
+def report(
+    path: Annotated[Path, typer.Argument(help="a run directory or an ablation directory")],
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="HTML file (default: PATH/report.html)")] = None,
+) -> None:
+    """One self-contained HTML page: data, configuration, curves, calibration, gallery."""
+    from cxrlab.report import write_report
+
+    written = write_report(path, out)
+    console.print(f"Report written to [bold]{written}[/]")
+
+
+# ---------------------------------------------------------------------------------------
 # data / models / demo
 
 

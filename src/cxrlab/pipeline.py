@@ -286,7 +286,7 @@ def _train_and_report(model, config: RunConfig, data: PreparedData, positive: in
 
     classes = data.source.classes
     tx, ty, _ = data.subset("train")
-    vx, vy, _ = data.subset("val")
+    vx, vy, vidx = data.subset("val")
     fitted = fit(model, config, tx, ty, vx, vy, len(classes), positive, out, progress,
                  ckpt_path=ckpt_path)
     if fitted.module.global_rank != 0:
@@ -303,6 +303,8 @@ def _train_and_report(model, config: RunConfig, data: PreparedData, positive: in
         atomic_write_text(out / "threshold", f"{float(threshold)!r}\n")
     metrics = compute_metrics(vy, vp, classes, positive=positive, threshold=threshold,
                               seed=config.seed)
+    write_predictions_csv(out / "val_predictions.csv", [data.records[i].path for i in vidx],
+                          [classes[k] for k in vy], vp, classes)
     metrics["split"] = "val"
     metrics["epochs"] = fitted.epochs_run
     metrics["train_seconds"] = round(fitted.seconds, 1)
@@ -328,6 +330,21 @@ def _train_and_report(model, config: RunConfig, data: PreparedData, positive: in
                                out / "val_predictions.png")
     return TrainResult(out, metrics, test_metrics, fitted.epochs_run, fitted.seconds,
                        len(ty), len(vy))
+
+
+def write_predictions_csv(path: Path, paths: list, labels: list[str], probs: np.ndarray,
+                          classes: list[str]) -> None:
+    """path,label,p_<class>... per validation image: what the report's calibration and
+    gallery are computed from, without reloading the model."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "label", *[f"p_{c}" for c in classes]])
+    for p, lab, row in zip(paths, labels, probs, strict=True):
+        w.writerow([str(p), lab, *[f"{float(v):.6g}" for v in row]])
+    atomic_write_text(path, buf.getvalue())
 
 
 def decide(probs: np.ndarray, positive: int | None, threshold: float | None) -> np.ndarray:

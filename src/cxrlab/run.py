@@ -8,6 +8,7 @@
     model.pt      the best weights, for evaluate / predict / export
     threshold     the decision threshold chosen on validation (2 classes)
     metrics.json  validation metrics at that threshold, with intervals
+    val_predictions.csv  path, label and class probabilities of each validation image
     *.png         curves, confusion matrix, ROC, prediction grid
 """
 

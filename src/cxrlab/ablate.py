@@ -1,0 +1,647 @@
+"""Ablation studies: many ordinary runs, one question, honest statistics.
+
+A spec (YAML) names a base configuration (the keys of RUN_DIR/config.yaml), factors with
+levels, a design and seeds. Every variant is trained once per seed with the same seeds, so
+variants are compared paired by seed (same validation split, same initial weights). Each run
+is an ordinary run directory, OUT/runs/<variant>__seed<k>; the sweep is its run directories:
+
+    OUT/ablation.yaml   the spec as validated (a later sweep into OUT must match it)
+    OUT/runs/...        one run directory per (variant, seed)
+    OUT/ablation.csv    per variant: mean, std and 95% t-interval over seeds
+    OUT/effects.csv     per factor level: paired difference to the reference level
+    OUT/ablation.json   all of it, plus every run's own numbers
+    OUT/ablation.md     the variant table and the effect sentences, as Markdown
+
+A complete run is never trained again, so a killed sweep resumes; a run left half-written is
+moved aside (renamed `<name>.failed-<time>`, never deleted) and trained again. `--shard i/n`
+trains runs i, i+n, i+2n, ... (1-based), so machines sharing OUT share the sweep; `collect`
+merges whatever is there. Runs go seed by seed, so a sweep stopped early still has paired
+comparisons. Images are decoded once per process: every variant with the same data and image
+size gets the array from `cxrlab.data.cache`'s memory cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cxrlab.config import RunConfig
+from cxrlab.errors import CxrlabError
+from cxrlab.run import atomic_write_text, write_json
+from cxrlab.stats import Estimate, paired_difference, t_interval, verdict
+
+log = logging.getLogger("cxrlab")
+
+SPEC_FILE = "ablation.yaml"
+TEST_FILE = "ablation_test.json"  # per run: metrics on the spec's `test:` data
+# (key in metrics.json, label): the quality metrics the answer is about; higher is better.
+METRICS = (("roc_auc", "AUC"), ("accuracy", "accuracy"), ("recall", "recall"),
+           ("specificity", "specificity"))
+NOT_FACTORS = {"seed": "seeds are given by `seeds:`, not as a factor"}
+
+
+# ---------------------------------------------------------------------------------------
+# the spec
+
+
+class AblationSpec(BaseModel):
+    """What a user writes; see examples/ablation-regularisation.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: dict[str, Any] = Field(description="a run configuration (keys of config.yaml)")
+    factors: dict[str, list[Any]] = Field(description="config key -> levels (2 or more)")
+    design: Literal["grid", "one-at-a-time"] = "grid"
+    seeds: int | list[int] = Field(3, description="how many (0, 1, ...) or which seeds")
+    test: str | None = Field(None, description="labelled data every run is evaluated on")
+    name: str | None = None
+    description: str | None = None
+
+    @field_validator("factors")
+    @classmethod
+    def _factors(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if not v:
+            raise ValueError("give at least one factor")
+        fields = RunConfig.model_fields
+        for key, levels in v.items():
+            if key in NOT_FACTORS:
+                raise ValueError(f"{key}: {NOT_FACTORS[key]}")
+            if key not in fields:
+                raise ValueError(f"{key}: not a configuration key")
+            if len(levels) < 2:
+                raise ValueError(f"{key}: needs at least 2 levels")
+            if len({json.dumps(x) for x in levels}) != len(levels):
+                raise ValueError(f"{key}: levels repeat")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1")
+        if isinstance(v, list) and (not v or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError("must be distinct seeds >= 0")
+        return v
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+
+def parse_spec(raw: Any, source: str = "spec") -> AblationSpec:
+    """Validate a spec mapping; any problem is one CxrlabError naming the key."""
+    if not isinstance(raw, dict):
+        raise CxrlabError(f"{source}: expected a mapping with base, factors, design, seeds")
+    try:
+        spec = AblationSpec(**raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "spec"
+        msg = err["msg"].removeprefix("Value error, ")
+        key, sep, rest = msg.partition(": ")
+        if where == "factors" and sep and key in raw.get("factors", {}):
+            where, msg = f"factors.{key}", rest  # name the factor, like pydantic's own paths
+        raise CxrlabError(f"{source}: {where}: {msg}") from None
+    # Every configuration the sweep will train must be valid before the first one starts.
+    if "seed" in spec.base:
+        raise CxrlabError(f"{source}: base.seed: {NOT_FACTORS['seed']}")
+    RunConfig.build({**spec.base, "seed": 0}, source=f"{source}: base")
+    for v in expand(spec):
+        for f, level in v.levels.items():
+            try:
+                RunConfig(**{**spec.base, f: level, "seed": 0})
+            except ValidationError as e:
+                raise CxrlabError(f"{source}: factors.{f}: level {level!r}: "
+                                  f"{e.errors()[0]['msg']}") from None
+        RunConfig.build(v.values(spec.base, 0), source=f"{source}: variant {v.name}")
+    return spec
+
+
+def load_spec(path: Path) -> AblationSpec:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise CxrlabError(f"{path}: spec file not found") from None
+    except yaml.YAMLError as e:
+        raise CxrlabError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse_spec(raw, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------
+# variants and runs
+
+
+def level_name(value: Any) -> str:
+    """A level as it appears in directory names and tables: 0.5, true, notebook, default."""
+    if value is None:
+        text = "default"
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    else:
+        text = str(value)
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in text)
+
+
+def reference_level(spec: AblationSpec, factor: str) -> Any:
+    """The level effects are measured against: the base's value if listed, else the first."""
+    levels = spec.factors[factor]
+    if factor in spec.base and spec.base[factor] in levels:
+        return spec.base[factor]
+    return levels[0]
+
+
+@dataclass
+class Variant:
+    name: str
+    levels: dict[str, Any]  # factor -> level (every factor, reference where not varied)
+
+    def values(self, base: dict[str, Any], seed: int) -> dict[str, Any]:
+        return {**base, **self.levels, "seed": seed}
+
+
+def expand(spec: AblationSpec) -> list[Variant]:
+    """grid: every combination; one-at-a-time: the reference variant, then one factor at a
+    time moved to each of its other levels."""
+    factors = list(spec.factors)
+    refs = {f: reference_level(spec, f) for f in factors}
+    if spec.design == "grid":
+        return [Variant("+".join(f"{f}-{level_name(x)}" for f, x in zip(factors, combo,
+                                                                          strict=True)),
+                        dict(zip(factors, combo, strict=True)))
+                for combo in itertools.product(*(spec.factors[f] for f in factors))]
+    out = [Variant("base", dict(refs))]
+    for f in factors:
+        for x in spec.factors[f]:
+            if x != refs[f]:
+                out.append(Variant(f"{f}-{level_name(x)}", {**refs, f: x}))
+    return out
+
+
+@dataclass
+class PlannedRun:
+    variant: Variant
+    seed: int
+    config: RunConfig
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant.name}__seed{self.seed}"
+
+
+def plan(spec: AblationSpec) -> list[PlannedRun]:
+    """Seed-major order: all variants for the first seed, then the next seed, ..."""
+    base = dict(spec.base)
+    if "data" in base:  # runs must find the data from wherever they are read
+        base["data"] = str(Path(base["data"]).expanduser().absolute())
+    variants = expand(spec)
+    return [PlannedRun(v, s, RunConfig(**v.values(base, s)))
+            for s in spec.seed_list for v in variants]
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise CxrlabError(f"--shard {text}: expected i/n, e.g. 1/3") from None
+    if not 1 <= i <= n:
+        raise CxrlabError(f"--shard {text}: need 1 <= i <= n")
+    return i, n
+
+
+def shard_runs(runs: list[PlannedRun], shard: tuple[int, int] | None) -> list[PlannedRun]:
+    if shard is None:
+        return runs
+    i, n = shard
+    return runs[i - 1::n]
+
+
+# ---------------------------------------------------------------------------------------
+# running
+
+
+def _spec_text(spec: AblationSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(), sort_keys=False)
+
+
+def claim_out_dir(spec: AblationSpec, out: Path) -> None:
+    """OUT holds this spec's sweep, or nothing: never mix two studies in one directory."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CxrlabError(f"--out {out}: exists and is not a directory")
+    saved = out / SPEC_FILE
+    text = _spec_text(spec)
+    if saved.is_file():
+        if yaml.safe_load(saved.read_text()) != yaml.safe_load(text):
+            raise CxrlabError(f"--out {out}: holds a different ablation ({saved} differs from "
+                              "this spec); choose a new --out")
+        return
+    if out.is_dir() and any(p.name != "runs" for p in out.iterdir()):
+        raise CxrlabError(f"--out {out}: directory exists and is not an ablation of this spec "
+                          "(choose a new one)")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, text)
+
+
+def run_state(run_dir: Path, config: RunConfig) -> str:
+    """'missing', 'complete' or 'broken' (half-written by a killed or failed sweep).
+
+    A complete run trained with another configuration is an error, not something to redo.
+    """
+    if not run_dir.exists():
+        return "missing"
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return "broken"
+    needed = ("config.yaml", "model.pt", "metrics.json")
+    if info.get("state") != "complete" or not all((run_dir / f).is_file() for f in needed):
+        return "broken"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    want = config.model_dump()
+    diff = [k for k in want if saved.get(k) != want[k]]
+    if diff:
+        k = diff[0]
+        raise CxrlabError(f"{run_dir}: was trained with {k}={saved.get(k)!r}, the spec asks for "
+                          f"{want[k]!r}; use a new --out for a changed study")
+    return "complete"
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Keep what a killed run left, out of the way: `<name>.failed-<UTC time>`."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = run_dir.with_name(f"{run_dir.name}.failed-{stamp}")
+    k = 1
+    while target.exists():
+        k += 1
+        target = run_dir.with_name(f"{run_dir.name}.failed-{stamp}-{k}")
+    run_dir.rename(target)
+    return target
+
+
+@dataclass
+class SweepEvent:
+    """What happened to one run: skipped (complete), moved (broken, set aside), trained,
+    tested (evaluated on the spec's test data)."""
+
+    kind: str
+    run: PlannedRun
+    index: int  # 1-based within this shard
+    total: int
+    detail: str = ""
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    cache_events: list[str] = field(default_factory=list)  # how each run got its images
+
+
+def run_sweep(spec: AblationSpec, out: Path, shard: tuple[int, int] | None = None,
+              progress: bool = False,
+              on_event: Callable[[SweepEvent], None] | None = None) -> SweepResult:
+    """Train this shard's runs that are not complete; evaluate each on `test` if given."""
+    from cxrlab.data import cache
+    from cxrlab.pipeline import evaluate_run, train_run
+
+    out = Path(out)
+    if spec.test is not None and not Path(spec.test).exists():
+        raise CxrlabError(f"test: {spec.test}: no such file or folder")
+    claim_out_dir(spec, out)
+    runs = shard_runs(plan(spec), shard)
+    result = SweepResult(out)
+    t0 = time.perf_counter()
+    emit = on_event or (lambda e: None)
+    for k, r in enumerate(runs, 1):
+        run_dir = out / "runs" / r.name
+        state = run_state(run_dir, r.config)
+        if state == "broken":
+            moved = move_aside(run_dir)
+            result.moved.append(moved.name)
+            emit(SweepEvent("moved", r, k, len(runs), moved.name))
+        if state == "complete":
+            result.skipped.append(r.name)
+            emit(SweepEvent("skipped", r, k, len(runs)))
+        else:
+            emit(SweepEvent("training", r, k, len(runs)))
+            res = train_run(r.config, run_dir, progress=progress)
+            result.cache_events.append(cache.last.event)
+            result.trained.append(r.name)
+            emit(SweepEvent("trained", r, k, len(runs),
+                            f"AUC {_fmt(res.metrics.get('roc_auc'))}, acc "
+                            f"{_fmt(res.metrics.get('accuracy'))}, {res.epochs} epochs, "
+                            f"{res.seconds:.0f} s"))
+        if spec.test is not None and not (run_dir / TEST_FILE).is_file():
+            m = evaluate_run(run_dir, Path(spec.test))
+            write_json(run_dir / TEST_FILE, m)
+            emit(SweepEvent("tested", r, k, len(runs), f"test AUC {_fmt(m.get('roc_auc'))}"))
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+# ---------------------------------------------------------------------------------------
+# collecting: the answer
+
+
+def best_epoch(history: list[dict]) -> int | None:
+    """The epoch with the lowest validation loss: the one whose weights were kept."""
+    rows = [r for r in history if r.get("val_loss") is not None
+            and math.isfinite(r["val_loss"])]
+    return int(min(rows, key=lambda r: r["val_loss"])["epoch"]) if rows else None
+
+
+def read_run(run_dir: Path) -> dict | None:
+    """One complete run's numbers, or None when it is not complete."""
+    from cxrlab.train import read_history
+
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("state") != "complete":
+        return None
+    test = None
+    for name in (TEST_FILE, "metrics_test.json"):
+        if (run_dir / name).is_file():
+            test = json.loads((run_dir / name).read_text())
+            break
+    history = read_history(run_dir / "history.csv")
+    return {
+        "val": {k: metrics.get(k) for k, _ in METRICS},
+        "test": None if test is None else {k: test.get(k) for k, _ in METRICS},
+        "epochs_run": metrics.get("epochs"),
+        "best_epoch": best_epoch(history),
+        "train_seconds": metrics.get("train_seconds"),
+    }
+
+
+def _est(values: list, bounds: tuple[float, float] | None = None) -> dict:
+    return t_interval(values, bounds=bounds).to_dict()
+
+
+def collect(spec: AblationSpec, out: Path) -> dict:
+    """Merge the runs under OUT (any shard's) into the answer and write it beside them."""
+    out = Path(out)
+    if not (out / SPEC_FILE).is_file():
+        raise CxrlabError(f"--out {out}: no ablation here (no {SPEC_FILE})")
+    claim_out_dir(spec, out)
+    planned = plan(spec)
+    runs, missing = [], []
+    for r in planned:
+        d = read_run(out / "runs" / r.name)
+        if d is None:
+            missing.append(r.name)
+            continue
+        runs.append({"name": r.name, "variant": r.variant.name, "seed": r.seed,
+                     "levels": r.variant.levels, **d})
+    has_test = any(r["test"] for r in runs)
+    splits = ["val", "test"] if has_test else ["val"]
+    variants = []
+    for v in expand(spec):
+        mine = [r for r in runs if r["variant"] == v.name]
+        row = {"variant": v.name, "levels": v.levels, "seeds": [r["seed"] for r in mine],
+               "n": len(mine)}
+        for split in splits:
+            for key, _ in METRICS:
+                row[f"{split}_{key}"] = _est([(r[split] or {}).get(key) for r in mine], (0, 1))
+        for key in ("best_epoch", "epochs_run", "train_seconds"):
+            row[key] = _est([r[key] for r in mine])
+        variants.append(row)
+    result = {
+        "name": spec.name, "description": spec.description, "design": spec.design,
+        "factors": spec.factors,
+        "reference": {f: reference_level(spec, f) for f in spec.factors},
+        "seeds": spec.seed_list, "planned": len(planned), "complete": len(runs),
+        "missing": missing, "variants": variants,
+        "effects": effects(spec, runs, splits), "runs": runs,
+    }
+    write_json(out / "ablation.json", result)
+    atomic_write_text(out / "ablation.csv", variants_csv(result))
+    atomic_write_text(out / "effects.csv", effects_csv(result))
+    atomic_write_text(out / "ablation.md", markdown(result))
+    return result
+
+
+def effects(spec: AblationSpec, runs: list[dict], splits: list[str]) -> list[dict]:
+    """Each factor level against the reference level, paired by seed.
+
+    one-at-a-time: the variant against the base variant. grid: the main effect (per seed,
+    the difference averaged over every combination of the other factors, then a t-interval
+    over seeds: seeds are the independent units) and, with more than one factor, the effect
+    at each combination of the others (interactions show there).
+    """
+    by = {(r["variant"], r["seed"]): r for r in runs}
+    variants = expand(spec)
+    seeds = spec.seed_list
+    rows = []
+
+    def find(levels: dict) -> Variant | None:
+        return next((v for v in variants if v.levels == levels), None)
+
+    for f in spec.factors:
+        ref = reference_level(spec, f)
+        for level in spec.factors[f]:
+            if level == ref:
+                continue
+            pairs = []  # (context, treatment variant, reference variant)
+            for v in variants:
+                if v.levels[f] != level:
+                    continue
+                r = find({**v.levels, f: ref})
+                if r is None:
+                    continue
+                ctx = ", ".join(f"{g}={level_name(x)}" for g, x in v.levels.items() if g != f)
+                pairs.append((ctx, v, r))
+            for split in splits:
+                for key, label in METRICS:
+                    def value(vname: str, s: int, _split=split, _key=key):
+                        run = by.get((vname, s))
+                        return None if run is None else (run[_split] or {}).get(_key)
+
+                    per_ctx = {ctx: ({s: value(t.name, s) for s in seeds},
+                                     {s: value(r.name, s) for s in seeds})
+                               for ctx, t, r in pairs}
+                    contexts = [("", None)]
+                    if len(pairs) > 1:
+                        contexts += [(ctx, ctx) for ctx, _, _ in pairs]
+                    for shown, ctx in contexts:
+                        if ctx is None:  # main effect: mean over contexts, per seed
+                            diffs = {}
+                            for s in seeds:
+                                d = [t[s] - r[s] for t, r in per_ctx.values()
+                                     if t[s] is not None and r[s] is not None]
+                                if len(d) == len(per_ctx):
+                                    diffs[s] = sum(d) / len(d)
+                            est, diffs = paired_difference(diffs, dict.fromkeys(diffs, 0.0),
+                                                           bounds=(-1, 1))
+                        else:
+                            est, diffs = paired_difference(*per_ctx[ctx], bounds=(-1, 1))
+                        rows.append({
+                            "factor": f, "level": level, "reference": ref,
+                            "context": shown, "split": split, "metric": key,
+                            **est.to_dict(), "per_seed": {str(s): d for s, d in diffs.items()},
+                            "verdict": verdict(est),
+                            "sentence": sentence(f, level, ref, shown, split, label, est),
+                        })
+    return rows
+
+
+def sentence(factor: str, level: Any, ref: Any, context: str, split: str, label: str,
+             est: Estimate) -> str:
+    """"dropout 0.5 vs 0.0: +1.2 pts AUC [-0.4, +2.8], within noise" (pts = 0.01)."""
+    head = f"{factor} {level_name(level)} vs {level_name(ref)}"
+    if context:
+        head += f" (at {context})"
+    what = f"{label}" if split == "val" else f"test {label}"
+    if est.n == 0:
+        return f"{head}: {what}: no paired runs yet"
+    if not est.has_interval:
+        return (f"{head}: {100 * est.mean:+.1f} pts {what} from 1 seed; no interval is "
+                "possible, so no conclusion")
+    v = verdict(est)
+    return (f"{head}: {100 * est.mean:+.1f} pts {what} [{100 * est.ci_low:+.1f}, "
+            f"{100 * est.ci_high:+.1f}], {v}")
+
+
+# -- files ------------------------------------------------------------------------------
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.6g}"
+
+
+def variants_csv(result: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    factors = list(result["factors"])
+    stat_keys = [k for k in result["variants"][0] if isinstance(result["variants"][0][k], dict)
+                 and k != "levels"] if result["variants"] else []
+    w.writerow(["variant", *factors, "n_seeds",
+                *[f"{k}_{s}" for k in stat_keys for s in ("mean", "std", "ci_low", "ci_high")]])
+    for v in result["variants"]:
+        w.writerow([v["variant"], *[level_name(v["levels"][f]) for f in factors], v["n"],
+                    *[_num(v[k][s]) for k in stat_keys
+                      for s in ("mean", "std", "ci_low", "ci_high")]])
+    return buf.getvalue()
+
+
+def effects_csv(result: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    cols = ["factor", "level", "reference", "context", "split", "metric", "n", "mean", "std",
+            "ci_low", "ci_high", "verdict", "sentence"]
+    w.writerow(cols)
+    for e in result["effects"]:
+        w.writerow([level_name(e[c]) if c in ("level", "reference")
+                    else _num(e[c]) if c in ("mean", "std", "ci_low", "ci_high")
+                    else e[c] for c in cols])
+    return buf.getvalue()
+
+
+def markdown(result: dict) -> str:
+    """The variant table and the main-effect sentences as Markdown (for a README)."""
+    def cell(e: dict, scale: float = 1.0, digits: int = 3) -> str:
+        if not e or e.get("mean") is None:
+            return "—"
+        text = f"{e['mean'] * scale:.{digits}f}"
+        if e.get("std") is not None:
+            text += f" ± {e['std'] * scale:.{digits}f}"
+        if e.get("ci_low") is not None:
+            text += f" [{e['ci_low'] * scale:.{digits}f}, {e['ci_high'] * scale:.{digits}f}]"
+        return text
+
+    splits = ["val", "test"] if any(r.get("test") for r in result["runs"]) else ["val"]
+    head = ["variant", "seeds", *[(lab if s == "val" else f"test {lab}") for s in splits
+                                  for _, lab in METRICS], "best epoch", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in result["variants"]:
+        lines.append("| " + " | ".join([
+            v["variant"], str(v["n"]), *[cell(v[f"{s}_{k}"]) for s in splits for k, _ in METRICS],
+            cell(v["best_epoch"], digits=1), cell(v["train_seconds"], digits=0)]) + " |")
+    lines.append("")
+    lines += [f"- {e['sentence']}" for e in result["effects"]
+              if not e["context"] and e["metric"] == "roc_auc"]
+    if result["missing"]:
+        lines.append(f"- {len(result['missing'])} of {result['planned']} planned runs are not "
+                     "complete yet.")
+    return "\n".join(lines) + "\n"
+
+
+def load_result(out: Path) -> dict:
+    path = Path(out) / "ablation.json"
+    if not path.is_file():
+        raise CxrlabError(f"{out}: no ablation.json (run `cxrlab ablate SPEC --out {out} "
+                          "--collect` first)")
+    return json.loads(path.read_text())
+
+
+# -- the Rich tables ----------------------------------------------------------------------
+
+
+def _cell(e: dict, scale: float = 1.0, digits: int = 3) -> str:
+    if not e or e.get("mean") is None:
+        return "—"
+    text = f"{e['mean'] * scale:.{digits}f}"
+    if e.get("std") is not None:
+        text += f" ± {e['std'] * scale:.{digits}f}"
+    if e.get("ci_low") is not None:
+        text += f"\n[{e['ci_low'] * scale:.{digits}f}, {e['ci_high'] * scale:.{digits}f}]"
+    return text
+
+
+def render(result: dict, console) -> None:
+    """The variant table (mean ± std, 95% CI below) and the main-effect sentences."""
+    from rich.table import Table
+
+    splits = ["val", "test"] if any(k.startswith("test_") for v in result["variants"]
+                                    for k in v) else ["val"]
+    title = (f"{result.get('name') or 'Ablation'}: {result['complete']} of {result['planned']} "
+             "runs, mean ± std over seeds [95% t-interval]")
+    table = Table(title=title, show_lines=True)
+    table.add_column("variant", overflow="fold")
+    table.add_column("n", justify="right")
+    for split in splits:
+        for _, label in METRICS:
+            table.add_column(label if split == "val" else f"test {label}", justify="right",
+                             min_width=13)
+    table.add_column("best epoch", justify="right", min_width=9)
+    table.add_column("train s", justify="right", min_width=7)
+    for v in result["variants"]:
+        table.add_row(v["variant"], str(v["n"]),
+                      *[_cell(v[f"{s}_{k}"]) for s in splits for k, _ in METRICS],
+                      _cell(v["best_epoch"], digits=1), _cell(v["train_seconds"], digits=0))
+    console.print(table)
+    main = [e for e in result["effects"] if not e["context"] and e["metric"] == "roc_auc"]
+    if main:
+        console.print("[bold]Effects on ROC AUC against the reference level, paired by seed "
+                      "(pts = percentage points; every metric in effects.csv):[/]")
+        for e in main:
+            colour = {"better": "green", "worse": "red"}.get(e["verdict"], "")
+            console.print(f"  [{colour}]{e['sentence']}[/]" if colour else f"  {e['sentence']}",
+                          highlight=False)
+    if result["missing"]:
+        console.print(f"[yellow]{len(result['missing'])} run(s) not complete yet, e.g. "
+                      f"{result['missing'][0]}[/]")
