@@ -123,3 +123,22 @@ def test_three_classes_end_to_end(tmp_path, capsys, monkeypatch, caplog):
     rows = [json.loads(line) for line in out.splitlines()]
     assert len(rows) == 10 and all(set(r["probabilities"]) == set(names) for r in rows)
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows)
+
+
+def test_unfreeze_applies_to_a_run_resumed_after_the_unfreeze_epoch():
+    # A run resumed at epoch 3 of `--unfreeze-after 1` never sees epoch 1 start: the backbone
+    # must still train from the first resumed epoch on.
+    from types import SimpleNamespace
+
+    from cxrlab.finetune import UnfreezeBackbone
+    from cxrlab.train import ClassifierModule
+
+    cfg = RunConfig(data="x", model="resnet18", freeze_backbone=True, unfreeze_after=1)
+    model = create_model("resnet18", num_classes=1, in_chans=1)
+    module = ClassifierModule(model, cfg, 2, None, 1)
+    assert module.backbone_frozen
+    UnfreezeBackbone(1).on_train_epoch_start(SimpleNamespace(current_epoch=0), module)
+    assert module.backbone_frozen
+    UnfreezeBackbone(1).on_train_epoch_start(SimpleNamespace(current_epoch=3), module)
+    assert not module.backbone_frozen
+    assert all(p.requires_grad for p in model.parameters())

@@ -97,7 +97,7 @@ class UnfreezeBackbone(Callback):
         self.epoch = epoch
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch and pl_module.backbone_frozen:
+        if trainer.current_epoch >= self.epoch and pl_module.backbone_frozen:  # >=: resumed runs
             pl_module.set_backbone_frozen(False)
             log.info("epoch %d: backbone unfrozen (lr x %g)", self.epoch + 1,
                      pl_module.cfg.backbone_lr_mult)

@@ -240,7 +240,7 @@ def _resume(run_dir: Path, info: RunInfo, rank0: bool, progress: bool,
     import tempfile
 
     from cxrlab.checkpoints import LAST
-    from cxrlab.models import create_model
+    from cxrlab.models import create_model, resolve_pretrained
 
     config = RunConfig.load(run_dir / "config.yaml")
     if hardware:
@@ -263,7 +263,8 @@ def _resume(run_dir: Path, info: RunInfo, rank0: bool, progress: bool,
     seed_everything(config.seed)
     model = create_model(config.model, num_classes=n_out, in_chans=info.in_chans,
                          dropout=config.dropout, batchnorm=config.batchnorm,
-                         pretrained=config.pretrained, image_size=config.image_size)
+                         pretrained=resolve_pretrained(config.model, config.pretrained),
+                         image_size=config.image_size, head=config.head)
     ckpt = run_dir / "checkpoints" / LAST
     if not ckpt.is_file():
         log.info("%s: no checkpoint yet; training starts from the first epoch", run_dir)
