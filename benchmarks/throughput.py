@@ -1,6 +1,6 @@
 """Does the model ever wait for data? Training and inference throughput, in ratios from one run.
 
-    python benchmarks/throughput.py                       # the README table (~25 min on 2 cores)
+    python benchmarks/throughput.py                       # the README table (25+ min, 2 cores)
     python benchmarks/throughput.py --quick               # smoke check (~2 min)
     python benchmarks/throughput.py --models resnet18 --steps 30 --repeats 5 --device cuda
 
