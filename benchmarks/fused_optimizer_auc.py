@@ -65,7 +65,8 @@ def main() -> None:
     train.make_optimizer = fused_optimizer
     cfg = RunConfig.load(args.out / "fused" / "config.yaml")
     t = Table("optimizer", "val AUC", "val acc", "epochs", "train s", "wall s",
-              title=f"default recipe ({cfg.model}, {cfg.image_size} px, {cfg.epochs} epochs), "
+              title=f"default recipe ({cfg.model}, {cfg.image_size} px, {cfg.epochs} epochs, "
+                    f"{cfg.data}), "
                     f"fused vs plain optimizer")
     for name, (m, wall) in rows.items():
         t.add_row(name, f"{m['roc_auc']:.4f}", f"{m['accuracy']:.4f}", str(m["epochs"]),
