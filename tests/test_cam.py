@@ -32,8 +32,7 @@ class TinyFCN(ImageClassifier):
             nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(inplace=True),
         )
-        self.head_drop = nn.Identity()
-        self.fc = nn.Linear(16, num_classes)
+        self.init_head("linear", None)
 
     def forward_backbone(self, x):
         return self.features(x)

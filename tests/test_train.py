@@ -17,3 +17,10 @@ def test_positive_class_does_not_flip_the_logit():
         module = ClassifierModule(torch.nn.Linear(1, 1), RunConfig(data="x"), 2, None, positive)
         assert module.loss(logits, y) < 0.05
         assert module.loss(-logits, y) > 3.0
+
+
+def test_error_messages_stay_on_one_line():
+    from cxrlab.errors import CxrlabError
+
+    e = CxrlabError("m.csv: first missing: a\nb\t\udce9.jpg")
+    assert str(e) == "m.csv: first missing: a\\nb\\t\\udce9.jpg"

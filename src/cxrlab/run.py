@@ -35,7 +35,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Readers never see half a file: write beside it, then rename over it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        # surrogateescape: file names that are not UTF-8 are written back byte for byte
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write(text)
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a run is meant to be shared
         os.replace(tmp, path)
