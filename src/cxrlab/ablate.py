@@ -564,14 +564,7 @@ def effects_csv(result: dict) -> str:
 def markdown(result: dict) -> str:
     """The variant table and the main-effect sentences as Markdown (for a README)."""
     def cell(e: dict, scale: float = 1.0, digits: int = 3) -> str:
-        if not e or e.get("mean") is None:
-            return "—"
-        text = f"{e['mean'] * scale:.{digits}f}"
-        if e.get("std") is not None:
-            text += f" ± {e['std'] * scale:.{digits}f}"
-        if e.get("ci_low") is not None:
-            text += f" [{e['ci_low'] * scale:.{digits}f}, {e['ci_high'] * scale:.{digits}f}]"
-        return text
+        return _cell(e, scale, digits, sep=" ")
 
     splits = ["val", "test"] if any(r.get("test") for r in result["runs"]) else ["val"]
     head = ["variant", "seeds", *[(lab if s == "val" else f"test {lab}") for s in splits
@@ -601,14 +594,15 @@ def load_result(out: Path) -> dict:
 # -- the Rich tables ----------------------------------------------------------------------
 
 
-def _cell(e: dict, scale: float = 1.0, digits: int = 3) -> str:
+def _cell(e: dict, scale: float = 1.0, digits: int = 3, sep: str = "\n") -> str:
+    """mean ± std, then [CI] on its own line (Rich) or after a space (Markdown)."""
     if not e or e.get("mean") is None:
         return "—"
     text = f"{e['mean'] * scale:.{digits}f}"
     if e.get("std") is not None:
         text += f" ± {e['std'] * scale:.{digits}f}"
     if e.get("ci_low") is not None:
-        text += f"\n[{e['ci_low'] * scale:.{digits}f}, {e['ci_high'] * scale:.{digits}f}]"
+        text += f"{sep}[{e['ci_low'] * scale:.{digits}f}, {e['ci_high'] * scale:.{digits}f}]"
     return text
 
 

@@ -65,13 +65,11 @@ def pooled_features(model: nn.Module, images: np.ndarray | torch.Tensor, batch_s
     """(N, num_features) float32 global-average-pooled backbone features of uint8 images."""
     was_training = model.training
     model.eval()
-    images = torch.as_tensor(images)
+    from cxrlab.train import float_batches
+
     device = next(model.parameters()).device
     out = []
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].to(device).float().div_(255.0)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    for x in float_batches(model, images, batch_size, channels_last):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out.append(model.forward_features(x).float().mean(dim=(2, 3)).cpu())
     model.train(was_training)

@@ -368,19 +368,25 @@ def read_history(path: Path) -> list[dict]:
 # inference helper shared by train / evaluate / predict
 
 
+def float_batches(model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int,
+                  channels_last: bool = True):
+    """uint8 images (N, C, H, W) -> float [0, 1] batches on the model's device, for inference."""
+    images = torch.as_tensor(images)
+    device = next(model.parameters()).device
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(device).float().div_(255.0)
+        yield x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 @torch.no_grad()
 def predict_probs(model: torch.nn.Module, images: np.ndarray | torch.Tensor,
                   batch_size: int = 64, bf16: bool = False,
                   channels_last: bool = True) -> np.ndarray:
     """(N, K) probabilities for uint8 images (N, C, H, W)."""
     model.eval()
-    images = torch.as_tensor(images)
     device = next(model.parameters()).device
     out = []
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].to(device).float().div_(255.0)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    for x in float_batches(model, images, batch_size, channels_last):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out.append(probabilities(model(x)).cpu())
     if not out:
