@@ -115,6 +115,51 @@ def test_ungrouped_fallback_says_so(tmp_path):
     assert assign_splits(s, 0.2, seed=0, group_regex=r"^(\d)").grouped
 
 
+def _val_sets(source, folds, **kw):
+    return [{i for i, sp in enumerate(assign_splits(source, folds=folds, fold=k, **kw).splits)
+             if sp == "val"} for k in range(1, folds + 1)]
+
+
+def test_folds_validate_every_image_once_by_patient_and_class():
+    s = _kermany_like()
+    vals = _val_sets(s, 5, seed=3)
+    assert sum(map(len, vals)) == len(s.records)
+    assert set().union(*vals) == set(range(len(s.records)))  # so: disjoint and complete
+    for k, val in enumerate(vals, 1):
+        r = assign_splits(s, folds=5, fold=k, seed=3)
+        assert _no_group_in_two_splits(r) and f"fold {k} of 5" in r.message
+        assert Counter(s.records[i].label for i in val) == {"NORMAL": 12, "PNEUMONIA": 18}
+    # fold 1 of 5 is the ordinary 1/5 validation split: a fold is not a new kind of split
+    assert assign_splits(s, 0.2, seed=3).splits == assign_splits(s, folds=5, fold=1, seed=3).splits
+    assert _val_sets(s, 5, seed=4) != vals
+
+
+def test_ungrouped_folds_are_stratified():
+    s = _fake_source([(f"{i}.png", "a" if i < 12 else "b") for i in range(36)])
+    vals = _val_sets(s, 4, seed=0)
+    assert sorted(i for v in vals for i in v) == list(range(36))
+    assert all(Counter(s.records[i].label for i in v) == {"a": 3, "b": 6} for v in vals)
+
+
+@pytest.mark.parametrize("items, folds, fold, needle", [
+    ([(f"person{i // 10}_virus_{i}.jpeg", "P") for i in range(30)]
+     + [(f"IM-{i // 10:04d}-0001.jpeg", "N") for i in range(30)], 8, 1, "only 6 patients"),
+    ([(f"{i}.png", "a") for i in range(3)] + [(f"b{i}.png", "b") for i in range(30)], 5, 2,
+     "a class of /d has only 3"),
+    ([(f"{i}.png", "a") for i in range(10)], 5, 6, "fold 6: must be between 1 and --folds (5)"),
+])
+def test_impossible_folds_are_errors(items, folds, fold, needle):
+    with pytest.raises(CxrlabError, match=None) as e:
+        assign_splits(_fake_source(items), folds=folds, fold=fold)
+    assert needle in str(e.value)
+
+
+def test_folds_refuse_a_given_val_split():
+    s = _fake_source([(f"{i}.png", "ab"[i % 2]) for i in range(20)], ["train"] * 16 + ["val"] * 4)
+    with pytest.raises(CxrlabError, match="has its own val split"):
+        assign_splits(s, folds=5, fold=1)
+
+
 def test_files_without_key_are_their_own_group():
     s = _fake_source([(f"person{i // 2}_virus_{i}.jpeg", "P") for i in range(20)]
                      + [(f"scan{i}.png", "N") for i in range(20)])

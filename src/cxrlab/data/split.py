@@ -57,16 +57,21 @@ def _compile(regex: str) -> re.Pattern:
 
 
 def assign_splits(source: Source, val_fraction: float = 0.2, seed: int = 0,
-                  group_regex: str | None = None) -> SplitResult:
+                  group_regex: str | None = None, folds: int | None = None,
+                  fold: int | None = None) -> SplitResult:
     """Keep given splits; carve val out of train when none is given, by patient group.
 
     StratifiedGroupKFold(n_splits=round(1/val_fraction)) and its first fold as val: whole
     patients move, classes stay balanced as far as patients allow. Files without a patient
     key are their own group; when no file has one, a plain stratified split (and the message
-    says so).
+    says so). Cross-validation (`folds`, `fold`): the fold-th of exactly `folds` folds, from
+    the same StratifiedGroupKFold (StratifiedKFold when ungrouped), so the folds of one seed
+    cover every training image once.
     """
     if not 0 < val_fraction <= 0.5:
         raise CxrlabError(f"--val-fraction {val_fraction}: must be > 0 and <= 0.5")
+    if fold is not None and (folds is None or not 1 <= fold <= folds):
+        raise CxrlabError(f"fold {fold}: must be between 1 and --folds ({folds})")
     pattern = _compile(group_regex) if group_regex is not None else None
     records = source.records
     keys = [patient_key(r.path, pattern) for r in records]
@@ -82,12 +87,18 @@ def assign_splits(source: Source, val_fraction: float = 0.2, seed: int = 0,
     elif matched < len(records):
         notes.append(f"{len(records) - matched} file(s) without a patient key are each their "
                      "own group")
+    if fold is not None and "val" in splits:
+        raise CxrlabError(f"--folds: {source.root} has its own val split; cross-validation "
+                          "draws its folds from one pool of training images")
     if "val" not in splits:
         idx = np.array([i for i, s in enumerate(splits) if s == "train"])
         if len(idx) < 2:
             raise CxrlabError(f"{source.root}: too few training images to hold out validation")
         labels = np.array([records[i].label for i in idx])
-        if grouped:
+        if fold is not None:
+            val_idx = _fold(source, labels, [groups[i] for i in idx] if grouped else None,
+                            folds, fold, seed)
+        elif grouped:
             g = np.array([groups[i] for i in idx])
             # sklearn needs n_splits <= groups and <= the largest class: tiny sets get a
             # bigger validation share rather than an error
@@ -121,12 +132,38 @@ def assign_splits(source: Source, val_fraction: float = 0.2, seed: int = 0,
     if grouped:
         n_groups = len({g for g in groups if not g.startswith("\0")})
         notes.insert(0, f"split grouped by patient ({n_groups} patients)")
+    if fold is not None:
+        notes.append(f"cross-validation: validating on fold {fold} of {folds}")
     if leaking:
         notes.append(f"warning: {len(leaking)} patient(s) appear in more than one of the given "
                      f"splits (leakage), e.g. {leaking[0]} in "
                      f"{'/'.join(sorted(where[leaking[0]]))}")
     return SplitResult(splits, ["" if g.startswith("\0") else g for g in groups], grouped,
                        "; ".join(notes))
+
+
+def _fold(source: Source, labels: np.ndarray, groups: list[str] | None, folds: int,
+          fold: int, seed: int) -> np.ndarray:
+    """Validation indices of fold `fold` (1-based) of `folds`; an error when the data cannot
+    give that many folds (no silent shrinking: k runs must mean k folds)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    n_groups = len(set(groups)) if groups is not None else len(labels)
+    if n_groups < folds:
+        what = "patients" if groups is not None else "training images"
+        raise CxrlabError(f"--folds {folds}: {source.root} has only {n_groups} {what}")
+    smallest = min(Counter(labels.tolist()).values())
+    if smallest < folds:
+        raise CxrlabError(f"--folds {folds}: a class of {source.root} has only {smallest} "
+                          "training image(s); every fold needs one of each")
+    if groups is not None:
+        kf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    else:
+        kf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        all_folds = list(kf.split(np.zeros(len(labels)), labels, groups))
+    return all_folds[fold - 1][1]
 
 
 def write_split_csv(path: Path | str, source: Source, result: SplitResult) -> None:

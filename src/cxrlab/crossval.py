@@ -1,0 +1,189 @@
+"""Cross-validation: k ordinary runs, each validating on one fold, and the pooled figures.
+
+One validation split of a small set moves by whole points per image (covid19: 50 images, 2
+points each). k folds of one seed validate on every training image exactly once, so the pooled
+out-of-fold accuracy rests on all of them; the spread over folds says how much one split can
+mislead. Each fold predicts with its own model and threshold, so pooling decisions (not
+probabilities) is what is honest; AUC stays per fold.
+
+    OUT/crossval.yaml     the configuration (with `folds`); a continued run must match it
+    OUT/fold-<i>/         an ordinary run directory (evaluate, report, export it as any run)
+    OUT/crossval.json     per-fold and pooled figures, written when every fold is complete
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import binomtest
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+
+from cxrlab.config import RunConfig
+from cxrlab.errors import CxrlabError
+from cxrlab.run import load_info, move_aside, run_state, write_json
+from cxrlab.stats import t_interval
+
+log = logging.getLogger(__name__)
+CONFIG_FILE = "crossval.yaml"
+RESULT_FILE = "crossval.json"
+
+
+def fold_config(config: RunConfig, fold: int) -> RunConfig:
+    return RunConfig.build({**config.model_dump(), "fold": fold})
+
+
+def fold_dir(out: Path, fold: int) -> Path:
+    return out / f"fold-{fold}"
+
+
+def is_crossval_dir(path: Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def run_crossval(config: RunConfig, out: Path, progress: bool = True,
+                 on_fold: Callable[[int, str], None] | None = None) -> dict:
+    """Train (or continue) every fold under `out`, then pool them; returns crossval.json's dict.
+
+    A new `out` must be empty; one holding crossval.yaml continues only with the same
+    configuration: complete folds are kept, a killed fold resumes from its checkpoint (or is
+    set aside as `fold-<i>.failed-<time>` when it has none) — nothing trained is redone or lost.
+    """
+    from cxrlab.pipeline import resume_run, train_run
+    from cxrlab.run import check_out_dir, prepare_out_dir
+
+    if config.folds is None or config.fold is not None:
+        raise CxrlabError("--folds: give the number of folds (2-20) for cross-validation")
+    out = Path(out)
+    saved = out / CONFIG_FILE
+    if saved.is_file():
+        if RunConfig.load(saved) != config:
+            raise CxrlabError(f"--out {out}: holds a cross-validation with another configuration "
+                              f"(see {saved}); choose a new --out")
+    else:
+        check_out_dir(out)
+        _check_folds(config)  # refuse impossible folds before anything is written
+        prepare_out_dir(out)
+        config.save(saved)
+    for i in range(1, config.folds + 1):
+        cfg, run_dir = fold_config(config, i), fold_dir(out, i)
+        state = run_state(run_dir, cfg)
+        if state == "complete":
+            _tell(on_fold, i, "complete: kept")
+            continue
+        if state == "broken" and (run_dir / "checkpoints" / "last.ckpt").is_file():
+            _tell(on_fold, i, "resuming from its last checkpoint")
+            resume_run(run_dir, progress=progress)
+            continue
+        if state == "broken":
+            _tell(on_fold, i, f"set aside as {move_aside(run_dir).name} (no checkpoint)")
+        _tell(on_fold, i, "training")
+        train_run(cfg, run_dir, progress=progress)
+    result = pool(out, config.folds)
+    write_json(out / RESULT_FILE, result)
+    return result
+
+
+def _check_folds(config: RunConfig) -> None:
+    from cxrlab.data.sources import load_source
+    from cxrlab.data.split import assign_splits
+
+    source = load_source(Path(config.data), config.image_col, config.label_col)
+    assign_splits(source, config.val_fraction, config.seed, config.group_regex, config.folds, 1)
+
+
+def _tell(on_fold, i: int, what: str) -> None:
+    if on_fold is not None:
+        on_fold(i, what)
+    log.info("fold %d: %s", i, what)
+
+
+def pool(out: Path, folds: int) -> dict:
+    """Per-fold figures with t-intervals, and pooled out-of-fold decisions over every image."""
+    from cxrlab.pipeline import decide, read_predictions
+
+    per_fold, seen = [], {}
+    y_all, pred_all, classes = [], [], None
+    for i in range(1, folds + 1):
+        run_dir = fold_dir(out, i)
+        info = load_info(run_dir)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        if classes is None:
+            classes = info.classes
+        elif info.classes != classes:
+            raise CxrlabError(f"{run_dir}: classes {info.classes} differ from fold 1's {classes}")
+        paths, y, probs = read_predictions(run_dir / "val_predictions.csv", classes)
+        for p in paths:
+            if p in seen:
+                raise CxrlabError(f"{p}: validated in fold {seen[p]} and fold {i}; the folds "
+                                  "overlap (were they made with different seeds or data?)")
+            seen[p] = i
+        pred = decide(probs, info.positive, metrics.get("threshold"))
+        y_all.append(y)
+        pred_all.append(pred)
+        per_fold.append({"fold": i, "n": len(y), "accuracy": metrics.get("accuracy"),
+                         "roc_auc": metrics.get("roc_auc"), "threshold": metrics.get("threshold"),
+                         "epochs": metrics.get("epochs")})
+    y, pred = np.concatenate(y_all), np.concatenate(pred_all)
+    correct = int((y == pred).sum())
+    ci = binomtest(correct, len(y)).proportion_ci(0.95, method="wilson")
+    cm = confusion_matrix(y, pred, labels=list(range(len(classes))))
+    recall = [float(cm[k, k] / cm[k].sum()) if cm[k].sum() else None for k in range(len(classes))]
+    bounds = (0.0, 1.0)
+    return {
+        "folds": folds,
+        "classes": classes,
+        "per_fold": per_fold,
+        "fold_mean": {k: t_interval([f[k] for f in per_fold], bounds=bounds).to_dict()
+                      for k in ("accuracy", "roc_auc")},
+        "pooled": {"n": int(len(y)), "correct": correct, "accuracy": correct / len(y),
+                   "accuracy_ci": [float(ci.low), float(ci.high)],
+                   "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+                   "recall": dict(zip(classes, recall, strict=True)),
+                   "confusion_matrix": cm.tolist()},
+    }
+
+
+def load_result(out: Path) -> dict:
+    path = Path(out) / RESULT_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CxrlabError(f"{out}: no {RESULT_FILE} (is every fold complete?)") from None
+
+
+def render(result: dict, console) -> None:
+    """Per-fold table, then the pooled out-of-fold figures and confusion matrix."""
+    from rich.table import Table
+
+    def f(v, digits: int = 4) -> str:
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    table = Table("fold", "images", "accuracy", "ROC AUC", "threshold", "epochs",
+                  title=f"Cross-validation, {result['folds']} folds")
+    for r in result["per_fold"]:
+        table.add_row(str(r["fold"]), str(r["n"]), f(r["accuracy"]), f(r["roc_auc"]),
+                      f(r["threshold"], 3), str(r["epochs"]),
+                      end_section=r is result["per_fold"][-1])
+    def mean(key: str) -> str:
+        e = result["fold_mean"][key]
+        if e["ci_low"] is None:
+            return f(e["mean"])
+        return f"{f(e['mean'])} [{f(e['ci_low'])}, {f(e['ci_high'])}]"
+
+    table.add_row("mean [95% t]", "", mean("accuracy"), mean("roc_auc"), "", "")
+    console.print(table)
+    p = result["pooled"]
+    lo, hi = p["accuracy_ci"]
+    console.print(f"Pooled out-of-fold: {p['correct']}/{p['n']} correct, accuracy "
+                  f"{p['accuracy']:.4f} [{lo:.4f}, {hi:.4f}] (95% Wilson), balanced accuracy "
+                  f"{p['balanced_accuracy']:.4f}")
+    console.print("Recall per class: " + ", ".join(
+        f"{c} {f(r, 3)}" for c, r in p["recall"].items()))
+    cm = Table("true \\ predicted", *result["classes"], title="Pooled confusion matrix")
+    for c, row in zip(result["classes"], p["confusion_matrix"], strict=True):
+        cm.add_row(c, *map(str, row))
+    console.print(cm)

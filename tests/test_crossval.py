@@ -1,0 +1,144 @@
+"""cxrlab.crossval and `cxrlab train --folds`: real tiny runs, pooled figures checked by hand."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cxrlab.cli import main
+from cxrlab.config import RunConfig
+from cxrlab.crossval import fold_dir, pool, run_crossval
+from cxrlab.errors import CxrlabError
+from tests.conftest import make_kermany_folder
+
+BASE = dict(model="cnn", image_size=32, epochs=1, batch_size=8, precision="fp32")
+
+
+def _cli(args, capsys, monkeypatch) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["cxrlab", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def three_folds(tmp_path_factory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("cv")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CXRLAB_CACHE", str(root / "cache"))
+        data = make_kermany_folder(root / "data", 12, 18, size=32)
+        cfg = RunConfig.build({"data": str(data), "folds": 3, **BASE})
+        out = root / "cv"
+        result = run_crossval(cfg, out, progress=False)
+    return data, out, result
+
+
+def _val_rows(run: Path) -> list[dict]:
+    with (run / "split.csv").open() as f:
+        return [r for r in csv.DictReader(f) if r["split"] == "val"]
+
+
+def test_folds_are_ordinary_runs_that_validate_every_image_once(three_folds):
+    data, out, result = three_folds
+    vals = [{r["path"] for r in _val_rows(fold_dir(out, k))} for k in (1, 2, 3)]
+    assert sum(map(len, vals)) == 30 and len(set().union(*vals)) == 30
+    patients = [{r["patient"] for r in _val_rows(fold_dir(out, k))} for k in (1, 2, 3)]
+    assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+    for k in (1, 2, 3):
+        saved = yaml.safe_load((fold_dir(out, k) / "config.yaml").read_text())
+        assert saved["folds"] == 3 and saved["fold"] == k
+        assert json.loads((fold_dir(out, k) / "run.json").read_text())["state"] == "complete"
+    assert json.loads((out / "crossval.json").read_text()) == result
+
+
+def test_pooled_figures_by_hand(three_folds):
+    _, out, result = three_folds
+    y, pred, accs = [], [], []
+    for k in (1, 2, 3):
+        run = fold_dir(out, k)
+        m = json.loads((run / "metrics.json").read_text())
+        with (run / "val_predictions.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        yk = [r["label"] == "PNEUMONIA" for r in rows]
+        pk = [float(r["p_PNEUMONIA"]) >= m["threshold"] for r in rows]
+        y += yk
+        pred += pk
+        accs.append(np.mean(np.array(yk) == np.array(pk)))
+        assert result["per_fold"][k - 1]["accuracy"] == pytest.approx(accs[-1])
+    y, pred = np.array(y), np.array(pred)
+    p = result["pooled"]
+    assert p["n"] == 30 and p["correct"] == int((y == pred).sum())
+    assert p["confusion_matrix"] == [[int((~y & ~pred).sum()), int((~y & pred).sum())],
+                                     [int((y & ~pred).sum()), int((y & pred).sum())]]
+    assert p["recall"]["PNEUMONIA"] == pytest.approx((y & pred).sum() / y.sum())
+    assert p["accuracy_ci"][0] <= p["accuracy"] <= p["accuracy_ci"][1]
+    mean = result["fold_mean"]["accuracy"]
+    assert mean["n"] == 3 and mean["mean"] == pytest.approx(np.mean(accs))
+    assert 0.0 <= mean["ci_low"] <= mean["mean"] <= mean["ci_high"] <= 1.0
+
+
+def test_continuing_keeps_finished_folds_and_sets_aside_a_killed_one(three_folds, tmp_path):
+    _, out, result = three_folds
+    import shutil
+
+    copy = tmp_path / "cv"
+    shutil.copytree(out, copy)
+    kept = (fold_dir(copy, 1) / "model.pt").stat().st_mtime_ns
+    # fold 3 as a kill before its first checkpoint leaves it: running, no model, no checkpoint
+    info = json.loads((fold_dir(copy, 3) / "run.json").read_text())
+    (fold_dir(copy, 3) / "run.json").write_text(json.dumps({**info, "state": "running"}))
+    shutil.rmtree(fold_dir(copy, 3) / "checkpoints", ignore_errors=True)
+    events = []
+    cfg = RunConfig.load(copy / "crossval.yaml")
+    again = run_crossval(cfg, copy, progress=False, on_fold=lambda i, w: events.append((i, w)))
+    assert (fold_dir(copy, 1) / "model.pt").stat().st_mtime_ns == kept
+    assert events[0] == (1, "complete: kept") and events[1] == (2, "complete: kept")
+    assert events[2][1].startswith("set aside as fold-3.failed-") and events[3] == (3, "training")
+    assert len(list(copy.glob("fold-3.failed-*"))) == 1  # nothing a user made is lost
+    assert again["pooled"]["n"] == 30
+    assert again["per_fold"][:2] == result["per_fold"][:2]
+    with pytest.raises(CxrlabError, match="another configuration"):
+        run_crossval(RunConfig.build({**cfg.model_dump(), "epochs": 2}), copy, progress=False)
+
+
+def test_overlapping_folds_are_refused(three_folds, tmp_path):
+    import shutil
+
+    _, out, _ = three_folds
+    copy = tmp_path / "cv"
+    shutil.copytree(out, copy)
+    shutil.copy(fold_dir(copy, 1) / "val_predictions.csv", fold_dir(copy, 2))
+    with pytest.raises(CxrlabError, match="validated in fold 1 and fold 2"):
+        pool(copy, 3)
+
+
+def test_cli_folds_prints_the_table_and_resumes(tmp_path, capsys, monkeypatch):
+    data = make_kermany_folder(tmp_path / "data", 10, 10, size=32)
+    out = tmp_path / "cv"
+    fast = ["--model", "cnn", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
+            "--precision", "fp32", "--quiet"]
+    code, so, err = _cli(["train", data, "--out", out, "--folds", "2", *fast], capsys,
+                         monkeypatch)
+    assert code == 0, err
+    assert "Cross-validation, 2 folds" in so and "Pooled out-of-fold: " in so
+    assert "/20 correct" in so and "true \\ predicted" in so
+    code, so, err = _cli(["train", "--resume", out], capsys, monkeypatch)
+    assert code == 0 and "/20 correct" in so, err  # every fold complete: pooled again, kept
+    code, _, err = _cli(["train", data, "--out", tmp_path / "x", "--folds", "1", *fast], capsys,
+                        monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "folds" in err
+    assert not (tmp_path / "x").exists()
+    code, _, err = _cli(["train", data, "--out", tmp_path / "y", "--folds", "11", *fast], capsys,
+                        monkeypatch)
+    assert code == 2 and "--folds 11" in err and "only 10 patients" in err, err
+    assert not (tmp_path / "y").exists()  # refused before anything is written
