@@ -13,11 +13,11 @@ from sklearn.calibration import calibration_curve
 from cxrlab.calibration import reliability
 from cxrlab.cli import main
 from cxrlab.errors import CxrlabError
+from cxrlab.pipeline import read_predictions
 from cxrlab.report import (
     SECTIONS_ABLATION,
     SECTIONS_RUN,
     load_run_data,
-    read_val_predictions,
     write_report,
 )
 
@@ -93,7 +93,7 @@ def test_old_run_without_val_predictions_is_recomputed(tiny_sweep, tmp_path):
     shutil.copytree(src, old)
     (old / "val_predictions.csv").unlink()
     recomputed = load_run_data(old)
-    paths, y, P = read_val_predictions(src, recomputed.classes)
+    paths, y, P = read_predictions(src / "val_predictions.csv", recomputed.classes)
     assert recomputed.val_paths == paths and (recomputed.val_y == y).all()
     assert recomputed.val_probs == pytest.approx(P, abs=1e-4)
     assert section_ids(write_report(old).read_text()) == list(SECTIONS_RUN)

@@ -88,7 +88,8 @@ def prepare_data(config: RunConfig) -> PreparedData:
             log.warning("skipped %s: %s", p, why)
     kept = Source(source.root, source.kind, records, source.classes)
     require_trainable(kept)
-    result = assign_splits(kept, config.val_fraction, config.seed, config.group_regex)
+    result = assign_splits(kept, config.val_fraction, config.seed, config.group_regex,
+                           config.folds, config.fold)
     if result.message:
         log.info("%s", result.message)
     labels = np.array([source.classes.index(r.label) for r in records], dtype=np.int64)
@@ -348,6 +349,24 @@ def write_predictions_csv(path: Path, paths: list, labels: list[str], probs: np.
     atomic_write_text(path, buf.getvalue())
 
 
+def read_predictions(path: Path, classes: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(paths, label indices, probabilities) of a predictions CSV, as written above."""
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise CxrlabError(f"{path}: cannot read ({e.strerror})") from None
+    cols = [f"p_{c}" for c in classes]
+    try:
+        y = np.array([classes.index(r["label"]) for r in rows], dtype=np.int64)
+        probs = np.array([[float(r[c]) for c in cols] for r in rows], dtype=np.float64)
+    except (KeyError, ValueError) as e:
+        raise CxrlabError(f"{path}: not a cxrlab predictions file ({e})") from None
+    return [r["path"] for r in rows], y, probs.reshape(len(rows), len(classes))
+
+
 def decide(probs: np.ndarray, positive: int | None, threshold: float | None) -> np.ndarray:
     """Predicted class per row: the run's threshold for 2 classes, argmax otherwise."""
     if positive is not None:
@@ -432,7 +451,7 @@ def predict_paths(run: LoadedRun | Path, paths: list[Path], skip_bad: bool = Fal
     if cam_dir is not None:  # a bad --layer fails before any work
         from cxrlab.cam import GradCam
 
-        cam = GradCam(run.model, layer)
+        cam = GradCam(run.model, layer, run.info.positive)
     predictor = make_predictor(run, backend, onnx_file)
     images, bad = load_images(files, run.config.image_size, run.info.in_chans,
                               cache_dir=None, skip_bad=skip_bad)

@@ -13,7 +13,6 @@ probabilities recomputed from model.pt and split.csv.
 from __future__ import annotations
 
 import base64
-import csv
 import datetime as dt
 import html
 import io
@@ -162,16 +161,6 @@ class RunData:
     val_probs: np.ndarray
 
 
-def read_val_predictions(run_dir: Path, classes: list[str]):
-    path = run_dir / "val_predictions.csv"
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    paths = [r["path"] for r in rows]
-    y = np.array([classes.index(r["label"]) for r in rows], dtype=int)
-    P = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=float)
-    return paths, y, P.reshape(len(rows), len(classes))
-
-
 def recompute_val_predictions(run_dir: Path, split_rows: list[dict]):
     """Older runs: predict the validation images of split.csv again with model.pt."""
     from cxrlab.data.cache import load_images
@@ -204,7 +193,9 @@ def load_run_data(run_dir: Path) -> RunData:
     positive = None if pos is None else classes.index(pos)
     split_rows = read_split_csv(run_dir / "split.csv")
     if (run_dir / "val_predictions.csv").is_file():
-        paths, y, P = read_val_predictions(run_dir, classes)
+        from cxrlab.pipeline import read_predictions
+
+        paths, y, P = read_predictions(run_dir / "val_predictions.csv", classes)
     else:
         paths, y, P = recompute_val_predictions(run_dir, split_rows)
     t = run_dir / "threshold"
@@ -475,15 +466,17 @@ def cam_heatmaps(run_dir: Path, images: np.ndarray):
 
         from cxrlab.run import load_run
 
-        model = load_run(run_dir).model
+        run = load_run(run_dir)
         batch = np.ascontiguousarray(images)
         try:
-            maps = gradcam(model, batch)
+            maps = gradcam(run.model, batch, positive=run.info.positive)
         except (TypeError, AttributeError):  # an implementation that wants a tensor
-            maps = gradcam(model, torch.as_tensor(batch))
+            maps = gradcam(run.model, torch.as_tensor(batch), positive=run.info.positive)
         maps = np.asarray(maps.detach().cpu() if hasattr(maps, "detach") else maps,
                           dtype=np.float32)
-        return maps, "Overlay: Grad-CAM heat map of the predicted class (red = most evidence)."
+        pos = run.info.positive
+        what = "the predicted class" if pos is None else f"class {run.info.classes[pos]}"
+        return maps, f"Overlay: Grad-CAM heat map of the evidence for {what} (red = most)."
     except Exception as e:
         log.warning("Grad-CAM failed: %s", e)
         return None, f"Plain images (Grad-CAM failed: {e})."

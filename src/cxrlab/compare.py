@@ -1,0 +1,123 @@
+"""Two runs on the same validation images: paired differences with bootstrap intervals.
+
+Each run's own interval is mostly the luck of its validation images; two runs trained with the
+same seed and data validate on the same images and share that luck, so their intervals
+overlap even when one model is clearly better. Resampling the images once for both runs (a
+paired bootstrap) cancels the shared part: B − A gets the interval it deserves. Each run
+decides with its own threshold, as it would in use.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cxrlab.errors import CxrlabError
+from cxrlab.evaluate import _nanmean_rows, _RankKernel
+from cxrlab.pipeline import decide, read_predictions
+from cxrlab.run import load_info
+
+LABELS = {"roc_auc": "ROC AUC", "pr_auc": "PR AUC", "accuracy": "accuracy",
+          "recall": "sensitivity", "specificity": "specificity",
+          "balanced_accuracy": "balanced accuracy (macro recall)"}
+
+
+class _Run:
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir)
+        info = load_info(self.dir)
+        self.classes, self.positive = info.classes, info.positive
+        try:
+            metrics = json.loads((self.dir / "metrics.json").read_text())
+        except FileNotFoundError:
+            raise CxrlabError(f"{self.dir}: no metrics.json (is the run complete?)") from None
+        self.threshold = metrics.get("threshold")
+        self.paths, self.y, self.probs = read_predictions(self.dir / "val_predictions.csv",
+                                                          self.classes)
+        self.pred = decide(self.probs, self.positive, self.threshold)
+
+
+def compare_runs(run_a: Path, run_b: Path, n_boot: int = 2000, seed: int = 0) -> dict:
+    """B − A per metric on the images both validated on: observed difference, 95% paired
+    percentile-bootstrap interval, and a verdict only when the interval excludes 0."""
+    a, b = _Run(run_a), _Run(run_b)
+    if a.classes != b.classes or a.positive != b.positive:
+        raise CxrlabError(f"{b.dir}: classes or positive class differ from {a.dir}'s")
+    where = {p: i for i, p in enumerate(b.paths)}
+    if set(where) != set(a.paths):
+        raise CxrlabError(f"{b.dir}: validated on other images than {a.dir} (train both with "
+                          "the same data and seed, so they share the split)")
+    order = np.array([where[p] for p in a.paths])
+    if not np.array_equal(b.y[order], a.y):
+        raise CxrlabError(f"{b.dir}: the same images carry other labels than in {a.dir}")
+    b_probs, b_pred = b.probs[order], b.pred[order]
+    stats_a = _stats(a.y, a.probs, a.pred, a.positive, len(a.classes))
+    stats_b = _stats(a.y, b_probs, b_pred, a.positive, len(a.classes))
+    observed_a = stats_a(np.arange(len(a.y))[None])
+    observed_b = stats_b(np.arange(len(a.y))[None])
+    rng = np.random.default_rng(seed)
+    diffs: dict[str, list[np.ndarray]] = {k: [] for k in observed_a}
+    chunk = max(1, 2_000_000 // max(len(a.y), 1))
+    for start in range(0, n_boot, chunk):
+        idx = rng.integers(0, len(a.y), size=(min(chunk, n_boot - start), len(a.y)))
+        sa, sb = stats_a(idx), stats_b(idx)
+        for k in diffs:
+            diffs[k].append(sb[k] - sa[k])
+    rows = []
+    for k in observed_a:
+        d = np.concatenate(diffs[k])
+        d = d[np.isfinite(d)]
+        lo, hi = (float(x) for x in np.percentile(d, [2.5, 97.5])) if d.size else (None, None)
+        va, vb = float(observed_a[k][0]), float(observed_b[k][0])
+        verdict = ("no interval" if lo is None else "B better" if lo > 0
+                   else "B worse" if hi < 0 else "within noise")
+        rows.append({"metric": k, "a": va, "b": vb, "difference": vb - va,
+                     "ci": None if lo is None else [lo, hi], "verdict": verdict})
+    return {"a": str(a.dir), "b": str(b.dir), "n": int(len(a.y)), "n_boot": n_boot,
+            "classes": a.classes, "rows": rows}
+
+
+def _stats(y: np.ndarray, probs: np.ndarray, pred: np.ndarray, positive: int | None, k: int):
+    """Per-resample metrics of one run; `idx` (B, n) indexes the images of each resample."""
+    correct = pred == y
+    if positive is not None:
+        is_pos, kernel = y == positive, _RankKernel(probs[:, positive])
+        called = pred == positive
+
+        def binary(idx: np.ndarray) -> dict[str, np.ndarray]:
+            yy, cc = is_pos[idx], called[idx]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                recall = (yy & cc).sum(1) / yy.sum(1)
+                specificity = (~yy & ~cc).sum(1) / (~yy).sum(1)
+            auc, ap = kernel(idx, yy)
+            return {"roc_auc": auc, "pr_auc": ap, "accuracy": correct[idx].mean(1),
+                    "recall": recall, "specificity": specificity}
+
+        return binary
+    kernels = [_RankKernel(probs[:, c]) for c in range(k)]
+
+    def multiclass(idx: np.ndarray) -> dict[str, np.ndarray]:
+        yy = y[idx]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recalls = np.stack([(correct[idx] & (yy == c)).sum(1) / (yy == c).sum(1)
+                                for c in range(k)], 1)
+        aucs = np.stack([kernels[c](idx, yy == c)[0] for c in range(k)], 1)
+        return {"roc_auc": _nanmean_rows(aucs), "accuracy": correct[idx].mean(1),
+                "balanced_accuracy": _nanmean_rows(recalls)}
+
+    return multiclass
+
+
+def render(result: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table("metric", "A", "B", "B − A", "95% CI (paired)", "verdict",
+                  title=f"B = {result['b']} vs A = {result['a']}: {result['n']} validation "
+                        f"images, {result['n_boot']} paired resamples")
+    for r in result["rows"]:
+        ci = "-" if r["ci"] is None else f"[{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]"
+        table.add_row(LABELS[r["metric"]], f"{r['a']:.4f}", f"{r['b']:.4f}",
+                      f"{r['difference']:+.4f}", ci, r["verdict"])
+    console.print(table)
