@@ -103,6 +103,8 @@ def test_targets_layers_and_multiclass(square_model):
     for_pos = gradcam(model, x[pos], target=1)
     assert np.array_equal(for_pos, gradcam(model, x[pos]))  # default: the positive logit
     assert not np.allclose(gradcam(model, x[pos], target=0), for_pos)
+    # --positive naming class 0: its evidence is the default, not class 1's
+    assert np.array_equal(gradcam(model, x[pos], positive=0), gradcam(model, x[pos], target=0))
     early = gradcam(model, x[pos], layer="features.1")
     assert early.shape == (4, SIDE, SIDE) and not np.allclose(early, for_pos)
     with pytest.raises(CxrlabError, match="--layer nope"):

@@ -8,9 +8,10 @@ upsampling). Three things about it shape this module:
   classes of a mixed batch, so images are explained in groups of one target class;
 - its default normaliser maps (min, max) to (1, 0) (reversed), so we pass our own: each map
   divided by its maximum (0 stays "no evidence", the peak is 1).
-A model with one logit (2 classes) is shown to MONAI as two scores [-logit, +logit], so class
-index 1 (the positive class, the column `train.probabilities` puts sigmoid(logit) in) is the
-evidence for it and index 0 the evidence against it.
+A model with one logit (2 classes) is shown to MONAI as two scores [-logit, +logit]: index 1
+is the evidence for class 1 (the logit always means class 1) and index 0 the evidence for
+class 0. A binary model is explained for the run's positive class by default, whichever index
+`--positive` gave it.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def layer_names(model: nn.Module) -> list[str]:
 class GradCam:
     """Grad-CAM for one model and layer; build once, call many times (thread-safe: a lock)."""
 
-    def __init__(self, model: nn.Module, layer: str | None = None):
+    def __init__(self, model: nn.Module, layer: str | None = None, positive: int | None = None):
         from monai.visualize import GradCAM
 
         layer = layer or getattr(model, "feature_layer", "") or ""
@@ -69,6 +70,7 @@ class GradCam:
                               f"{', '.join(near)}; default {getattr(model, 'feature_layer', '')})")
         self.layer = layer
         self.binary = getattr(model, "num_classes", None) == 1
+        self.positive = 1 if positive is None else positive
         net = copy.deepcopy(model).float().eval()
         net = net.to(memory_format=torch.contiguous_format)
         # Gradients flow to the input instead of the weights: no weight gradients to compute,
@@ -105,18 +107,18 @@ class GradCam:
                 raise CxrlabError(f"gradcam: target {target} is not a class index (0..{k - 1})")
             return np.full(len(x), target)
         if self.binary:  # the evidence for the positive class, whatever the decision
-            return np.ones(len(x), dtype=int)
+            return np.full(len(x), self.positive)
         with torch.no_grad():
             return self._net(x).argmax(1).cpu().numpy()
 
 
 def gradcam(model: nn.Module, images: np.ndarray, target: int | None = None,
-            layer: str | None = None) -> np.ndarray:
+            layer: str | None = None, positive: int | None = None) -> np.ndarray:
     """Grad-CAM heatmaps: uint8 images (N, C, H, W) as the cache stores them -> float32
     (N, H, W) in [0, 1] at the image size. `target` None = the predicted class (argmax; for a
-    one-logit binary model the positive logit); `layer` None = the model's last conv block
-    (`feature_layer`, the module whose output `forward_features` returns)."""
-    return GradCam(model, layer)(images, target)
+    one-logit binary model the `positive` class, default 1); `layer` None = the model's last
+    conv block (`feature_layer`, the module whose output `forward_features` returns)."""
+    return GradCam(model, layer, positive)(images, target)
 
 
 # ---------------------------------------------------------------------------------------
@@ -203,7 +205,7 @@ def write_cam_pngs(run, files: list[Path], images: np.ndarray, rows: list[dict],
     768 px) with the heatmap and the prediction. Only files named *.cam.png are replaced."""
     from cxrlab.data.images import read_image
 
-    cam = cam or GradCam(run.model, layer)
+    cam = cam or GradCam(run.model, layer, run.info.positive)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CxrlabError(f"--cam {out_dir}: exists and is not a folder")

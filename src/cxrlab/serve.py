@@ -148,7 +148,7 @@ class Inference:
 
         with self._cam_lock:  # built on first use: a copy of the model, kept
             if self._cam is None:
-                self._cam = GradCam(self.run.model)
+                self._cam = GradCam(self.run.model, positive=self.run.info.positive)
         heat = self._cam(image[None])[0]
         return png_data_url(overlay_png_bytes(image, heat))
 
