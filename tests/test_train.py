@@ -14,7 +14,8 @@ def test_positive_class_does_not_flip_the_logit():
     probs = probabilities(logits)
     assert probs[0, 1] > 0.98 and probs[1, 0] > 0.98
     for positive in (0, 1):
-        module = ClassifierModule(torch.nn.Linear(1, 1), RunConfig(data="x"), 2, None, positive)
+        module = ClassifierModule(torch.nn.Linear(1, 1), RunConfig(data="x", model="cnn"), 2,
+                                  None, positive)
         assert module.loss(logits, y) < 0.05
         assert module.loss(-logits, y) > 3.0
 
@@ -24,3 +25,21 @@ def test_error_messages_stay_on_one_line():
 
     e = CxrlabError("m.csv: first missing: a\nb\t\udce9.jpg")
     assert str(e) == "m.csv: first missing: a\\nb\\t\\udce9.jpg"
+
+
+def test_inference_puts_a_loaded_model_in_the_input_layout():
+    # A loaded run's weights are contiguous; channels-last inputs against them made oneDNN
+    # reorder the weights on every call. predict_probs aligns the model once; same numbers.
+    import numpy as np
+
+    from cxrlab.models import create_model
+    from cxrlab.train import predict_probs
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=1, in_chans=1).eval()
+    images = np.random.default_rng(0).integers(0, 256, (3, 1, 64, 64), dtype=np.uint8)
+    plain = predict_probs(model, images, channels_last=False)
+    assert model.conv1.weight.is_contiguous()
+    aligned = predict_probs(model, images)
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert np.allclose(aligned, plain, atol=1e-5)
