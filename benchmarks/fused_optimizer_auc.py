@@ -1,4 +1,5 @@
-"""Does the fused optimizer change results? The default recipe trained twice, fused vs plain.
+"""Does the fused optimizer change results? A recipe (resnet18 from scratch unless --model)
+trained twice, fused vs plain.
 
     python benchmarks/fused_optimizer_auc.py --out /tmp/fused-auc                 # full recipe
     python benchmarks/fused_optimizer_auc.py --out /tmp/fused-auc --epochs 2 --image-size 128
@@ -43,10 +44,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", default="resnet18", help="the recipe measured in results/")
     ap.add_argument("--epochs", type=int, help="shorten the recipe (default: the recipe's)")
     ap.add_argument("--image-size", type=int, help="shorten the recipe (default: the recipe's)")
     args = ap.parse_args()
-    overrides = {"data": args.data}
+    overrides = {"data": args.data, "model": args.model}
     if args.epochs:
         overrides["epochs"] = args.epochs
     if args.image_size:

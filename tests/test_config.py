@@ -36,3 +36,21 @@ def test_load_errors(tmp_path):
     p.write_text("- a\n- b\n")
     with pytest.raises(CxrlabError, match="mapping"):
         RunConfig.load(p)
+
+
+@pytest.mark.parametrize("given, expect", [
+    # (epochs, freeze_backbone, unfreeze_after, backbone_lr_mult)
+    ({}, (9, True, 1, 0.1)),  # the default: packaged ImageNet weights, fine-tuned
+    ({"model": "resnet18"}, (14, False, None, 1.0)),  # from scratch
+    ({"pretrained": "none"}, (14, False, None, 1.0)),
+    ({"model": "resnet18", "pretrained": "w.pth"}, (9, True, 1, 0.1)),
+    ({"freeze_backbone": True}, (9, True, None, 0.1)),  # frozen throughout
+    ({"freeze_backbone": False}, (9, False, None, 0.1)),  # everything from epoch 1
+    ({"unfreeze_after": 3, "backbone_lr_mult": 0.5, "epochs": 4}, (4, True, 3, 0.5)),
+])
+def test_left_out_values_follow_where_the_weights_start(given, expect, tmp_path):
+    c = RunConfig.build({"data": "x", **given})
+    assert (c.epochs, c.freeze_backbone, c.unfreeze_after, c.backbone_lr_mult) == expect
+    c.save(tmp_path / "config.yaml")  # a saved run names every value: it reloads unchanged
+    assert RunConfig.load(tmp_path / "config.yaml") == c
+    assert RunConfig.build({**c.model_dump(), "model": c.model}) == c

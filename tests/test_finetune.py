@@ -100,9 +100,10 @@ def test_three_classes_end_to_end(tmp_path, capsys, monkeypatch, caplog):
             Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(
                 tmp_path / "data" / c / f"{c}{i}.png")
     run = tmp_path / "run"
-    code, _, err = run_cli(["train", tmp_path / "data", "--out", run, "--image-size", "32",
-                            "--epochs", "3", "--batch-size", "8", "--freeze-backbone",
-                            "--augment", "none", "--head", "vgg", "-q"], capsys, monkeypatch)
+    args = ["train", tmp_path / "data", "--out", run, "--model", "resnet18", "--image-size",
+            "32", "--epochs", "3", "--batch-size", "8", "--freeze-backbone", "--augment",
+            "none", "--head", "vgg", "-q"]
+    code, _, err = run_cli(args, capsys, monkeypatch)
     assert code == 0, err
     assert "random weights" in caplog.text and "computed once" in caplog.text
     assert not (run / "threshold").exists()

