@@ -4,31 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from cxrlab.cli import main
 from cxrlab.config import RunConfig
 from cxrlab.crossval import fold_dir, pool, run_crossval
 from cxrlab.errors import CxrlabError
 from tests.conftest import make_kermany_folder
+from tests.test_cli import run_cli
 
 BASE = dict(model="cnn", image_size=32, epochs=1, batch_size=8, precision="fp32")
-
-
-def _cli(args, capsys, monkeypatch) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["cxrlab", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -127,18 +115,18 @@ def test_cli_folds_prints_the_table_and_resumes(tmp_path, capsys, monkeypatch):
     out = tmp_path / "cv"
     fast = ["--model", "cnn", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
             "--precision", "fp32", "--quiet"]
-    code, so, err = _cli(["train", data, "--out", out, "--folds", "2", *fast], capsys,
+    code, so, err = run_cli(["train", data, "--out", out, "--folds", "2", *fast], capsys,
                          monkeypatch)
     assert code == 0, err
     assert "Cross-validation, 2 folds" in so and "Pooled out-of-fold: " in so
     assert "/20 correct" in so and "true \\ predicted" in so
-    code, so, err = _cli(["train", "--resume", out], capsys, monkeypatch)
+    code, so, err = run_cli(["train", "--resume", out], capsys, monkeypatch)
     assert code == 0 and "/20 correct" in so, err  # every fold complete: pooled again, kept
-    code, _, err = _cli(["train", data, "--out", tmp_path / "x", "--folds", "1", *fast], capsys,
+    code, _, err = run_cli(["train", data, "--out", tmp_path / "x", "--folds", "1", *fast], capsys,
                         monkeypatch)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "folds" in err
     assert not (tmp_path / "x").exists()
-    code, _, err = _cli(["train", data, "--out", tmp_path / "y", "--folds", "11", *fast], capsys,
+    code, _, err = run_cli(["train", data, "--out", tmp_path / "y", "--folds", "11", *fast], capsys,
                         monkeypatch)
     assert code == 2 and "--folds 11" in err and "only 10 patients" in err, err
     assert not (tmp_path / "y").exists()  # refused before anything is written

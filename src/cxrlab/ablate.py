@@ -558,15 +558,18 @@ def load_result(out: Path) -> dict:
 # -- the Rich tables ----------------------------------------------------------------------
 
 
-def _cell(e: dict, scale: float = 1.0, digits: int = 3, sep: str = "\n") -> str:
-    """mean ± std, then [CI] on its own line (Rich) or after a space (Markdown)."""
+def _cell(e: dict, scale: float = 1.0, digits: int = 3, sep: str = "\n",
+          ci: str = "[{}]") -> str:
+    """mean ± std, then the CI after `sep`: its own line (Rich), a space (Markdown) or a
+    <br> (the HTML report, which styles it through `ci`)."""
     if not e or e.get("mean") is None:
         return "—"
     text = f"{e['mean'] * scale:.{digits}f}"
     if e.get("std") is not None:
         text += f" ± {e['std'] * scale:.{digits}f}"
     if e.get("ci_low") is not None:
-        text += f"{sep}[{e['ci_low'] * scale:.{digits}f}, {e['ci_high'] * scale:.{digits}f}]"
+        bounds = f"{e['ci_low'] * scale:.{digits}f}, {e['ci_high'] * scale:.{digits}f}"
+        text += sep + ci.format(bounds)
     return text
 
 

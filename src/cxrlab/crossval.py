@@ -147,14 +147,6 @@ def pool(out: Path, folds: int) -> dict:
     }
 
 
-def load_result(out: Path) -> dict:
-    path = Path(out) / RESULT_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CxrlabError(f"{out}: no {RESULT_FILE} (is every fold complete?)") from None
-
-
 def render(result: dict, console) -> None:
     """Per-fold table, then the pooled out-of-fold figures and confusion matrix."""
     from rich.table import Table

@@ -547,15 +547,9 @@ def ablation_page(out: Path) -> str:
 
 
 def _est_cell(e: dict, scale: float = 1.0, digits: int = 3) -> str:
-    if not e or e.get("mean") is None:
-        return "—"
-    s = f"{e['mean'] * scale:.{digits}f}"
-    if e.get("std") is not None:
-        s += f" ± {e['std'] * scale:.{digits}f}"
-    if e.get("ci_low") is not None:
-        s += (f'<br><span class="muted">[{e["ci_low"] * scale:.{digits}f}, '
-              f'{e["ci_high"] * scale:.{digits}f}]</span>')
-    return s
+    from cxrlab.ablate import _cell
+
+    return _cell(e, scale, digits, sep="<br>", ci='<span class="muted">[{}]</span>')
 
 
 def variants_html(res: dict) -> str:
