@@ -423,24 +423,35 @@ def demo(
     console.print(f"Next: cxrlab predict {result.run_dir} IMAGE.jpeg")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"cxrlab {version('cxrlab')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="print the version and exit")] = False,
+) -> None:
+    """Train, evaluate and use chest X-ray (or any image-folder) classifiers."""
+
+
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit status 2."""
+    """Entry point: user errors become one line on stderr and exit status 2.
+
+    Click itself reports usage errors (its short usage line, exit 2) in standalone mode; we never
+    catch Click's exception classes by name, because Typer now vendors its own copy of Click and
+    `click.exceptions.*` no longer matches what it raises.
+    """
     _setup_logging()
     try:
-        app(standalone_mode=False)
+        app(standalone_mode=True)
     except CxrlabError as e:
         err_console.print(f"cxrlab: error: {e}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
-    except typer.Abort:
-        err_console.print("cxrlab: aborted")
-        sys.exit(130)
-    except Exception as e:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""The installed `cxrlab` console script as a new user meets it: usage mistakes get Click's short
+usage message and exit status 2, never a Python traceback, whatever Typer/Click is installed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def cxrlab_script() -> str:
+    """The console script pip installed beside this interpreter (not `python -m`)."""
+    here = Path(sys.executable).parent / "cxrlab"
+    found = str(here) if here.exists() else shutil.which("cxrlab")
+    assert found, "the cxrlab console script is not installed: pip install -e ."
+    return found
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, COLUMNS="100", NO_COLOR="1")
+    return subprocess.run([cxrlab_script(), *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd, env=env)
+
+
+def assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    text = proc.stdout + proc.stderr
+    assert "Traceback" not in text, text
+    assert proc.returncode == 2, (proc.returncode, text)
+    assert "Usage: cxrlab" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 8, proc.stderr
+    for n in needles:
+        assert n in proc.stderr, (n, proc.stderr)
+
+
+def test_no_arguments_prints_the_help():
+    proc = run()
+    text = proc.stdout + proc.stderr
+    assert "Traceback" not in text, text
+    assert proc.returncode in (0, 2), text
+    for command in ("train", "evaluate", "predict", "demo", "serve"):
+        assert command in text
+
+
+def test_missing_argument_is_a_usage_error():
+    assert_usage_error(run("evaluate"), "Missing argument")
+
+
+def test_unknown_command_is_a_usage_error(tmp_path):
+    proc = run("calibrate-nonsense", "x", "y", cwd=tmp_path)
+    assert_usage_error(proc, "No such command")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_unknown_option_is_a_usage_error():
+    assert_usage_error(run("train", "--nosuch"), "No such option", "--nosuch")
+
+
+def test_bad_option_value_is_a_usage_error():
+    assert_usage_error(run("train", "x", "--epochs", "abc"), "--epochs")
+
+
+def test_version():
+    from importlib.metadata import version
+
+    proc = run("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"cxrlab {version('cxrlab')}"
+
+
+def test_library_errors_stay_one_line(tmp_path):
+    proc = run("evaluate", str(tmp_path / "no-run"), str(tmp_path / "no-data"))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cxrlab: error:"), proc.stderr
+
+
+def _commands() -> list[list[str]]:
+    from typer.main import get_command
+
+    from cxrlab.cli import app
+
+    root = get_command(app)
+    out = []
+    for name, cmd in root.commands.items():
+        subs = getattr(cmd, "commands", None)
+        out += [[name, sub] for sub in subs] if subs else [[name]]
+    return out
+
+
+@pytest.mark.parametrize("command", _commands(), ids=" ".join)
+def test_every_command_has_help(command):
+    proc = run(*command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert f"Usage: cxrlab {' '.join(command)}" in proc.stdout
