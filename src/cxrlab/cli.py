@@ -449,6 +449,10 @@ def main() -> None:
     _setup_logging()
     try:
         app(standalone_mode=True)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+        return  # success: in-process callers (tests, notebooks) get a plain return
     except CxrlabError as e:
         err_console.print(f"cxrlab: error: {e}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
