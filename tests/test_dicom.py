@@ -53,10 +53,31 @@ def test_12_bit_is_scaled_by_its_bit_depth(tmp_path):
     assert got.min() == 0 and got.max() == 255
 
 
-def test_12_bit_values_in_16_bit_storage_are_not_left_dark(tmp_path):
-    a = ramp12()
-    got = read_image(write_dicom(tmp_path / "a.dcm", a, bits_stored=16), 1)
-    assert got.max() == 255  # the 16-bit PNG rule: the top 4 bits are never used
+def test_bits_stored_sets_the_scale_not_the_image_maximum(tmp_path):
+    """Two 12-bit films from one detector, one dim (max 1000) and one bright (max 4000): a
+    stored value means the same grey in both, as on a viewer without a window."""
+    y, x = np.mgrid[0:32, 0:64]
+    dim = (x * 1000 // 63).astype(np.uint16)
+    bright = (x * 4000 // 63).astype(np.uint16)
+    bright[0, :] = dim[0, :]  # the same stored values on one row of each film
+    got_dim = read_image(write_dicom(tmp_path / "dim.dcm", dim, bits_stored=12), 1)[0]
+    got_bright = read_image(write_dicom(tmp_path / "bright.dcm", bright, bits_stored=12), 1)[0]
+    assert np.array_equal(got_dim[0], got_bright[0])
+    assert np.array_equal(got_dim[0], (dim[0] * 255.0 / 4095).round().astype(np.uint8))
+    assert got_dim.max() == round(1000 * 255 / 4095) and got_bright.max() == 249
+    # 12-bit values declared as 16 bits stored are scaled as 16-bit, as the file says
+    as16 = read_image(write_dicom(tmp_path / "as16.dcm", ramp12(), bits_stored=16), 1)
+    assert as16.max() == round(4095 * 255 / 65535)
+
+
+def test_signed_pixels_are_scaled_by_their_signed_range(tmp_path):
+    a = np.tile(np.linspace(-2048, 2047, 64).round().astype(np.int16), (32, 1))
+    narrow = (a // 8).astype(np.int16)  # -256..255: same detector, little contrast
+    got = read_image(write_dicom(tmp_path / "s.dcm", a, bits_stored=12), 1)[0]
+    assert got[0, 0] == 0 and got[0, -1] == 255
+    got_narrow = read_image(write_dicom(tmp_path / "n.dcm", narrow, bits_stored=12), 1)[0]
+    expected = ((narrow[0].astype(float) + 2048) * 255 / 4095).round()
+    assert np.array_equal(got_narrow[0], expected.astype(np.uint8))  # not stretched
 
 
 def test_monochrome1_is_inverted(tmp_path):
