@@ -19,6 +19,7 @@ licensed packages cxrlab depends on (dicom_codecs.py says which decodes what).
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import BinaryIO
 
@@ -236,8 +237,10 @@ def _syntax(ds) -> str:
 
 def _decode_failure(e: Exception) -> str:
     """pydicom's error on one line: "all plugins failed" is a header line, then one line per
-    plugin ("pillow: ...", "cxrlab-gdcm: ..."); each plugin's reason is kept."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    plugin ("pillow: ...", "cxrlab-gdcm: ..."); each plugin's reason is kept, less object
+    reprs ("cannot identify image file <_io.BytesIO object at 0x7f...>")."""
+    text = re.sub(r"\s*<[^<>\n]* at 0x[0-9a-fA-F]+>", "", str(e))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if len(lines) > 1 and lines[0].startswith("Unable to decode as exceptions"):
         return "; ".join(lines[1:])
     return "; ".join(lines) or type(e).__name__
