@@ -13,10 +13,13 @@ up once per process:
 | RLE Lossless, deflate, uncompressed           | pydicom itself                           |
 
 Why not pydicom's defaults: its GDCM plugin refuses 12-bit JPEG although GDCM's 12-bit IJG
-codec decodes it (a round trip is within 1 of the original, tests/test_dicom.py), and it goes
-first for JPEG 2000, where GDCM aborts the whole process (an uncaught C++ exception) on corrupt
-data. pyjpegls (CharLS 2.4) is left out: on truncated JPEG-LS it takes ~30 s per frame to fail,
-GDCM fails at once.
+codec decodes it (pydicom's own 12-bit reference file gives its reference values, a GDCM round
+trip is within 1: tests/test_dicom.py), and it goes first for JPEG 2000, where GDCM aborts the
+whole process (an uncaught C++ exception) on corrupt data. pyjpegls 1.5.1 (CharLS) is left
+out: on truncated JPEG-LS it took 17-39 s per 64x64 frame to fail; GDCM fails at once.
+Left as is: on a corrupt JPEG (not JPEG-LS) stream GDCM's libjpeg still prints a line or two
+("Corrupt JPEG data: ...") to the C stderr; silencing that would mean redirecting file
+descriptor 2, which other threads share.
 """
 
 from __future__ import annotations
