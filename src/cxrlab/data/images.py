@@ -8,15 +8,18 @@ black (X-ray background). channels=1 is ITU-R 601 luminance, channels=3 RGB.
 
 DICOM (`.dcm`/`.dicom`, or any file with the `DICM` magic) goes through pydicom: the modality
 LUT (rescale) and the VOI LUT or window centre/width are applied when the file has them, and
-their output range becomes 0..255; without a window the stored bit depth is scaled like a
-16-bit PNG (BitsStored, or fewer bits when the values never reach the top ones); MONOCHROME1
-(white = low values) is inverted so bone is bright as in every other format; multi-frame
-files are refused (which frame would be the X-ray?).
+their output range becomes 0..255; without a window, 0..255 is what the modality LUT makes of
+the whole stored range (0..2^BitsStored-1, or signed when PixelRepresentation is 1), as a viewer
+shows it, so films from one detector keep their relative brightness; MONOCHROME1 (white = low
+values) is inverted so bone is bright as in every other format; multi-frame files are refused
+(which frame would be the X-ray?). Compressed transfer syntaxes decode through permissively
+licensed packages cxrlab depends on (dicom_codecs.py says which decodes what).
 """
 
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import BinaryIO
 
@@ -154,6 +157,9 @@ def _decode(fp: BinaryIO, name: str, channels: int, size: int | None,
 
 
 def _read_dataset(fp: BinaryIO, name: str, header_only: bool = False):
+    from cxrlab.data import dicom_codecs
+
+    dicom_codecs.configure()
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -168,9 +174,9 @@ def _read_dataset(fp: BinaryIO, name: str, header_only: bool = False):
 
 def _dicom_image(fp: BinaryIO, name: str, max_pixels: int | None = None) -> Image.Image:
     """8-bit PIL image (L or RGB) of a single-frame DICOM, as its display would show it."""
+    ds = _read_dataset(fp, name)  # first: it sets pydicom up before pydicom is imported
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    ds = _read_dataset(fp, name)
     if "PixelData" not in ds:
         raise CxrlabError(f"{name}: DICOM file holds no image (no Pixel Data)")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -180,11 +186,9 @@ def _dicom_image(fp: BinaryIO, name: str, max_pixels: int | None = None) -> Imag
     _check_side(name, int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0), max_pixels)
     try:
         arr = ds.pixel_array
-    except Exception as e:  # missing decoder plugin, corrupt or truncated pixel data
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        how = f" ({ts.name})" if ts is not None else ""
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CxrlabError(f"{name}: cannot decode the DICOM pixel data{how}: {reason}") from None
+    except Exception as e:  # corrupt or truncated pixel data, a syntax no plugin decodes
+        raise CxrlabError(f"{name}: cannot decode the DICOM pixel data "
+                          f"({_syntax(ds)}): {_decode_failure(e)}") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if arr.ndim == 3:  # colour (pydicom already converted YBR to RGB)
         if arr.dtype != np.uint8:
@@ -223,16 +227,31 @@ def _dicom_image(fp: BinaryIO, name: str, max_pixels: int | None = None) -> Imag
     return Image.fromarray(out, mode="L")
 
 
+def _syntax(ds) -> str:
+    """The transfer syntax as a person and a search engine want it: name and UID."""
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is None:
+        return "no transfer syntax in the file meta"
+    return f"{ts.name}, {ts}" if ts.name != str(ts) else f"transfer syntax {ts}"
+
+
+def _decode_failure(e: Exception) -> str:
+    """pydicom's error on one line: "all plugins failed" is a header line, then one line per
+    plugin ("pillow: ...", "cxrlab-gdcm: ..."); each plugin's reason is kept, less object
+    reprs ("cannot identify image file <_io.BytesIO object at 0x7f...>")."""
+    text = re.sub(r"\s*<[^<>\n]* at 0x[0-9a-fA-F]+>", "", str(e))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Unable to decode as exceptions"):
+        return "; ".join(lines[1:])
+    return "; ".join(lines) or type(e).__name__
+
+
 def _stored_range(arr: np.ndarray, ds) -> tuple[float, float]:
-    """The stored values' range by bit depth (BitsStored, or fewer when the top bits are never
-    used: the 16-bit PNG rule), signed when PixelRepresentation says so."""
-    declared = int(ds.get("BitsStored", 0) or 0) or arr.dtype.itemsize * 8
+    """The range BitsStored allows (signed when PixelRepresentation is 1), whatever this image's
+    own values reach: two films from one detector must not be scaled differently."""
+    bits = int(ds.get("BitsStored", 0) or 0) or arr.dtype.itemsize * 8
     if int(ds.get("PixelRepresentation", 0) or 0) == 1:
-        span = int(max(-int(arr.min()), int(arr.max()) + 1, 1)).bit_length() + 1
-        bits = min(declared, max(8, span + span % 2))
         return float(-(1 << (bits - 1))), float((1 << (bits - 1)) - 1)
-    used = max(8, int(max(int(arr.max()), 0)).bit_length())
-    bits = min(declared, used + used % 2)
     return 0.0, float((1 << bits) - 1)
 
 
