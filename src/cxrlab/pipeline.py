@@ -418,10 +418,10 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
                               run.info.in_chans, skip_bad=skip_bad)
     bad_paths = {Path(p) for p, _ in bad}
     records = [r for r in records if r.path not in bad_paths]
-    y = np.array([run.classes.index(r.label) for r in records], dtype=np.int64)
-    probs = predict_probs(run.model, images, bf16=use_bf16(run.config.precision))
     # patients as the run's split read them, so intervals resample patients where known
     keys = [patient_key(r.path, run.config.group_regex) for r in records]
+    y = np.array([run.classes.index(r.label) for r in records], dtype=np.int64)
+    probs = predict_probs(run.model, images, bf16=use_bf16(run.config.precision))
     metrics = compute_metrics(y, probs, run.classes, positive=pos, threshold=run.threshold,
                               n_boot=n_boot, seed=run.config.seed,
                               groups=keys if any(keys) else None)
