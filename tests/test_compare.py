@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxrlab.cli import main
 from cxrlab.compare import compare_runs
 from cxrlab.config import RunConfig
+from cxrlab.data.split import read_split_csv
 from cxrlab.errors import CxrlabError
 from cxrlab.pipeline import train_run, write_predictions_csv
 from cxrlab.run import RunInfo, save_info
@@ -101,25 +100,64 @@ def test_other_images_or_labels_are_refused(tmp_path):
         compare_runs(a, _run(tmp_path / "d", y, p, positive=0))
 
 
+def test_patients_from_split_csv_are_resampled_whole(tmp_path):
+    # Each patient's image appears three times: the patient bootstrap must see 100 patients
+    # and give the interval of the 100 originals, wider than 300 "independent" images give.
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 100)
+    noise = rng.normal(0, 1, 100)
+    pa = 1 / (1 + np.exp(-(1.0 * (2 * y - 1) + noise)))
+    pb = 1 / (1 + np.exp(-(1.2 * (2 * y - 1) + noise)))
+    a0, b0 = _run(tmp_path / "a0", y, pa), _run(tmp_path / "b0", y, pb)
+    y3, pa3, pb3 = np.repeat(y, 3), np.repeat(pa, 3), np.repeat(pb, 3)
+    a, b = _run(tmp_path / "a", y3, pa3), _run(tmp_path / "b", y3, pb3)
+    with (a / "split.csv").open("w") as f:
+        f.write("path,label,split,patient\n")
+        for i, k in enumerate(y3):
+            f.write(f"img{i}.png,{CLASSES[k]},val,patient{i // 3}\n")
+    grouped, flat = compare_runs(a, b, n_boot=500), compare_runs(b, a, n_boot=500)
+    originals = compare_runs(a0, b0, n_boot=500)
+    assert grouped["interval_method"] == "paired patient bootstrap (100 patients)"
+    assert flat["interval_method"] == "paired image bootstrap"  # b has no split.csv
+    for metric in ("roc_auc", "accuracy"):
+        lo, hi = _row(grouped, metric)["ci"]
+        assert [lo, hi] == pytest.approx(_row(originals, metric)["ci"])
+        flo, fhi = _row(flat, metric)["ci"]
+        assert fhi - flo < 0.75 * (hi - lo), metric
+
+
 def test_two_real_runs_from_the_cli(tmp_path, capsys, monkeypatch):
+    from tests.test_cli import run_cli
+
     data = make_kermany_folder(tmp_path / "data", 12, 12, size=32)
     base = dict(data=str(data), model="cnn", image_size=32, batch_size=8, precision="fp32")
     ra = train_run(RunConfig.build({**base, "epochs": 1}), tmp_path / "a", progress=False)
     train_run(RunConfig.build({**base, "epochs": 3}), tmp_path / "b", progress=False)
+    metrics_a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    n_patients = len({r["patient"] for r in read_split_csv(tmp_path / "a" / "split.csv")
+                      if r["split"] == "val"})
+    assert ra.n_val == 2 * n_patients  # make_kermany_folder: two images per patient
+    assert metrics_a["interval_method"] == f"patient bootstrap ({n_patients} patients)"
+    assert metrics_a["selection_biased"] == ("the threshold and the epoch were chosen on "
+                                             "these images")
     out = tmp_path / "cmp.json"
-    monkeypatch.setattr(sys, "argv", ["cxrlab", "compare", str(tmp_path / "a"),
-                                      str(tmp_path / "b"), "--json", str(out), "--boot", "200"])
-    main()
-    printed = capsys.readouterr().out
+    code, printed, err = run_cli(["compare", tmp_path / "a", tmp_path / "b", "--json", out,
+                                  "--boot", "200"], capsys, monkeypatch)
+    assert code == 0, err
     assert "ROC AUC" in printed and "paired resamples" in printed
+    assert f"95% CI: paired patient bootstrap ({n_patients} patients)" in printed
     res = json.loads(out.read_text())
     assert res["n"] == ra.n_val
-    metrics_a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert res["interval_method"] == f"paired patient bootstrap ({n_patients} patients)"
     assert _row(res, "roc_auc")["a"] == pytest.approx(metrics_a["roc_auc"], abs=1e-5)
     assert _row(res, "accuracy")["a"] == pytest.approx(metrics_a["accuracy"], abs=1e-9)
-    monkeypatch.setattr(sys, "argv", ["cxrlab", "compare", str(tmp_path / "a"),
-                                      str(tmp_path / "nope")])
-    with pytest.raises(SystemExit) as e:
-        main()
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "nope" in err
+    # evaluate on new data: patients read from the file names as the run's split read them
+    evaluated = tmp_path / "eval.json"
+    code, printed, err = run_cli(["evaluate", tmp_path / "a", data, "--json", evaluated],
+                                 capsys, monkeypatch)
+    assert code == 0, err
+    assert "95% CI: patient bootstrap (12 patients)" in " ".join(printed.split())
+    assert json.loads(evaluated.read_text())["interval_method"] == \
+        "patient bootstrap (12 patients)"
+    code, _, err = run_cli(["compare", tmp_path / "a", tmp_path / "nope"], capsys, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "nope" in err

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cxrlab.config import RunConfig
-from cxrlab.crossval import fold_dir, pool, run_crossval
+from cxrlab.crossval import fold_dir, pool, render, run_crossval
 from cxrlab.errors import CxrlabError
 from tests.conftest import make_kermany_folder
 from tests.test_cli import run_cli
@@ -52,16 +52,19 @@ def test_folds_are_ordinary_runs_that_validate_every_image_once(three_folds):
 def test_pooled_figures_by_hand(three_folds):
     _, out, result = three_folds
     y, pred, accs = [], [], []
+    thresholds = [json.loads((fold_dir(out, k) / "metrics.json").read_text())["threshold"]
+                  for k in (1, 2, 3)]
     for k in (1, 2, 3):
         run = fold_dir(out, k)
-        m = json.loads((run / "metrics.json").read_text())
         with (run / "val_predictions.csv").open() as f:
             rows = list(csv.DictReader(f))
         yk = [r["label"] == "PNEUMONIA" for r in rows]
-        pk = [float(r["p_PNEUMONIA"]) >= m["threshold"] for r in rows]
+        own = [float(r["p_PNEUMONIA"]) >= thresholds[k - 1] for r in rows]
+        others = float(np.median([t for j, t in enumerate(thresholds) if j != k - 1]))
+        assert result["per_fold"][k - 1]["pooled_threshold"] == pytest.approx(others)
         y += yk
-        pred += pk
-        accs.append(np.mean(np.array(yk) == np.array(pk)))
+        pred += [float(r["p_PNEUMONIA"]) >= others for r in rows]
+        accs.append(np.mean(np.array(yk) == np.array(own)))
         assert result["per_fold"][k - 1]["accuracy"] == pytest.approx(accs[-1])
     y, pred = np.array(y), np.array(pred)
     p = result["pooled"]
@@ -73,6 +76,42 @@ def test_pooled_figures_by_hand(three_folds):
     mean = result["fold_mean"]["accuracy"]
     assert mean["n"] == 3 and mean["mean"] == pytest.approx(np.mean(accs))
     assert 0.0 <= mean["ci_low"] <= mean["mean"] <= mean["ci_high"] <= 1.0
+
+
+def _fold(out: Path, k: int, y: list[int], p: list[float], threshold: float) -> None:
+    """A finished fold's files as the pipeline writes them (predictions chosen by the test)."""
+    from cxrlab.pipeline import write_predictions_csv
+    from cxrlab.run import RunInfo, save_info
+
+    run = fold_dir(out, k)
+    run.mkdir(parents=True)
+    save_info(run, RunInfo(["NORMAL", "PNEUMONIA"], 1, 1, state="complete"))
+    (run / "metrics.json").write_text(json.dumps({"threshold": threshold, "accuracy": None,
+                                                  "roc_auc": None, "epochs": 1}))
+    write_predictions_csv(run / "val_predictions.csv", [f"f{k}-{i}.png" for i in range(len(y))],
+                          [["NORMAL", "PNEUMONIA"][c] for c in y],
+                          np.c_[1 - np.array(p), p], ["NORMAL", "PNEUMONIA"])
+
+
+def test_pooled_decisions_use_thresholds_not_chosen_on_the_fold(tmp_path, capsys):
+    # Each fold's own threshold separates its images perfectly (it was fitted to them); the
+    # pooled decisions must instead use the median of the other folds' thresholds.
+    y = [0, 0, 1, 1]
+    _fold(tmp_path, 1, y, [0.10, 0.15, 0.25, 0.30], threshold=0.2)
+    _fold(tmp_path, 2, y, [0.40, 0.45, 0.55, 0.60], threshold=0.5)
+    _fold(tmp_path, 3, y, [0.70, 0.75, 0.85, 0.90], threshold=0.8)
+    result = pool(tmp_path, 3)
+    assert [f["pooled_threshold"] for f in result["per_fold"]] == [0.65, 0.5, 0.35]
+    # fold 1 at 0.65: all negative; fold 2 at 0.5: right; fold 3 at 0.35: all positive
+    assert result["pooled"]["confusion_matrix"] == [[2 + 2 + 0, 0 + 0 + 2], [2 + 0 + 0, 0 + 2 + 2]]
+    assert result["pooled"]["correct"] == 8  # own thresholds would have made it 12 of 12
+    assert "median of the other folds' thresholds" in result["pooled"]["decisions"]
+    from rich.console import Console
+
+    console = Console(record=True, width=140)
+    render(result, console)
+    text = console.export_text()
+    assert "pooled at" in text and "0.650" in text and "median of the other folds'" in text
 
 
 def test_continuing_keeps_finished_folds_and_sets_aside_a_killed_one(three_folds, tmp_path):

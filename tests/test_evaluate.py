@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
+from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cxrlab.errors import CxrlabError
@@ -18,12 +19,14 @@ from cxrlab.evaluate import (
     choose_threshold,
     compute_metrics,
     format_metrics_table,
+    group_codes,
+    resample_weights,
 )
 
 CLASSES = ["NORMAL", "PNEUMONIA"]
 BINARY_KEYS = {
     "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc", "threshold",
-    "confusion_matrix", "classes", "positive_class", "n", "ci", "at_0_5",
+    "confusion_matrix", "classes", "positive_class", "n", "ci", "at_0_5", "interval_method",
 }
 
 # 4 negatives then 6 positives (positive = class 1).
@@ -309,12 +312,14 @@ def test_rank_kernel_matches_sklearn():
     y, P = _synthetic(60, seed=7)
     score = P[:, 1]
     idx = np.random.default_rng(0).integers(0, len(y), (20, len(y)))
-    aucs, aps = _RankKernel(score)(idx, y[idx] == 1)
+    counts = np.stack([np.bincount(rows, minlength=len(y)) for rows in idx]).astype(float)
+    aucs, aps = _RankKernel(score)(counts, y == 1)
     for b, rows in enumerate(idx):
         assert aucs[b] == pytest.approx(roc_auc_score(y[rows], score[rows]))
         assert aps[b] == pytest.approx(average_precision_score(y[rows], score[rows]))
-    one_class = np.zeros((1, len(y)), dtype=int) + int(np.flatnonzero(y)[0])
-    auc1, ap1 = _RankKernel(score)(one_class, y[one_class] == 1)
+    one_class = np.zeros((1, len(y)))
+    one_class[0, np.flatnonzero(y)[0]] = len(y)
+    auc1, ap1 = _RankKernel(score)(one_class, y == 1)
     assert np.isnan(auc1[0]) and np.isnan(ap1[0])
 
 
@@ -336,6 +341,104 @@ def test_bootstrap_threshold_metrics_match_point_estimates():
             assert m3["ci"][key] is None, key
         else:
             assert m3["ci"][key][0] == pytest.approx(again3[key]), key
+
+
+def _clustered(n_patients: int, seed: int = 5) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Patients of 1-6 images; a patient's label and score level are shared by its images."""
+    rng = np.random.default_rng(seed)
+    y, p, keys = [], [], []
+    for i in range(n_patients):
+        label, level = int(rng.integers(0, 2)), rng.normal(0, 1)
+        for _ in range(int(rng.integers(1, 7))):
+            y.append(label)
+            p.append(1 / (1 + np.exp(-(1.2 * (2 * label - 1) + level + rng.normal(0, 0.3)))))
+            keys.append(f"patient{i}")
+    return np.array(y), probs2(np.array(p).round(3)), keys
+
+
+def test_patient_bootstrap_of_duplicated_images_is_the_image_bootstrap_of_the_originals():
+    # Five identical copies per patient add no evidence: resampling patients must give what
+    # resampling the 60 originals gives (metrics do not change when every count is scaled),
+    # and the image bootstrap, counting each copy as new evidence, must be far narrower.
+    y, P = _synthetic(60, seed=4)
+    dup_y, dup_P = np.repeat(y, 5), np.repeat(P, 5, axis=0)
+    keys = [f"p{i}" for i in np.repeat(np.arange(60), 5)]
+    originals = compute_metrics(y, P, CLASSES, threshold=0.5, n_boot=400, seed=1)
+    by_patient = compute_metrics(dup_y, dup_P, CLASSES, threshold=0.5, n_boot=400, seed=1,
+                                 groups=keys)
+    by_image = compute_metrics(dup_y, dup_P, CLASSES, threshold=0.5, n_boot=400, seed=1)
+    assert by_patient["interval_method"] == "patient bootstrap (60 patients)"
+    assert by_image["interval_method"] == originals["interval_method"] == "image bootstrap"
+    for key in METRIC_KEYS:
+        assert by_patient["ci"][key] == pytest.approx(originals["ci"][key]), key
+        w_patient = np.diff(by_patient["ci"][key])[0]
+        assert np.diff(by_image["ci"][key])[0] < 0.7 * w_patient, key  # ~1/sqrt(5)
+
+
+def test_patient_bootstrap_draws_whole_patients():
+    # One resample, drawn as the bootstrap draws it, by hand: patients with replacement, all
+    # their images; scikit-learn's metrics of that set must be the replicate's values.
+    y, P, keys = _clustered(40)
+    codes = group_codes(keys, len(y))
+    G = int(codes.max()) + 1
+    first_seen = np.unique(codes, return_index=True)[1]
+    assert G == 40 and codes[0] == 0 and (np.diff(first_seen) > 0).all()  # numbered in order
+    patients = np.random.default_rng(2).integers(0, G, size=(1, G))[0]
+    rows = np.concatenate([np.flatnonzero(codes == g) for g in patients])
+    w = next(resample_weights(len(y), 1, 2, codes))[0]
+    assert (w == np.bincount(rows, minlength=len(y))).all()
+    m = compute_metrics(y, P, CLASSES, threshold=0.5, n_boot=1, seed=2, groups=keys)
+    again = compute_metrics(y[rows], P[rows], CLASSES, threshold=0.5, n_boot=0)
+    for key in METRIC_KEYS:
+        assert m["ci"][key][0] == pytest.approx(again[key]), key
+
+
+def test_patient_bootstrap_matches_naive_cluster_resampling_in_distribution():
+    # A plain loop (patients with replacement, all their images; AUC by Mann-Whitney ranks,
+    # independent of the vectorised kernel) with its own draws: the percentile intervals must
+    # agree within Monte Carlo error, and the image bootstrap's must not.
+    y, P, keys = _clustered(50)
+    m = compute_metrics(y, P, CLASSES, threshold=0.5, n_boot=2000, seed=0, groups=keys)
+    image = compute_metrics(y, P, CLASSES, threshold=0.5, n_boot=2000, seed=0)
+    by_patient = [np.flatnonzero(np.array(keys) == f"patient{i}") for i in range(50)]
+    rng = np.random.default_rng(123)
+    aucs, accs = [], []
+    for _ in range(1500):
+        rows = np.concatenate([by_patient[g] for g in rng.integers(0, 50, 50)])
+        yy, ss = y[rows], P[rows, 1]
+        if 0 < yy.sum() < len(yy):
+            ranks, n_pos = rankdata(ss), yy.sum()
+            aucs.append((ranks[yy == 1].sum() - n_pos * (n_pos + 1) / 2)
+                        / (n_pos * (len(yy) - n_pos)))
+        accs.append(np.mean((ss >= 0.5) == yy))
+    for key, naive in (("roc_auc", aucs), ("accuracy", accs)):
+        expected = np.percentile(naive, [2.5, 97.5])
+        assert m["ci"][key] == pytest.approx(expected, abs=0.02), key
+        assert image["ci"][key] != pytest.approx(expected, abs=0.02), key
+        assert np.diff(image["ci"][key])[0] < np.diff(m["ci"][key])[0], key
+
+
+def test_one_image_per_patient_both_methods_agree():
+    y, P = _synthetic(70, seed=6)
+    keys = [f"p{i}" for i in range(70)]
+    keys[3] = ""  # no key: its own patient
+    for yy, PP, kk in ((y, P, keys), (Y3, P3, [f"q{i}" for i in range(len(Y3))])):
+        image = compute_metrics(yy, PP, [*map(str, range(PP.shape[1]))], n_boot=300, seed=9)
+        patient = compute_metrics(yy, PP, [*map(str, range(PP.shape[1]))], n_boot=300, seed=9,
+                                  groups=kk)
+        assert patient["ci"] == image["ci"]
+        assert patient["interval_method"] == f"patient bootstrap ({len(yy)} patients)"
+
+
+def test_table_caption_names_the_interval_method():
+    y, P, keys = _clustered(20)
+    console = Console(record=True, width=120)
+    console.print(format_metrics_table(compute_metrics(y, P, CLASSES, n_boot=50, groups=keys)))
+    console.print(format_metrics_table({**compute_metrics(y, P, CLASSES, n_boot=50),
+                                        "selection_biased": "chosen on these images"}))
+    out = " ".join(console.export_text().split())  # the caption wraps at the table's width
+    assert "95% CI: patient bootstrap (20 patients)" in out
+    assert "95% CI: image bootstrap; optimistic: chosen on these images" in out
 
 
 # -- output -----------------------------------------------------------------------------------

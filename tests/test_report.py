@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import sys
@@ -12,6 +13,7 @@ from sklearn.calibration import calibration_curve
 
 from cxrlab.calibration import reliability
 from cxrlab.cli import main
+from cxrlab.data.split import read_split_csv
 from cxrlab.errors import CxrlabError
 from cxrlab.pipeline import read_predictions
 from cxrlab.report import (
@@ -85,6 +87,26 @@ def test_run_report_sections(tiny_sweep, tmp_path):
     assert "Expected calibration error" in page and "at 0.5" in page
     assert page.count('class="tile') >= 4  # the gallery shows the validation images
     assert "patients" in page and "pixel-identical" in page  # split table and audit
+    rows = read_split_csv(run / "split.csv")
+    n_patients = len({row["patient"] for row in rows if row["split"] == "val"})
+    assert n_patients < sum(row["split"] == "val" for row in rows)  # several images each
+    assert f"95% percentile patient bootstrap ({n_patients} patients)" in page
+    assert "Selection-biased: the threshold and the epoch were chosen on these images" in page
+
+
+def test_old_run_intervals_are_recomputed_over_patients(tiny_sweep, tmp_path):
+    # metrics.json from before interval_method: its intervals were drawn over images, so the
+    # report draws them again over split.csv's patients instead of showing them unlabelled.
+    old = tmp_path / "old-run"
+    shutil.copytree(tiny_sweep.a / "runs" / tiny_sweep.first_run, old)
+    m = json.loads((old / "metrics.json").read_text())
+    method = m.pop("interval_method")
+    del m["selection_biased"]
+    m["ci"] = {k: [0.123, 0.456] for k in m["ci"]}  # a marker: the old intervals
+    (old / "metrics.json").write_text(json.dumps(m))
+    page = write_report(old).read_text()
+    assert f"{method}, recomputed for this report" in page and "0.123 – 0.456" not in page
+    assert "the threshold and the epoch were chosen on these images" in page
 
 
 def test_old_run_without_val_predictions_is_recomputed(tiny_sweep, tmp_path):

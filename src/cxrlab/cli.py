@@ -167,7 +167,7 @@ def _print_crossval(result: dict, out: Path) -> None:
 def _print_result(result) -> None:
     if result.rank != 0:
         return  # data-parallel: rank 0 reports
-    _print_metrics(result.metrics, f"Validation ({result.n_val} images, "
+    _print_metrics(result.metrics, f"Validation, selection-biased ({result.n_val} images, "
                    f"{result.epochs} epochs, {result.seconds:.0f} s)")
     if result.test_metrics:
         _print_metrics(result.test_metrics, f"Test ({result.test_metrics['n']} images)")

@@ -3,8 +3,9 @@
 Each run's own interval is mostly the luck of its validation images; two runs trained with the
 same seed and data validate on the same images and share that luck, so their intervals
 overlap even when one model is clearly better. Resampling the images once for both runs (a
-paired bootstrap) cancels the shared part: B − A gets the interval it deserves. Each run
-decides with its own threshold, as it would in use.
+paired bootstrap) cancels the shared part: B − A gets the interval it deserves. Where run A's
+split.csv knows the patients, whole patients are resampled (their images are not independent
+evidence). Each run decides with its own threshold, as it would in use.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from cxrlab.errors import CxrlabError
-from cxrlab.evaluate import _nanmean_rows, _RankKernel
+from cxrlab.evaluate import (
+    _nanmean_rows,
+    _RankKernel,
+    group_codes,
+    interval_method,
+    resample_weights,
+)
 from cxrlab.pipeline import decide, read_predictions
 from cxrlab.run import load_info
 
@@ -55,14 +62,12 @@ def compare_runs(run_a: Path, run_b: Path, n_boot: int = 2000, seed: int = 0) ->
     b_probs, b_pred = b.probs[order], b.pred[order]
     stats_a = _stats(a.y, a.probs, a.pred, a.positive, len(a.classes))
     stats_b = _stats(a.y, b_probs, b_pred, a.positive, len(a.classes))
-    observed_a = stats_a(np.arange(len(a.y))[None])
-    observed_b = stats_b(np.arange(len(a.y))[None])
-    rng = np.random.default_rng(seed)
+    observed_a = stats_a(np.ones((1, len(a.y))))
+    observed_b = stats_b(np.ones((1, len(a.y))))
+    codes = group_codes(_patients(a.dir, a.paths), len(a.y))
     diffs: dict[str, list[np.ndarray]] = {k: [] for k in observed_a}
-    chunk = max(1, 2_000_000 // max(len(a.y), 1))
-    for start in range(0, n_boot, chunk):
-        idx = rng.integers(0, len(a.y), size=(min(chunk, n_boot - start), len(a.y)))
-        sa, sb = stats_a(idx), stats_b(idx)
+    for w in resample_weights(len(a.y), n_boot, seed, codes):
+        sa, sb = stats_a(w), stats_b(w)
         for k in diffs:
             diffs[k].append(sb[k] - sa[k])
     rows = []
@@ -76,35 +81,45 @@ def compare_runs(run_a: Path, run_b: Path, n_boot: int = 2000, seed: int = 0) ->
         rows.append({"metric": k, "a": va, "b": vb, "difference": vb - va,
                      "ci": None if lo is None else [lo, hi], "verdict": verdict})
     return {"a": str(a.dir), "b": str(b.dir), "n": int(len(a.y)), "n_boot": n_boot,
-            "classes": a.classes, "rows": rows}
+            "interval_method": "paired " + interval_method(codes), "classes": a.classes,
+            "rows": rows}
+
+
+def _patients(run_dir: Path, paths: list[str]) -> list[str] | None:
+    """Patient key per validation image from the run's split.csv; None when it has none."""
+    from cxrlab.data.split import read_split_csv
+
+    if not (run_dir / "split.csv").is_file():
+        return None
+    patient = {r["path"]: r["patient"] for r in read_split_csv(run_dir / "split.csv")}
+    keys = [patient.get(p, "") for p in paths]
+    return keys if any(keys) else None
 
 
 def _stats(y: np.ndarray, probs: np.ndarray, pred: np.ndarray, positive: int | None, k: int):
-    """Per-resample metrics of one run; `idx` (B, n) indexes the images of each resample."""
+    """Per-resample metrics of one run; `w` (B, n) counts each image in each resample."""
     correct = pred == y
     if positive is not None:
         is_pos, kernel = y == positive, _RankKernel(probs[:, positive])
         called = pred == positive
 
-        def binary(idx: np.ndarray) -> dict[str, np.ndarray]:
-            yy, cc = is_pos[idx], called[idx]
+        def binary(w: np.ndarray) -> dict[str, np.ndarray]:
             with np.errstate(invalid="ignore", divide="ignore"):
-                recall = (yy & cc).sum(1) / yy.sum(1)
-                specificity = (~yy & ~cc).sum(1) / (~yy).sum(1)
-            auc, ap = kernel(idx, yy)
-            return {"roc_auc": auc, "pr_auc": ap, "accuracy": correct[idx].mean(1),
+                recall = (w @ (is_pos & called)) / (w @ is_pos)
+                specificity = (w @ (~is_pos & ~called)) / (w @ ~is_pos)
+            auc, ap = kernel(w, is_pos)
+            return {"roc_auc": auc, "pr_auc": ap, "accuracy": (w @ correct) / w.sum(1),
                     "recall": recall, "specificity": specificity}
 
         return binary
     kernels = [_RankKernel(probs[:, c]) for c in range(k)]
 
-    def multiclass(idx: np.ndarray) -> dict[str, np.ndarray]:
-        yy = y[idx]
+    def multiclass(w: np.ndarray) -> dict[str, np.ndarray]:
         with np.errstate(invalid="ignore", divide="ignore"):
-            recalls = np.stack([(correct[idx] & (yy == c)).sum(1) / (yy == c).sum(1)
+            recalls = np.stack([(w @ (correct & (y == c))) / (w @ (y == c))
                                 for c in range(k)], 1)
-        aucs = np.stack([kernels[c](idx, yy == c)[0] for c in range(k)], 1)
-        return {"roc_auc": _nanmean_rows(aucs), "accuracy": correct[idx].mean(1),
+        aucs = np.stack([kernels[c](w, y == c)[0] for c in range(k)], 1)
+        return {"roc_auc": _nanmean_rows(aucs), "accuracy": (w @ correct) / w.sum(1),
                 "balanced_accuracy": _nanmean_rows(recalls)}
 
     return multiclass
@@ -115,7 +130,8 @@ def render(result: dict, console) -> None:
 
     table = Table("metric", "A", "B", "B − A", "95% CI (paired)", "verdict",
                   title=f"B = {result['b']} vs A = {result['a']}: {result['n']} validation "
-                        f"images, {result['n_boot']} paired resamples")
+                        f"images, {result['n_boot']} paired resamples",
+                  caption=f"95% CI: {result.get('interval_method', 'paired image bootstrap')}")
     for r in result["rows"]:
         ci = "-" if r["ci"] is None else f"[{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]"
         table.add_row(LABELS[r["metric"]], f"{r['a']:.4f}", f"{r['b']:.4f}",

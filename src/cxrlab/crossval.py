@@ -3,8 +3,10 @@
 One validation split of a small set moves by whole points per image (covid19: 50 images, 2
 points each). k folds of one seed validate on every training image exactly once, so the pooled
 out-of-fold accuracy rests on all of them; the spread over folds says how much one split can
-mislead. Each fold predicts with its own model and threshold, so pooling decisions (not
-probabilities) is what is honest; AUC stays per fold.
+mislead. Each fold predicts with its own model, so pooling decisions (not probabilities) is
+what is honest; AUC stays per fold. A fold's own threshold was chosen on the very images it
+would decide, so the pooled decisions use the median of the other folds' thresholds instead:
+no extra training, and no image is decided at a threshold fitted to it.
 
     OUT/crossval.yaml     the configuration (with `folds`); a continued run must match it
     OUT/fold-<i>/         an ordinary run directory (evaluate, report, export it as any run)
@@ -30,6 +32,10 @@ from cxrlab.stats import t_interval
 log = logging.getLogger(__name__)
 CONFIG_FILE = "crossval.yaml"
 RESULT_FILE = "crossval.json"
+POOLED_BINARY = ("each fold's images decided at the median of the other folds' thresholds, "
+                 "none chosen on the images it decides (each fold's epoch still was)")
+POOLED_ARGMAX = ("each fold's images decided by its own model's argmax: no threshold "
+                 "(each fold's epoch was chosen on its images)")
 
 
 def fold_config(config: RunConfig, fold: int) -> RunConfig:
@@ -105,8 +111,8 @@ def pool(out: Path, folds: int) -> dict:
     """Per-fold figures with t-intervals, and pooled out-of-fold decisions over every image."""
     from cxrlab.pipeline import decide, read_predictions
 
-    per_fold, seen = [], {}
-    y_all, pred_all, classes = [], [], None
+    per_fold, seen, predictions = [], {}, []
+    classes = None
     for i in range(1, folds + 1):
         run_dir = fold_dir(out, i)
         info = load_info(run_dir)
@@ -121,13 +127,21 @@ def pool(out: Path, folds: int) -> dict:
                 raise CxrlabError(f"{p}: validated in fold {seen[p]} and fold {i}; the folds "
                                   "overlap (were they made with different seeds or data?)")
             seen[p] = i
-        pred = decide(probs, info.positive, metrics.get("threshold"))
-        y_all.append(y)
-        pred_all.append(pred)
+        predictions.append((y, probs, info.positive))
         per_fold.append({"fold": i, "n": len(y), "accuracy": metrics.get("accuracy"),
                          "roc_auc": metrics.get("roc_auc"), "threshold": metrics.get("threshold"),
                          "epochs": metrics.get("epochs")})
-    y, pred = np.concatenate(y_all), np.concatenate(pred_all)
+    pred_all = []
+    for i, (_, probs, positive) in enumerate(predictions):
+        pooled_t = None
+        if positive is not None:
+            others = [f["threshold"] for j, f in enumerate(per_fold)
+                      if j != i and f["threshold"] is not None]
+            pooled_t = float(np.median(others)) if others else 0.5
+        per_fold[i]["pooled_threshold"] = pooled_t
+        pred_all.append(decide(probs, positive, pooled_t))
+    binary = predictions[0][2] is not None
+    y, pred = np.concatenate([p[0] for p in predictions]), np.concatenate(pred_all)
     correct = int((y == pred).sum())
     ci = binomtest(correct, len(y)).proportion_ci(0.95, method="wilson")
     cm = confusion_matrix(y, pred, labels=list(range(len(classes))))
@@ -139,7 +153,8 @@ def pool(out: Path, folds: int) -> dict:
         "per_fold": per_fold,
         "fold_mean": {k: t_interval([f[k] for f in per_fold], bounds=bounds).to_dict()
                       for k in ("accuracy", "roc_auc")},
-        "pooled": {"n": int(len(y)), "correct": correct, "accuracy": correct / len(y),
+        "pooled": {"decisions": POOLED_BINARY if binary else POOLED_ARGMAX,
+                   "n": int(len(y)), "correct": correct, "accuracy": correct / len(y),
                    "accuracy_ci": [float(ci.low), float(ci.high)],
                    "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
                    "recall": dict(zip(classes, recall, strict=True)),
@@ -154,11 +169,13 @@ def render(result: dict, console) -> None:
     def f(v, digits: int = 4) -> str:
         return "-" if v is None else f"{v:.{digits}f}"
 
-    table = Table("fold", "images", "accuracy", "ROC AUC", "threshold", "epochs",
-                  title=f"Cross-validation, {result['folds']} folds")
+    table = Table("fold", "images", "accuracy", "ROC AUC", "own threshold",
+                  "pooled at", "epochs", title=f"Cross-validation, {result['folds']} folds",
+                  caption="per fold: validation figures at the fold's own epoch and threshold "
+                          "(selection-biased)")
     for r in result["per_fold"]:
         table.add_row(str(r["fold"]), str(r["n"]), f(r["accuracy"]), f(r["roc_auc"]),
-                      f(r["threshold"], 3), str(r["epochs"]),
+                      f(r["threshold"], 3), f(r.get("pooled_threshold"), 3), str(r["epochs"]),
                       end_section=r is result["per_fold"][-1])
     def mean(key: str) -> str:
         e = result["fold_mean"][key]
@@ -166,13 +183,15 @@ def render(result: dict, console) -> None:
             return f(e["mean"])
         return f"{f(e['mean'])} [{f(e['ci_low'])}, {f(e['ci_high'])}]"
 
-    table.add_row("mean [95% t]", "", mean("accuracy"), mean("roc_auc"), "", "")
+    table.add_row("mean [95% t]", "", mean("accuracy"), mean("roc_auc"), "", "", "")
     console.print(table)
     p = result["pooled"]
     lo, hi = p["accuracy_ci"]
     console.print(f"Pooled out-of-fold: {p['correct']}/{p['n']} correct, accuracy "
                   f"{p['accuracy']:.4f} [{lo:.4f}, {hi:.4f}] (95% Wilson), balanced accuracy "
                   f"{p['balanced_accuracy']:.4f}")
+    if p.get("decisions"):
+        console.print(f"Pooled decisions: {p['decisions']}.")
     console.print("Recall per class: " + ", ".join(
         f"{c} {f(r, 3)}" for c, r in p["recall"].items()))
     cm = Table("true \\ predicted", *result["classes"], title="Pooled confusion matrix")

@@ -2,13 +2,16 @@
 
 Point estimates come from scikit-learn. Bootstrap replicates use vectorised NumPy kernels
 (checked against scikit-learn in the tests): a thousand scikit-learn calls per metric would
-take seconds. Anything undefined (an AUC with one class present, an empty set) is None, never
-NaN, so metrics.json stays valid JSON.
+take seconds. A replicate is a (resamples x cases) matrix of how often each case was drawn, so
+one kernel serves both the image bootstrap and the patient (cluster) bootstrap, which draws
+whole patients: Kermany has several images per patient, and images of one patient are not
+independent evidence. Anything undefined (an AUC with one class present, an empty set) is
+None, never NaN, so metrics.json stays valid JSON.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -98,6 +101,7 @@ def compute_metrics(
     threshold: float | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    groups: Sequence[str | None] | None = None,
 ) -> dict[str, Any]:
     """All metrics of one prediction set, as a JSON-ready dict with stable keys.
 
@@ -106,20 +110,26 @@ def compute_metrics(
     probability is >= `threshold` (default 0.5), and `at_0_5` repeats the threshold metrics at
     0.5 for comparison. More classes: argmax prediction, macro averages, `per_class`;
     `positive` and `threshold` are ignored. `ci` holds 95% percentile-bootstrap intervals
-    (cases resampled with a seeded generator; the threshold stays fixed). Undefined values are
+    (seeded; the threshold stays fixed): with `groups` (a patient key per case; None or ""
+    for a case that is its own patient) whole patients are resampled, else single cases;
+    `interval_method` says which. Undefined values are
     None: AUCs unless both classes (K > 2: the class and the rest) are present, recall with no
     positive cases, specificity with no negative ones; precision and F1 follow scikit-learn's
     zero_division=0. Macro averages skip a class where its value is None.
     """
     y, P, names = _validate(y_true, probs, classes)
+    codes = group_codes(groups, len(y))
     if len(names) == 2:
-        return _binary_metrics(y, P, names, positive, threshold, n_boot, seed)
-    return _multiclass_metrics(y, P, names, n_boot, seed)
+        out = _binary_metrics(y, P, names, positive, threshold, n_boot, seed, codes)
+    else:
+        out = _multiclass_metrics(y, P, names, n_boot, seed, codes)
+    out["interval_method"] = interval_method(codes)
+    return out
 
 
 def _binary_metrics(
     y: np.ndarray, P: np.ndarray, names: list[str], positive: int | None,
-    threshold: float | None, n_boot: int, seed: int,
+    threshold: float | None, n_boot: int, seed: int, codes: np.ndarray | None,
 ) -> dict[str, Any]:
     pos = 1 if positive is None else int(positive)
     if pos not in (0, 1):
@@ -143,24 +153,25 @@ def _binary_metrics(
 
     auc_kernel = _RankKernel(score)
 
-    def replicate(idx: np.ndarray) -> dict[str, np.ndarray]:
-        yy, pp = is_pos[idx], pred_pos[idx]
-        tp = (yy & pp).sum(1)
-        fp = (~yy & pp).sum(1)
-        fn = (yy & ~pp).sum(1)
-        tn = idx.shape[1] - tp - fp - fn
+    def replicate(w: np.ndarray) -> dict[str, np.ndarray]:
+        m = w.sum(1)
+        tp = w @ (is_pos & pred_pos)
+        fp = w @ (~is_pos & pred_pos)
+        fn = w @ (is_pos & ~pred_pos)
+        tn = m - tp - fp - fn
         stats = _rates(tp, fp, fn, tn)
-        stats["accuracy"] = (tp + tn) / idx.shape[1]
-        stats["roc_auc"], stats["pr_auc"] = auc_kernel(idx, yy)
+        stats["accuracy"] = (tp + tn) / m
+        stats["roc_auc"], stats["pr_auc"] = auc_kernel(w, is_pos)
         return stats
 
-    out["ci"] = _bootstrap(n, n_boot, seed, replicate)
+    out["ci"] = _bootstrap(n, n_boot, seed, replicate, codes)
     out["at_0_5"] = _threshold_metrics(is_pos, score >= 0.5)
     return out
 
 
 def _multiclass_metrics(
-    y: np.ndarray, P: np.ndarray, names: list[str], n_boot: int, seed: int
+    y: np.ndarray, P: np.ndarray, names: list[str], n_boot: int, seed: int,
+    codes: np.ndarray | None,
 ) -> dict[str, Any]:
     K, n = len(names), len(y)
     y_pred = P.argmax(1) if n else np.zeros(0, dtype=int)
@@ -205,22 +216,24 @@ def _multiclass_metrics(
 
     kernels = [_RankKernel(P[:, k]) for k in range(K)]
 
-    def replicate(idx: np.ndarray) -> dict[str, np.ndarray]:
-        B, m = idx.shape
-        flat = (np.arange(B)[:, None] * K + y[idx]) * K + y_pred[idx]
-        cms = np.bincount(flat.ravel(), minlength=B * K * K).reshape(B, K, K)
+    cell = np.zeros((n, K * K))  # one-hot (true, predicted) cell of each case
+    cell[np.arange(n), y * K + y_pred] = 1.0
+
+    def replicate(w: np.ndarray) -> dict[str, np.ndarray]:
+        m = w.sum(1)[:, None]
+        cms = (w @ cell).reshape(-1, K, K)
         tp = np.diagonal(cms, axis1=1, axis2=2)
         fp = cms.sum(1) - tp
         fn = cms.sum(2) - tp
         tn = m - tp - fp - fn
         stats = {k: _nanmean_rows(v) for k, v in _rates(tp, fp, fn, tn).items()}
-        stats["accuracy"] = tp.sum(1) / m
-        aucs, aps = zip(*(kern(idx, y[idx] == k) for k, kern in enumerate(kernels)), strict=True)
+        stats["accuracy"] = tp.sum(1) / m[:, 0]
+        aucs, aps = zip(*(kern(w, y == k) for k, kern in enumerate(kernels)), strict=True)
         stats["roc_auc"] = _nanmean_rows(np.stack(aucs, 1))
         stats["pr_auc"] = _nanmean_rows(np.stack(aps, 1))
         return stats
 
-    out["ci"] = _bootstrap(n, n_boot, seed, replicate)
+    out["ci"] = _bootstrap(n, n_boot, seed, replicate, codes)
     out["at_0_5"] = None
     out["per_class"] = per_class
     return out
@@ -250,18 +263,62 @@ def _confusion(y: np.ndarray, y_pred: np.ndarray, K: int) -> list[list[int]]:
 # -- bootstrap --------------------------------------------------------------------------------
 
 
+def group_codes(groups: Sequence[str | None] | None, n: int) -> np.ndarray | None:
+    """Patient index per case, numbered by first appearance; None without groups.
+
+    A case whose key is None or "" is its own patient. With one case per patient the codes
+    are 0..n-1 in order, so the patient bootstrap draws exactly what the image bootstrap does.
+    """
+    if groups is None:
+        return None
+    keys = ["\0" + str(i) if not g else str(g) for i, g in enumerate(groups)]
+    if len(keys) != n:
+        raise ValueError(f"groups has {len(keys)} keys for {n} cases")
+    if not keys:
+        return np.zeros(0, dtype=np.int64)
+    _, first, inverse = np.unique(np.array(keys, dtype=object).astype(str), return_index=True,
+                                  return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inverse.ravel()]
+
+
+def interval_method(codes: np.ndarray | None) -> str:
+    """How the intervals were drawn, in words for metrics.json, tables and reports."""
+    if codes is None:
+        return "image bootstrap"
+    return f"patient bootstrap ({int(codes.max()) + 1 if codes.size else 0} patients)"
+
+
+def resample_weights(n: int, n_boot: int, seed: int,
+                     codes: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """Chunks of (resamples, n) counts: how often each case is in each bootstrap resample.
+
+    Without `codes`, n cases drawn with replacement; with `codes` (patient per case, as
+    `group_codes` gives), as many patients as there are drawn with replacement, each bringing
+    all of its cases, so a resample's size varies as the patients' sizes do.
+    """
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _CHUNK_CELLS // max(n, 1))
+    draws = n if codes is None else (int(codes.max()) + 1 if codes.size else 0)
+    for start in range(0, n_boot, chunk):
+        B = min(chunk, n_boot - start)
+        idx = rng.integers(0, draws, size=(B, draws))
+        flat = (np.arange(B)[:, None] * draws + idx).ravel()
+        counts = np.bincount(flat, minlength=B * draws).reshape(B, draws)
+        yield (counts if codes is None else counts[:, codes]).astype(float)
+
+
 def _bootstrap(
-    n: int, n_boot: int, seed: int, replicate: Callable[[np.ndarray], dict[str, np.ndarray]]
+    n: int, n_boot: int, seed: int, replicate: Callable[[np.ndarray], dict[str, np.ndarray]],
+    codes: np.ndarray | None = None,
 ) -> dict[str, list[float] | None]:
     """95% percentile intervals; replicates where a metric is undefined (NaN) are skipped."""
     if n == 0 or n_boot <= 0:
         return dict.fromkeys(METRIC_KEYS)
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _CHUNK_CELLS // n)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in METRIC_KEYS}
-    for start in range(0, n_boot, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, n_boot - start), n))
-        for k, v in replicate(idx).items():
+    for w in resample_weights(n, n_boot, seed, codes):
+        for k, v in replicate(w).items():
             parts[k].append(np.asarray(v, dtype=float))
     ci: dict[str, list[float] | None] = {}
     for k in METRIC_KEYS:
@@ -290,21 +347,25 @@ def _rates(tp, fp, fn, tn) -> dict[str, np.ndarray]:
 class _RankKernel:
     """ROC AUC and average precision for many resamples of one score vector at once.
 
-    A resample is a multiset of the original cases, so each one reduces to positive and
-    negative counts per distinct score; both metrics follow from cumulative sums of those
-    counts, with scikit-learn's conventions (ties count half in AUC; AP is the step sum
-    over distinct thresholds). NaN where the resample holds one class only.
+    A resample is a multiset of the original cases (`w`: resamples x cases counts), so each
+    one reduces to positive and negative counts per distinct score; both metrics follow from
+    cumulative sums of those counts, with scikit-learn's conventions (ties count half in AUC;
+    AP is the step sum over distinct thresholds). NaN where the resample holds one class only.
     """
 
     def __init__(self, scores: np.ndarray):
         self.distinct, self.inverse = np.unique(scores, return_inverse=True)
         self.U = len(self.distinct)
 
-    def __call__(self, idx: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        B, U = idx.shape[0], self.U
-        flat = np.arange(B)[:, None] * U + self.inverse[idx]
-        pos = np.bincount(flat[label], minlength=B * U).reshape(B, U).astype(float)
-        neg = np.bincount(flat[~label], minlength=B * U).reshape(B, U).astype(float)
+    def __call__(self, w: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        B, U = w.shape[0], self.U
+        label = np.asarray(label, dtype=bool)
+
+        def per_score(cases: np.ndarray) -> np.ndarray:
+            flat = (np.arange(B)[:, None] * U + self.inverse[cases]).ravel()
+            return np.bincount(flat, weights=w[:, cases].ravel(), minlength=B * U).reshape(B, U)
+
+        pos, neg = per_score(label), per_score(~label)
         n_pos, n_neg = pos.sum(1), neg.sum(1)
         defined = (n_pos > 0) & (n_neg > 0)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -383,11 +444,18 @@ _LABELS = {
 
 
 def format_metrics_table(metrics: dict[str, Any]) -> Table:
-    """A rich table (metric, value, 95% CI) of what `compute_metrics` returned."""
+    """A rich table (metric, value, 95% CI) of what `compute_metrics` returned.
+
+    The caption says how the intervals were drawn and, for validation figures, that the run's
+    choices were made on the same images (callers replace the title, not the caption).
+    """
     binary = metrics.get("positive_class") is not None
     title = f"{metrics.get('n', '?')} cases"
     title += f", positive class: {metrics['positive_class']}" if binary else ", macro averages"
-    table = Table(title=title)
+    caption = f"95% CI: {metrics.get('interval_method') or 'image bootstrap'}"
+    if metrics.get("selection_biased"):
+        caption += f"; optimistic: {metrics['selection_biased']}"
+    table = Table(title=title, caption=caption)
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("95% CI", justify="right")

@@ -23,7 +23,7 @@ from cxrlab.data.sources import (
     load_source,
     require_trainable,
 )
-from cxrlab.data.split import assign_splits, write_split_csv
+from cxrlab.data.split import assign_splits, patient_key, write_split_csv
 from cxrlab.errors import CxrlabError
 from cxrlab.run import (
     LoadedRun,
@@ -304,20 +304,23 @@ def _train_and_report(model, config: RunConfig, data: PreparedData, positive: in
                                      config.threshold_rule, config.target_sensitivity)
         atomic_write_text(out / "threshold", f"{float(threshold)!r}\n")
     metrics = compute_metrics(vy, vp, classes, positive=positive, threshold=threshold,
-                              seed=config.seed)
+                              seed=config.seed, groups=_patients(data, vidx))
     write_predictions_csv(out / "val_predictions.csv", [data.records[i].path for i in vidx],
                           [classes[k] for k in vy], vp, classes)
     metrics["split"] = "val"
+    metrics["selection_biased"] = ("the threshold and the epoch were chosen on these images"
+                                   if threshold is not None
+                                   else "the epoch was chosen on these images")
     metrics["epochs"] = fitted.epochs_run
     metrics["train_seconds"] = round(fitted.seconds, 1)
     write_json(out / "metrics.json", metrics)
 
     test_metrics = None
     if (data.splits == "test").any():
-        sx, sy, _ = data.subset("test")
+        sx, sy, sidx = data.subset("test")
         sp = predict_probs(model, sx, bf16=bf16)
         test_metrics = compute_metrics(sy, sp, classes, positive=positive, threshold=threshold,
-                                       seed=config.seed)
+                                       seed=config.seed, groups=_patients(data, sidx))
         test_metrics["split"] = "test"
         write_json(out / "metrics_test.json", test_metrics)
 
@@ -332,6 +335,14 @@ def _train_and_report(model, config: RunConfig, data: PreparedData, positive: in
                                out / "val_predictions.png")
     return TrainResult(out, metrics, test_metrics, fitted.epochs_run, fitted.seconds,
                        len(ty), len(vy))
+
+
+def _patients(data: PreparedData, idx: np.ndarray) -> list[str] | None:
+    """Patient keys of these records, for a patient bootstrap; None when the split found none
+    (then every image counts as independent, and the metrics say so)."""
+    if data.split_result is None or not data.split_result.grouped:
+        return None
+    return [data.groups[i] for i in idx]
 
 
 def write_predictions_csv(path: Path, paths: list, labels: list[str], probs: np.ndarray,
@@ -407,10 +418,13 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
                               run.info.in_chans, skip_bad=skip_bad)
     bad_paths = {Path(p) for p, _ in bad}
     records = [r for r in records if r.path not in bad_paths]
+    # patients as the run's split read them, so intervals resample patients where known
+    keys = [patient_key(r.path, run.config.group_regex) for r in records]
     y = np.array([run.classes.index(r.label) for r in records], dtype=np.int64)
     probs = predict_probs(run.model, images, bf16=use_bf16(run.config.precision))
     metrics = compute_metrics(y, probs, run.classes, positive=pos, threshold=run.threshold,
-                              n_boot=n_boot, seed=run.config.seed)
+                              n_boot=n_boot, seed=run.config.seed,
+                              groups=keys if any(keys) else None)
     metrics["data"] = str(data)
     metrics["skipped"] = [[str(p), why] for p, why in bad]
     return metrics

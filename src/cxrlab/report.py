@@ -286,11 +286,13 @@ def run_page(run_dir: Path) -> str:
     title = f"Run report: {run_dir.resolve().name}"
     sub = (f"{r.config.get('model')} at {r.config.get('image_size')} px on "
            f"{r.config.get('data')}; {len(r.classes)} classes: {', '.join(r.classes)}")
+    ci, method = val_intervals(r)
     headline = (f"<p>Validation ({m.get('n')} images): ROC AUC <b>{fmt(m.get('roc_auc'))}</b> "
-                f"[{fmt_ci((m.get('ci') or {}).get('roc_auc'))}], accuracy "
+                f"[{fmt_ci(ci.get('roc_auc'))}], accuracy "
                 f"<b>{fmt(m.get('accuracy'))}</b>, recall {fmt(m.get('recall'))}, specificity "
                 f"{fmt(m.get('specificity'))}; {m.get('epochs')} epochs in "
-                f"{fmt(m.get('train_seconds'), 0)} s.</p>")
+                f"{fmt(m.get('train_seconds'), 0)} s. 95% interval: {esc(method)}. "
+                f"Optimistic: {esc(selection_note(r))}.</p>")
     test_file = run_dir / "metrics_test.json"
     if test_file.is_file():
         t = json.loads(test_file.read_text())
@@ -383,27 +385,57 @@ def reliability_png(cal: dict) -> bytes:
     return fig_to_png(fig)
 
 
+def val_patients(r: RunData) -> list[str] | None:
+    """Patient key per validation image from split.csv; None when the split found none."""
+    patient = {row["path"]: row["patient"] for row in r.split_rows}
+    keys = [patient.get(p, "") for p in r.val_paths]
+    return keys if any(keys) else None
+
+
+def val_intervals(r: RunData) -> tuple[dict, str]:
+    """metrics.json's intervals and how they were drawn; a run written before metrics.json
+    said so (image bootstrap) gets them recomputed here over patients where split.csv has them."""
+    m = r.metrics
+    if m.get("interval_method") or not val_patients(r):
+        return m.get("ci") or {}, m.get("interval_method") or "image bootstrap"
+    from cxrlab.evaluate import compute_metrics
+
+    again = compute_metrics(r.val_y, r.val_probs, r.classes, positive=r.positive,
+                            threshold=m.get("threshold"), seed=int(r.config.get("seed", 0)),
+                            groups=val_patients(r))
+    return again["ci"], again["interval_method"] + ", recomputed for this report"
+
+
+def selection_note(r: RunData) -> str:
+    return r.metrics.get("selection_biased") or (
+        "the threshold and the epoch were chosen on these images" if r.positive is not None
+        else "the epoch was chosen on these images")
+
+
 def metrics_html(r: RunData) -> str:
     from cxrlab.evaluate import METRIC_KEYS, compute_metrics
 
     m = r.metrics
     seed = int(r.config.get("seed", 0))
+    ci, method = val_intervals(r)
     if r.positive is not None:
         at05 = compute_metrics(r.val_y, r.val_probs, r.classes, positive=r.positive,
-                               threshold=0.5, seed=seed)
+                               threshold=0.5, seed=seed, groups=val_patients(r))
         t = m.get("threshold")
         header = ["metric", f"at threshold {t:.4g}" if t is not None else "at threshold",
                   "95% CI", "at 0.5", "95% CI"]
-        rows = [[k, fmt(m.get(k)), fmt_ci((m.get("ci") or {}).get(k)), fmt(at05.get(k)),
+        rows = [[k, fmt(m.get(k)), fmt_ci(ci.get(k)), fmt(at05.get(k)),
                  fmt_ci((at05.get("ci") or {}).get(k))] for k in METRIC_KEYS]
-        note = (f"<p>The threshold was chosen on validation by the "
-                f"{esc(r.config.get('threshold_rule'))} rule, so validation numbers at it are "
-                "optimistic; 0.5 is shown for comparison. Intervals: 95% percentile bootstrap "
-                f"over the {m.get('n')} validation images (threshold fixed).</p>")
+        note = (f"<p>Selection-biased: {esc(selection_note(r))} (the threshold by the "
+                f"{esc(r.config.get('threshold_rule'))} rule, the epoch by the lowest validation "
+                "loss), so validation numbers are optimistic; 0.5 is shown for comparison. "
+                f"Intervals: 95% percentile {esc(method)} over the {m.get('n')} validation "
+                "images (threshold fixed).</p>")
     else:
         header = ["metric (macro over classes)", "value", "95% CI"]
-        rows = [[k, fmt(m.get(k)), fmt_ci((m.get("ci") or {}).get(k))] for k in METRIC_KEYS]
-        note = "<p>Argmax decisions; intervals: 95% bootstrap over validation images.</p>"
+        rows = [[k, fmt(m.get(k)), fmt_ci(ci.get(k))] for k in METRIC_KEYS]
+        note = (f"<p>Argmax decisions; selection-biased: {esc(selection_note(r))}. "
+                f"Intervals: 95% percentile {esc(method)} over the validation images.</p>")
     out = table(header, rows) + note
     if m.get("per_class"):
         keys = ["precision", "recall", "specificity", "f1", "roc_auc", "support"]
