@@ -178,6 +178,7 @@ def check_intake(run, paths: list[Path], images: np.ndarray, probs: np.ndarray,
     score_ref = _validation_scores(run, positive)
     if score_ref is not None:
         new = probs[:, positive] if positive is not None else probs.max(1)
+        new = np.array([float(f"{v:.6g}") for v in new])  # the precision of the CSV's
         result.update(compare({"score": score_ref}, {"score": new}))
     what = (f"p({run.classes[positive]})" if positive is not None
             else "top-class probability")

@@ -36,7 +36,7 @@ def _to_uint8(x: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def _float(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).float()
+    return torch.from_numpy(images.astype(np.float32))  # a copy: inputs are never written
 
 
 def gamma(images: np.ndarray, level: float, seed: int = 0) -> np.ndarray:
@@ -223,15 +223,16 @@ def render(result: dict, console) -> None:
     def f(v):
         return "–" if v is None else f"{v:.3f}"
 
+    units = "; ".join(f"{s.name}: {s.unit}" for s in SHIFTS.values())
     table = Table("shift", "severity", "level", "AUC", "sensitivity", "specificity", "accuracy",
-                  title=f"Stress test ({result['n']} images, run's threshold)")
+                  title=f"Stress test ({result['n']} images, run's threshold)",
+                  caption=f"levels: {units}")
     b = result["baseline"]
     table.add_row("none", "0", "", f(b["roc_auc"]), f(b["sensitivity"]), f(b["specificity"]),
                   f(b["accuracy"]), style="bold")
     for r in result["rows"]:
-        table.add_row(r["shift"], str(r["severity"]), f"{r['level']:g} {r['unit']}",
-                      f(r["roc_auc"]), f(r["sensitivity"]), f(r["specificity"]),
-                      f(r["accuracy"]))
+        table.add_row(r["shift"], str(r["severity"]), f"{r['level']:g}", f(r["roc_auc"]),
+                      f(r["sensitivity"]), f(r["specificity"]), f(r["accuracy"]))
     console.print(table)
 
 
