@@ -68,6 +68,44 @@ def test_shifts_are_pure_graded_and_seeded(shared_data):
     assert (framed[..., :5, :] == 0).all() and (framed[..., :, -5:] == 0).all()
 
 
+def test_stress_test_scores_each_shift_through_the_given_predictor():
+    """Three classes, a predictor that reads brightness: darker shifts hurt, others less."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 6)
+    images = np.clip(rng.normal(60 + 60 * y, 8)[:, None, None, None]
+                     + np.zeros((1, 1, 16, 16)), 0, 255).astype(np.uint8)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        m = x.reshape(len(x), -1).mean(1, keepdims=True)
+        logits = -((m - np.array([60, 120, 180])) / 20) ** 2
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    r = shift.stress_test(predict, images, y, None, None, shifts=["gamma", "noise"])
+    assert r["baseline"]["accuracy"] == 1.0 and r["baseline"]["sensitivity"] is None
+    acc = {(x["shift"], x["severity"]): x["accuracy"] for x in r["rows"]}
+    assert acc[("gamma", 3)] < acc[("gamma", 1)] <= 1.0
+    assert acc[("noise", 1)] == 1.0
+
+
+def test_platt_and_temperature_undo_a_known_miscalibration():
+    from cxrlab.site_calibration import _logit, apply_binary, platt, temperature
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, 4000)
+    y = rng.random(4000) < 1 / (1 + np.exp(-z))  # calibrated logits z
+    a, b = platt(3 * z - 2, y)  # the model reports 3z - 2
+    assert a == pytest.approx(1 / 3, abs=0.03) and b == pytest.approx(2 / 3, abs=0.1)
+    p = np.stack([1 - 1 / (1 + np.exp(-z)), 1 / (1 + np.exp(-z))], 1)
+    assert np.allclose(apply_binary(p, 1, 1.0, 0.0), p, atol=1e-6)
+    assert np.allclose(_logit(apply_binary(p, 1, 2.0, 1.0)[:, 1]), 2 * z + 1, atol=1e-3)
+    logits = rng.normal(0, 1, (3000, 3))
+    labels = np.array([rng.choice(3, p=np.exp(r) / np.exp(r).sum()) for r in logits])
+    over = 2.5 * logits  # over-confident by 2.5
+    t = temperature(over - np.log(np.exp(over).sum(1, keepdims=True)), labels)
+    assert t == pytest.approx(2.5, rel=0.15)
+
+
 # ---------------------------------------------------------------------------------------
 # intake statistics on real films and shifted copies of them
 
@@ -206,7 +244,8 @@ def test_calibrate_moves_the_threshold_for_the_new_site(site, tmp_path, capsys, 
     assert json.loads((new_run / "metrics.json").read_text())["threshold"] == new_t
 
     # held-out images of the same site: better balanced accuracy than the original run's
-    old_m, new_m = evaluate_run(run, site["held"]), evaluate_run(new_run, site["held"])
+    old_m = evaluate_run(run, site["held"], n_boot=100)
+    new_m = evaluate_run(new_run, site["held"], n_boot=100)
     assert balanced(new_m) >= balanced(old_m) + 0.1, (balanced(old_m), balanced(new_m))
     assert new_m["roc_auc"] == pytest.approx(old_m["roc_auc"], abs=1e-6)  # ranking kept
 

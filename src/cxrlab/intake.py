@@ -84,7 +84,7 @@ def header_stats(paths: list[Path]) -> dict[str, np.ndarray]:
         try:
             w, h, *_ = image_header(p)
             wh.append((w, h))
-        except (CxrlabError, OSError):
+        except Exception:  # a statistic, best effort: never fail a run over a header
             wh.append((np.nan, np.nan))
     a = np.array(wh, dtype=float).reshape(-1, 2)
     return {"width": a[:, 0], "height": a[:, 1], "aspect": a[:, 0] / a[:, 1]}
@@ -94,22 +94,26 @@ def all_stats(images: np.ndarray, paths: list[Path]) -> dict[str, np.ndarray]:
     return {**image_stats(images), **header_stats(paths)}
 
 
-def reference(images: np.ndarray, paths: list[Path], seed: int = 0) -> dict:
+def reference(images: np.ndarray, paths: list[Path], seed: int = 0,
+              index: np.ndarray | None = None) -> dict:
     """The training side, as stored in RUN/intake.json: each statistic's per-image values
-    (sorted) over at most MAX_REFERENCE images."""
-    idx = np.arange(len(images))
-    if len(idx) > MAX_REFERENCE:
+    (sorted) over at most MAX_REFERENCE of the images (rows `index` of `images`, default
+    all; `paths` has one entry per row of `images`)."""
+    idx = np.arange(len(images)) if index is None else np.asarray(index)
+    n = len(idx)
+    if n > MAX_REFERENCE:
         idx = np.sort(np.random.default_rng(seed).choice(idx, MAX_REFERENCE, replace=False))
     stats = all_stats(images[idx], [paths[i] for i in idx])
-    return {"n_images": int(len(images)), "n_summarised": int(len(idx)),
+    return {"n_images": int(n), "n_summarised": int(len(idx)),
             "stats": {k: [round(float(x), 4) for x in np.sort(v[np.isfinite(v)])]
                       for k, v in stats.items()}}
 
 
-def write_reference(run_dir: Path, images: np.ndarray, paths: list[Path], seed: int = 0) -> None:
+def write_reference(run_dir: Path, images: np.ndarray, paths: list[Path], seed: int = 0,
+                    index: np.ndarray | None = None) -> None:
     from cxrlab.run import write_json
 
-    write_json(Path(run_dir) / INTAKE_JSON, reference(images, paths, seed))
+    write_json(Path(run_dir) / INTAKE_JSON, reference(images, paths, seed, index))
 
 
 def load_reference(run) -> dict | None:

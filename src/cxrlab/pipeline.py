@@ -314,7 +314,7 @@ def _train_and_report(model, config: RunConfig, data: PreparedData, positive: in
     from cxrlab.intake import write_reference
 
     seen = np.flatnonzero(np.isin(data.splits, ("train", "val")))  # what the run was shown
-    write_reference(out, data.images[seen], [data.records[i].path for i in seen], config.seed)
+    write_reference(out, data.images, [r.path for r in data.records], config.seed, seen)
 
     test_metrics = None
     if (data.splits == "test").any():
