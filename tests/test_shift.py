@@ -259,6 +259,11 @@ def test_calibrate_moves_the_threshold_for_the_new_site(site, tmp_path, capsys, 
     assert np.allclose(got, expect, atol=1e-4)
     assert all(r["threshold"] == new_t for r in rows)
 
+    from cxrlab.report import load_run_data, shift_sections
+
+    (sid, _, body), = shift_sections(load_run_data(new_run))  # the report says where from
+    assert sid == "site-calibration" and "sample_flat" in body
+
 
 def test_calibrate_refuses_without_writing(site, tmp_path, capsys, monkeypatch):
     few = tmp_path / "few"

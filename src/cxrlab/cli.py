@@ -226,15 +226,15 @@ def evaluate(
     metrics = evaluate_run(run_dir, data, image_col, label_col, split, positive, skip_bad,
                            shift=shift)
     _print_metrics(metrics, f"{data} ({metrics['n']} images)")
+    if json_out is not None:
+        write_json(json_out, metrics)
+        console.print(f"Metrics written to [bold]{json_out}[/]")
     if shift:
         from cxrlab import shift as stress
 
         stress.render(metrics["shift"], console)
         js, png = stress.save(run_dir, metrics["shift"])
         console.print(f"Stress test written to [bold]{js}[/] and [bold]{png}[/]")
-    if json_out is not None:
-        write_json(json_out, metrics)
-        console.print(f"Metrics written to [bold]{json_out}[/]")
 
 
 @app.command()

@@ -134,6 +134,12 @@ def load_reference(run) -> dict | None:
         paths = [Path(r["path"]) for r in rows if Path(r["path"]).is_file()]
         if not paths:
             raise CxrlabError("the training images are not reachable")
+        if len(paths) > MAX_REFERENCE:  # decode only what will be summarised
+            keep = np.random.default_rng(run.config.seed).choice(len(paths), MAX_REFERENCE,
+                                                                 replace=False)
+            paths = [paths[i] for i in np.sort(keep)]
+        log.info("%s: summarising %d training images for the intake check (once)",
+                 run.run_dir, len(paths))
         images, bad = load_images(paths, run.config.image_size, run.info.in_chans,
                                   skip_bad=True)
     except (CxrlabError, OSError, KeyError) as e:
@@ -142,6 +148,7 @@ def load_reference(run) -> dict | None:
         return None
     bad_paths = {Path(p) for p, _ in bad}
     ref = reference(images, [p for p in paths if p not in bad_paths], run.config.seed)
+    ref["n_images"] = len(rows)
     try:
         from cxrlab.run import write_json
 

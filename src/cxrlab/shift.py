@@ -240,12 +240,17 @@ def save(run_dir: Path, result: dict) -> tuple[Path, Path]:
     """RUN/shift.json and RUN/shift.png, each written atomically (an earlier stress test's
     pair is replaced; nothing else in the run is touched)."""
     from cxrlab import plots
+    from cxrlab.errors import CxrlabError
     from cxrlab.run import write_json
 
     run_dir = Path(run_dir)
     js, png = run_dir / RESULT_JSON, run_dir / RESULT_PNG
-    plots.plot_shift(result, png)
-    write_json(js, result)
+    try:
+        plots.plot_shift(result, png)
+        write_json(js, result)
+    except OSError as e:
+        raise CxrlabError(f"{run_dir}: cannot write the stress test there ({e.strerror})"
+                          ) from None
     return js, png
 
 

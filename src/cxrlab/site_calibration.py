@@ -156,6 +156,8 @@ def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = 
 
     out = Path(out)
     check_out_dir(out)
+    if out.resolve().is_relative_to(Path(run_dir).resolve()):
+        raise CxrlabError(f"--out {out}: inside the run {run_dir}; choose a folder outside it")
     run = load_run(run_dir)
     _, images, y = _sample(run, data, image_col, label_col, split, skip_bad)
     probs = predict_probs(run.model, images, bf16=use_bf16(run.config.precision))
