@@ -214,16 +214,47 @@ def evaluate(
     image_col: ImageCol = None,
     label_col: LabelCol = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad")] = False,
+    shift: Annotated[bool, typer.Option(
+        "--shift", help="stress test under synthetic intake shifts; writes RUN/shift.json "
+        "and RUN/shift.png (the report shows them)")] = False,
 ) -> None:
-    """Metrics of a run on labelled images, at the run's threshold and at 0.5."""
+    """Metrics of a run on labelled images, at the run's threshold and at 0.5; warns when the
+    images differ from the run's training images."""
     from cxrlab.pipeline import evaluate_run
     from cxrlab.run import write_json
 
-    metrics = evaluate_run(run_dir, data, image_col, label_col, split, positive, skip_bad)
+    metrics = evaluate_run(run_dir, data, image_col, label_col, split, positive, skip_bad,
+                           shift=shift)
     _print_metrics(metrics, f"{data} ({metrics['n']} images)")
     if json_out is not None:
         write_json(json_out, metrics)
         console.print(f"Metrics written to [bold]{json_out}[/]")
+    if shift:
+        from cxrlab import shift as stress
+
+        stress.render(metrics["shift"], console)
+        js, png = stress.save(run_dir, metrics["shift"])
+        console.print(f"Stress test written to [bold]{js}[/] and [bold]{png}[/]")
+
+
+@app.command()
+def calibrate(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory (left untouched)")],
+    data: Annotated[Path, typer.Argument(
+        help="a labelled sample of the new intake (at least 10 images per class)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the new run directory")] = ...,
+    split: Annotated[str | None, typer.Option(help="only this split of DATA")] = None,
+    image_col: ImageCol = None,
+    label_col: LabelCol = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad")] = False,
+    boot: Annotated[int, typer.Option(min=100, help="bootstrap resamples")] = 1000,
+) -> None:
+    """Refit the threshold and probabilities on a new site's sample; writes a new run."""
+    from cxrlab.site_calibration import calibrate_run, describe
+
+    r = calibrate_run(run_dir, data, out, image_col, label_col, split, skip_bad, n_boot=boot)
+    console.print(describe(r), highlight=False)
+    console.print(f"Calibrated run written to [bold]{r['out']}[/]")
 
 
 @app.command()

@@ -314,6 +314,10 @@ def _train_and_report(model, config: RunConfig, data: PreparedData, positive: in
     metrics["epochs"] = fitted.epochs_run
     metrics["train_seconds"] = round(fitted.seconds, 1)
     write_json(out / "metrics.json", metrics)
+    from cxrlab.intake import write_reference
+
+    seen = np.flatnonzero(np.isin(data.splits, ("train", "val")))  # what the run was shown
+    write_reference(out, data.images, [r.path for r in data.records], config.seed, seen)
 
     test_metrics = None
     if (data.splits == "test").any():
@@ -393,8 +397,12 @@ def decide(probs: np.ndarray, positive: int | None, threshold: float | None) -> 
 def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
                  label_col: str | None = None, split: str | None = None,
                  positive: str | None = None, skip_bad: bool = False,
-                 n_boot: int = 1000) -> dict:
-    """Metrics of a finished run on any labelled source, at the run's threshold."""
+                 n_boot: int = 1000, shift: bool = False) -> dict:
+    """Metrics of a finished run on any labelled source, at the run's threshold.
+
+    Also checks the images against the run's training intake (cxrlab.intake: warnings, and
+    metrics["intake"]); `shift` adds the stress test (cxrlab.shift) as metrics["shift"].
+    """
     from cxrlab.evaluate import compute_metrics
     from cxrlab.train import predict_probs, use_bf16
 
@@ -421,12 +429,25 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
     # patients as the run's split read them, so intervals resample patients where known
     keys = [patient_key(r.path, run.config.group_regex) for r in records]
     y = np.array([run.classes.index(r.label) for r in records], dtype=np.int64)
-    probs = predict_probs(run.model, images, bf16=use_bf16(run.config.precision))
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return predict_probs(run.model, x, bf16=use_bf16(run.config.precision))
+
+    probs = predict(images)
     metrics = compute_metrics(y, probs, run.classes, positive=pos, threshold=run.threshold,
                               n_boot=n_boot, seed=run.config.seed,
                               groups=keys if any(keys) else None)
     metrics["data"] = str(data)
     metrics["skipped"] = [[str(p), why] for p, why in bad]
+    from cxrlab.intake import check_intake
+
+    metrics["intake"] = check_intake(run, [r.path for r in records], images, probs, pos)
+    if shift:
+        from cxrlab.shift import stress_test
+
+        metrics["shift"] = stress_test(predict, images, y, pos, run.threshold,
+                                       seed=run.config.seed)
+        metrics["shift"]["data"] = str(data)
     return metrics
 
 

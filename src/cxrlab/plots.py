@@ -234,6 +234,37 @@ def plot_prediction_grid(
     return _save(fig, path)
 
 
+def plot_shift(result: dict[str, Any], path: str | Path) -> Path:
+    """Stress test (cxrlab.shift): AUC, sensitivity and specificity against severity (0 = the
+    unshifted images), one line per shift, so the shifts that hurt stand out."""
+    import matplotlib as mpl
+
+    rows = result["rows"]
+    shifts = list(dict.fromkeys(r["shift"] for r in rows))
+    keys = [("roc_auc", "ROC AUC"), ("sensitivity", "sensitivity"), ("specificity", "specificity")]
+    keys = [(k, t) for k, t in keys if result["baseline"].get(k) is not None] or [
+        ("accuracy", "accuracy")]
+    fig = _figure((4.2 * len(keys) + 1.8, 4))
+    axes = np.atleast_1d(fig.subplots(1, len(keys), sharey=True))
+    colors = mpl.colormaps["tab10"]
+    for ax, (key, title) in zip(axes, keys, strict=True):
+        base = result["baseline"].get(key)
+        for i, name in enumerate(shifts):
+            pts = sorted((r["severity"], r.get(key)) for r in rows if r["shift"] == name)
+            xs = [0] + [s for s, v in pts if v is not None]
+            ys = [base] + [v for _, v in pts if v is not None]
+            ax.plot(xs, ys, marker="o", markersize=3, color=colors(i % 10), label=name)
+        ax.set_title(title)
+        ax.set_xlabel("severity (0 = none)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"at threshold {result['threshold']:.3g}"
+                       if result.get("threshold") is not None else "")
+    axes[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.suptitle(f"Stress test: {result['n']} images under synthetic intake shifts")
+    return _save(fig, path)
+
+
 # -- helpers ----------------------------------------------------------------------------------
 
 

@@ -321,7 +321,44 @@ def run_page(run_dir: Path) -> str:
         ("metrics", "Metrics", metrics_html(r)),
         ("gallery", "Validation predictions", gallery_html(r)),
     ]
+    sections += shift_sections(r)
     return page(title, sub, sections)
+
+
+def shift_sections(r: RunData) -> list[tuple[str, str, str]]:
+    """Present only for runs that have them: where a site calibration came from (run.json)
+    and the stress test (RUN/shift.json, from `evaluate --shift`)."""
+    from cxrlab import plots
+    from cxrlab.shift import load
+
+    out = []
+    cal = r.info.get("site_calibration")
+    if cal:
+        counts = ", ".join(f"{k}: {v}" for k, v in (cal.get("n_per_class") or {}).items())
+        out.append(("site-calibration", "Site calibration", (
+            f"<p>Threshold and probabilities refitted on <code>{esc(cal.get('data'))}</code> "
+            f"({esc(counts)}) on {esc(cal.get('date'))}, from run "
+            f"<code>{esc(cal.get('calibrated_from'))}</code>: threshold "
+            f"{fmt(cal.get('threshold'), 4)} [{fmt_ci(cal.get('threshold_ci'))}] (the "
+            f"original threshold on the new scale: {fmt(cal.get('original_threshold_rescaled'), 4)}"
+            "). The validation figures above are the original validation images scored by the "
+            "calibrated model.</p>")))
+    stress = load(r.run_dir)
+    if stress:
+        b = stress["baseline"]
+        rows = [["none", "0", "", fmt(b.get("roc_auc")), fmt(b.get("sensitivity")),
+                 fmt(b.get("specificity"))]]
+        rows += [[esc(x["shift"]), str(x["severity"]), esc(f"{x['level']:g} {x['unit']}"),
+                  fmt(x.get("roc_auc")), fmt(x.get("sensitivity")), fmt(x.get("specificity"))]
+                 for x in stress["rows"]]
+        out.append(("shift", "Stress test: synthetic intake shifts", (
+            f"<p>{stress['n']} images of <code>{esc(stress.get('data', ''))}</code> under "
+            "graded synthetic shifts, at the run's threshold (<code>cxrlab evaluate "
+            "--shift</code>).</p>"
+            + img(figure_png(plots.plot_shift, stress), "stress test")
+            + table(["shift", "severity", "level", "ROC AUC", "sensitivity", "specificity"],
+                    rows))))
+    return out
 
 
 def convergence_run(history: list[dict]) -> str:

@@ -9,6 +9,8 @@
     threshold     the decision threshold chosen on validation (2 classes)
     metrics.json  validation metrics at that threshold, with intervals
     val_predictions.csv  path, label and class probabilities of each validation image
+    intake.json   per-image statistics of the training+validation images (cxrlab.intake)
+    shift.json, shift.png  the stress test, when `evaluate --shift` was run (cxrlab.shift)
     *.png         curves, confusion matrix, ROC, prediction grid
 """
 
