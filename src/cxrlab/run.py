@@ -10,6 +10,7 @@
     metrics.json  validation metrics at that threshold, with intervals
     val_predictions.csv  path, label and class probabilities of each validation image
     *.png         curves, confusion matrix, ROC, prediction grid
+    tb/ csv-logs/ mlruns/ tracking.json   with --logger (cxrlab.tracking)
 """
 
 from __future__ import annotations
