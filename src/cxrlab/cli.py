@@ -347,6 +347,24 @@ def report(
     console.print(f"Report written to [bold]{written}[/]")
 
 
+@app.command("runs")
+def runs_cmd(
+    root: Annotated[Path, typer.Argument(help="folder searched for runs (recursive)")]
+    = Path("runs"),
+    sort: Annotated[str, typer.Option(help="auc | date | name | time")] = "date",
+    reverse: Annotated[bool, typer.Option("--reverse", help="reverse the order")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Every run under ROOT in one table: model, epochs, val AUC [95% CI], state, date."""
+    from cxrlab.runs import render, runs
+
+    rows = runs(root, sort=sort, reverse=reverse)
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    render(rows, console, title=f"Runs under {root}")
+
+
 # ---------------------------------------------------------------------------------------
 # data / models / demo
 
