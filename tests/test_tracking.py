@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import make_kermany_folder
 from tests.test_cli import assert_user_error, run_cli
@@ -88,6 +89,18 @@ def test_three_loggers_hold_the_runs_numbers(tmp_path, capsys, monkeypatch):
         rows = list(csv.DictReader(f))
     assert [float(r["val_auc"]) for r in rows if r["val_auc"]] == pytest.approx(val_auc)
     assert "model: cnn" in (run / "csv-logs" / "hparams.yaml").read_text()
+
+    # a sweep continued with other loggers, or over runs saved before `loggers` existed,
+    # finds this run complete: tracking does not change a run
+    from cxrlab.config import RunConfig
+    from cxrlab.run import run_state
+
+    cfg = RunConfig.load(run / "config.yaml")
+    assert run_state(run, cfg.model_copy(update={"loggers": []})) == "complete"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["loggers"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert run_state(run, RunConfig.build({**cfg.model_dump(), "loggers": []})) == "complete"
 
 
 @pytest.mark.timeout(300)

@@ -75,13 +75,13 @@ def make_loggers(config: RunConfig, run_dir: Path, mlflow_uri: str | None = None
                                              default_hp_metric=False))
         elif name == "csv":
             loggers.append(_csv_logger(run_dir))
-        elif name == "mlflow":
+        elif name == "mlflow" and rank0:  # Lightning logs from rank 0 only
             old = (saved or {}).get("mlflow") or {}
             uri = old.get("tracking_uri") if saved else (
                 mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or None)
             logger = _mlflow_logger(run_dir, uri, old.get("run_id"))
             loggers.append(logger)
-            state["mlflow"] = {"tracking_uri": uri, "run_id": logger.run_id if rank0 else None}
+            state["mlflow"] = {"tracking_uri": uri, "run_id": logger.run_id}
     if rank0:
         if saved is None:
             params = config.model_dump()
