@@ -24,6 +24,7 @@ from typing import Any
 from cxrlab.config import RunConfig
 from cxrlab.errors import CxrlabError
 
+log = logging.getLogger("cxrlab")
 TRACKING_FILE = "tracking.json"
 EXPERIMENT = "cxrlab"
 # logger -> (modules any one of which Lightning can use, what to pip install)
@@ -154,28 +155,37 @@ def log_final(loggers: list, run_dir: Path, metrics: dict, epochs: int) -> None:
     TensorBoard gets the config with the final metrics as one HParams entry and each PNG as
     an image; MLflow gets the PNGs, metrics.json and config.yaml as artifacts.
     """
-    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
-
     if not loggers:
         return
     final = flat_numbers(metrics, "final/")
     pngs = sorted(Path(run_dir).glob("*.png"))
     for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
-            import numpy as np
-            from PIL import Image
+        try:
+            _log_final_one(logger, run_dir, final, pngs, epochs)
+        except Exception as e:  # the run itself is complete and written; say what is missing
+            log.warning("--logger %s: final metrics and plots not logged (%s: %s)",
+                        type(logger).__name__, type(e).__name__, e)
 
-            logger.log_hyperparams(RunConfig.load(run_dir / "config.yaml").model_dump(),
-                                   metrics=final)
-            for png in pngs:
-                img = np.asarray(Image.open(png).convert("RGB"))
-                logger.experiment.add_image(f"plots/{png.stem}", img, epochs,
-                                            dataformats="HWC")
-        elif isinstance(logger, MLFlowLogger):
-            logger.log_metrics(final, step=epochs)
-            for f in [*pngs, run_dir / "metrics.json", run_dir / "config.yaml"]:
-                if f.is_file():
-                    logger.experiment.log_artifact(logger.run_id, str(f))
-        elif isinstance(logger, CSVLogger):
-            logger.log_metrics(final, step=epochs)
-        logger.finalize("success")
+
+def _log_final_one(logger, run_dir: Path, final: dict[str, float], pngs: list[Path],
+                   epochs: int) -> None:
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
+
+    if isinstance(logger, TensorBoardLogger):
+        import numpy as np
+        from PIL import Image
+
+        logger.log_hyperparams(RunConfig.load(run_dir / "config.yaml").model_dump(),
+                               metrics=final)
+        for png in pngs:
+            img = np.asarray(Image.open(png).convert("RGB"))
+            logger.experiment.add_image(f"plots/{png.stem}", img, epochs,
+                                        dataformats="HWC")
+    elif isinstance(logger, MLFlowLogger):
+        logger.log_metrics(final, step=epochs)
+        for f in [*pngs, run_dir / "metrics.json", run_dir / "config.yaml"]:
+            if f.is_file():
+                logger.experiment.log_artifact(logger.run_id, str(f))
+    elif isinstance(logger, CSVLogger):
+        logger.log_metrics(final, step=epochs)
+    logger.finalize("success")
