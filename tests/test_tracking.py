@@ -158,3 +158,12 @@ def test_unknown_logger_is_refused(tmp_path, capsys, monkeypatch):
                             "--logger", "tensorboard,wandb"], capsys, monkeypatch)
     assert_user_error(code, err, "loggers", "wandb", "tensorboard, csv, mlflow")
     assert not (tmp_path / "run").exists()
+
+
+def test_mlflow_uri_with_folds_is_refused_not_ignored(tmp_path, capsys, monkeypatch):
+    data = make_kermany_folder(tmp_path / "data", 6, 6, size=32)
+    code, _, err = run_cli(["train", data, "--out", tmp_path / "cv", *FAST, "--folds", "2",
+                            "--logger", "mlflow", "--mlflow-uri", (tmp_path / "m").as_uri()],
+                           capsys, monkeypatch)
+    assert_user_error(code, err, "--mlflow-uri", "MLFLOW_TRACKING_URI")
+    assert not (tmp_path / "cv").exists()

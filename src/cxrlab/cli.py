@@ -156,6 +156,8 @@ def train(
         raise CxrlabError("DATA: give a dataset (or --config with a data entry)")
     cfg = RunConfig.build(values, source="option")
     if cfg.folds is not None:
+        if mlflow_uri is not None:
+            raise CxrlabError("--mlflow-uri: not with --folds yet; set MLFLOW_TRACKING_URI")
         _print_crossval(run_crossval(cfg, out, progress=not quiet), out)
         return
     _print_result(train_run(cfg, out, progress=not quiet, mlflow_uri=mlflow_uri))
