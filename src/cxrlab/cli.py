@@ -100,6 +100,10 @@ def train(
     devices: Annotated[int | None, typer.Option(help="processes per machine (DDP)")] = None,
     num_nodes: Annotated[int | None, typer.Option(help="machines (DDP)")] = None,
     strategy: Annotated[str | None, typer.Option(help="auto | ddp | ddp_spawn")] = None,
+    logger: Annotated[list[str] | None, typer.Option(
+        help="tensorboard | csv | mlflow (repeat or comma-separate); logs go in OUT")] = None,
+    mlflow_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else OUT/mlruns)")] = None,
 ) -> None:
     """Train a classifier; everything that defines the run goes to OUT/config.yaml."""
     from cxrlab.config import RunConfig
@@ -119,7 +123,7 @@ def train(
         folds=folds, group_regex=group_regex, image_col=image_col, label_col=label_col,
         positive=positive, precision=precision, channels=channels, skip_bad=skip_bad, head=head,
         freeze_backbone=freeze_backbone, unfreeze_after=unfreeze_after,
-        backbone_lr_mult=backbone_lr_mult,
+        backbone_lr_mult=backbone_lr_mult, loggers=logger or None,
     )
     if no_pretrained:
         if pretrained is not None:
@@ -128,7 +132,7 @@ def train(
     if target_sensitivity is not None:
         given.update(threshold_rule="sensitivity", target_sensitivity=target_sensitivity)
     if resume is not None:
-        given.update(out=out, config=config)
+        given.update(out=out, config=config, mlflow_uri=mlflow_uri)
         recipe = [k for k, v in given.items() if v is not None]
         if recipe:
             name = "DATA" if recipe[0] == "data" else "--" + recipe[0].replace("_", "-")
@@ -152,9 +156,11 @@ def train(
         raise CxrlabError("DATA: give a dataset (or --config with a data entry)")
     cfg = RunConfig.build(values, source="option")
     if cfg.folds is not None:
+        if mlflow_uri is not None:
+            raise CxrlabError("--mlflow-uri: not with --folds yet; set MLFLOW_TRACKING_URI")
         _print_crossval(run_crossval(cfg, out, progress=not quiet), out)
         return
-    _print_result(train_run(cfg, out, progress=not quiet))
+    _print_result(train_run(cfg, out, progress=not quiet, mlflow_uri=mlflow_uri))
 
 
 def _print_crossval(result: dict, out: Path) -> None:
@@ -372,6 +378,24 @@ def report(
 
     written = write_report(path, out)
     console.print(f"Report written to [bold]{written}[/]")
+
+
+@app.command("runs")
+def runs_cmd(
+    root: Annotated[Path, typer.Argument(help="folder searched for runs (recursive)")]
+    = Path("runs"),
+    sort: Annotated[str, typer.Option(help="auc | date | name | time")] = "date",
+    reverse: Annotated[bool, typer.Option("--reverse", help="reverse the order")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Every run under ROOT in one table: model, epochs, val AUC [95% CI], state, date."""
+    from cxrlab.runs import render, runs
+
+    rows = runs(root, sort=sort, reverse=reverse)
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    render(rows, console, title=f"Runs under {root}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,11 +10,19 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cxrlab.errors import CxrlabError
 
 Augment = Literal["none", "flip", "light", "notebook"]
+LOGGERS = ("tensorboard", "csv", "mlflow")  # experiment trackers (cxrlab.tracking)
 
 
 class RunConfig(BaseModel):
@@ -97,6 +105,26 @@ class RunConfig(BaseModel):
     strategy: Literal["auto", "ddp", "ddp_spawn"] = Field(
         "auto", description="ddp: one process per device; batch_size is per device"
     )
+
+    # -- experiment tracking (cxrlab.tracking): where else the run's numbers go -------------
+    loggers: list[str] = Field(
+        default_factory=list, description="any of tensorboard, csv, mlflow (Lightning's "
+        "loggers, writing inside the run directory unless MLflow is given a tracking URI)"
+    )
+
+    @field_validator("loggers", mode="before")
+    @classmethod
+    def _loggers(cls, v: object) -> object:
+        """'tensorboard,mlflow' or a list (of such strings): known names, once each, in order."""
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list | tuple):
+            return v  # pydantic reports the type
+        names = [n.strip().lower() for item in v for n in str(item).split(",") if n.strip()]
+        for n in names:
+            if n not in LOGGERS:
+                raise ValueError(f"unknown logger {n!r} (choose from {', '.join(LOGGERS)})")
+        return list(dict.fromkeys(names))
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

@@ -129,10 +129,12 @@ class TrainResult:
     rank: int = 0  # data-parallel process; only rank 0 has metrics and wrote the run
 
 
-def train_run(config: RunConfig, out: Path, progress: bool = True) -> TrainResult:
+def train_run(config: RunConfig, out: Path, progress: bool = True,
+              mlflow_uri: str | None = None) -> TrainResult:
     """Validate everything, then train; the run directory says complete only at the very end.
 
     Under data-parallel training every process runs this; only rank 0 touches `out`.
+    `mlflow_uri`: where `--logger mlflow` logs (default: MLFLOW_TRACKING_URI, else the run).
     """
     from cxrlab.distributed import is_rank_zero
     from cxrlab.models import create_model, list_models, resolve_pretrained
@@ -145,8 +147,10 @@ def train_run(config: RunConfig, out: Path, progress: bool = True) -> TrainResul
         raise CxrlabError(f"--model {config.model}: unknown model; choose from: "
                           f"{', '.join(list_models())}")
     from cxrlab.distributed import check_supported
+    from cxrlab.tracking import check_available
 
     check_supported(config)
+    check_available(config.loggers)
     if rank0:
         check_out_dir(out)  # refuse before the slow part
     data = prepare_data(config)  # bad data fails here, before anything is written
@@ -163,7 +167,8 @@ def train_run(config: RunConfig, out: Path, progress: bool = True) -> TrainResul
                          dropout=config.dropout, batchnorm=config.batchnorm,
                          pretrained=pretrained, image_size=config.image_size, head=config.head)
     if not rank0:
-        return _train_and_report(model, config, data, positive, out, progress)
+        return _train_and_report(model, config, data, positive, out, progress,
+                                 mlflow_uri=mlflow_uri)
     check_free_space(out, model)
     prepare_out_dir(out)
     info = RunInfo(classes=classes, positive=positive, in_chans=in_chans)
@@ -172,7 +177,8 @@ def train_run(config: RunConfig, out: Path, progress: bool = True) -> TrainResul
     def work() -> TrainResult:
         config.save(out / "config.yaml")
         write_split_csv(out / "split.csv", data.source, data.split_result)
-        return _train_and_report(model, config, data, positive, out, progress)
+        return _train_and_report(model, config, data, positive, out, progress,
+                                 mlflow_uri=mlflow_uri)
 
     with run_lock(out):
         return _guarded(info, out, work)
@@ -249,6 +255,9 @@ def _resume(run_dir: Path, info: RunInfo, rank0: bool, progress: bool,
         from cxrlab.distributed import check_supported
 
         check_supported(config)
+    from cxrlab.tracking import check_available
+
+    check_available(config.loggers)
     data = prepare_data(config)
     if data.source.classes != info.classes:
         raise CxrlabError(f"{config.data}: classes are now {', '.join(data.source.classes)}, "
@@ -281,16 +290,20 @@ def _resume(run_dir: Path, info: RunInfo, rank0: bool, progress: bool,
 
 
 def _train_and_report(model, config: RunConfig, data: PreparedData, positive: int | None,
-                      out: Path, progress: bool, ckpt_path: Path | None = None) -> TrainResult:
+                      out: Path, progress: bool, ckpt_path: Path | None = None,
+                      mlflow_uri: str | None = None) -> TrainResult:
     from cxrlab import plots
+    from cxrlab.distributed import is_rank_zero
     from cxrlab.evaluate import choose_threshold, compute_metrics
+    from cxrlab.tracking import log_final, make_loggers
     from cxrlab.train import fit, predict_probs, read_history, use_bf16
 
     classes = data.source.classes
     tx, ty, _ = data.subset("train")
     vx, vy, vidx = data.subset("val")
+    loggers = make_loggers(config, out, mlflow_uri, rank0=is_rank_zero())
     fitted = fit(model, config, tx, ty, vx, vy, len(classes), positive, out, progress,
-                 ckpt_path=ckpt_path)
+                 ckpt_path=ckpt_path, loggers=loggers)
     if fitted.module.global_rank != 0:
         return TrainResult(out, {}, None, fitted.epochs_run, fitted.seconds, len(ty), len(vy),
                            rank=fitted.module.global_rank)
@@ -337,6 +350,7 @@ def _train_and_report(model, config: RunConfig, data: PreparedData, positive: in
     pred = decide(vp, positive, threshold)
     plots.plot_prediction_grid(vx, vy, pred, vp[np.arange(len(pred)), pred], classes,
                                out / "val_predictions.png")
+    log_final(loggers, out, metrics, fitted.epochs_run)
     return TrainResult(out, metrics, test_metrics, fitted.epochs_run, fitted.seconds,
                        len(ty), len(vy))
 

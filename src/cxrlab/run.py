@@ -12,6 +12,7 @@
     intake.json   per-image statistics of the training+validation images (cxrlab.intake)
     shift.json, shift.png  the stress test, when `evaluate --shift` was run (cxrlab.shift)
     *.png         curves, confusion matrix, ROC, prediction grid
+    tb/ csv-logs/ mlruns/ tracking.json   with --logger (cxrlab.tracking)
 """
 
 from __future__ import annotations
@@ -218,7 +219,10 @@ def run_state(run_dir: Path, config: RunConfig) -> str:
         return "broken"
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     want = config.model_dump()
-    diff = [k for k in want if saved.get(k) != want[k]]
+    want.pop("loggers")  # where the numbers are also sent does not change the run
+    fields = RunConfig.model_fields  # a key added since the run was saved: its default
+    diff = [k for k in want
+            if saved.get(k, fields[k].get_default(call_default_factory=True)) != want[k]]
     if diff:
         k = diff[0]
         raise CxrlabError(f"{run_dir}: was trained with {k}={saved.get(k)!r}, now asked for "

@@ -412,13 +412,13 @@ class FitResult:
 def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_y,
         n_classes: int, positive: int | None, run_dir: Path,
         progress: bool = True, ckpt_path: Path | None = None,
-        cache_features: bool = True) -> FitResult:
+        cache_features: bool = True, loggers: list | None = None) -> FitResult:
     """Train with Lightning; returns the module holding the best (lowest val loss) weights.
 
     A checkpoint (checkpoints/last.ckpt) is written atomically at the end of every epoch;
     `ckpt_path` continues a run from one (see cxrlab.checkpoints). A frozen backbone without
     augmentation trains on cached pooled features (`cache_features=False` recomputes them
-    every batch: the benchmark's baseline).
+    every batch: the benchmark's baseline). `loggers`: Lightning loggers (cxrlab.tracking).
     """
     from cxrlab import finetune
     from cxrlab.checkpoints import AtomicCheckpointIO, TrainingState
@@ -473,7 +473,7 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
         precision="bf16-mixed" if use_bf16(config.precision) else "32-true",
         deterministic=config.deterministic,
         callbacks=callbacks,
-        logger=False,
+        logger=loggers or False,
         enable_progress_bar=progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,

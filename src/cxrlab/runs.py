@@ -1,0 +1,144 @@
+"""Every run under a folder, one row each: what `cxrlab runs` shows and `cxrlab.runs()` returns.
+
+A run is a folder holding run.json (cross-validation folds are runs too: `cv/fold-1`). Rows
+are plain dicts (no pandas); a half-written or corrupt run is a row with state 'unreadable'
+and the reason, never an exception, so one broken folder does not hide the others.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cxrlab.errors import CxrlabError
+
+SORTS = ("auc", "date", "name", "time")
+
+
+def runs(root: Path | str = "runs", sort: str = "date", reverse: bool = False) -> list[dict]:
+    """One dict per run under `root` (recursive), sorted by `sort` (auc: best first; date:
+    oldest first; name; time: wall time, shortest first); runs without the key go last."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CxrlabError(f"{root}: no such folder")
+    if sort not in SORTS:
+        raise CxrlabError(f"--sort {sort}: choose from {', '.join(SORTS)}")
+    found = sorted({p.parent for p in root.rglob("run.json")})
+    rows = [read_run(d, root) for d in found]
+    key = {"auc": lambda r: -r["auc"] if r["auc"] is not None else None,
+           "date": lambda r: r["date"], "name": lambda r: r["run"],
+           "time": lambda r: r["seconds"]}[sort]
+    have = [r for r in rows if key(r) is not None]
+    have.sort(key=lambda r: (key(r), r["run"]), reverse=reverse)
+    return have + sorted((r for r in rows if key(r) is None), key=lambda r: r["run"])
+
+
+def read_run(run_dir: Path, root: Path | None = None) -> dict[str, Any]:
+    """The row of one run; 'unreadable' with `error` when its files cannot be parsed."""
+    run_dir = Path(run_dir)
+    row: dict[str, Any] = {
+        "run": str(run_dir.relative_to(root)) if root is not None else str(run_dir),
+        "path": str(run_dir), "state": "unreadable", "model": None, "image_size": None,
+        "epochs_done": None, "epochs_planned": None, "auc": None, "auc_ci": None,
+        "accuracy": None, "threshold": None, "seconds": None, "date": None, "error": None,
+    }
+    try:
+        info = _json(run_dir / "run.json")
+        state = info["state"]
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        row.update(model=config["model"], image_size=config["image_size"],
+                   epochs_planned=config["epochs"])
+        history = _history(run_dir / "history.csv")
+        row["epochs_done"] = len(history)
+        seconds = [float(r["seconds"]) for r in history if r.get("seconds")]
+        row["seconds"] = round(sum(seconds), 1) if seconds else None
+        if state == "complete":
+            m = _json(run_dir / "metrics.json")
+            ci = (m.get("ci") or {}).get("roc_auc")
+            row.update(auc=_num(m.get("roc_auc")), auc_ci=ci and [_num(x) for x in ci],
+                       accuracy=_num(m.get("accuracy")), threshold=_num(m.get("threshold")),
+                       epochs_done=m.get("epochs", row["epochs_done"]),
+                       seconds=_num(m.get("train_seconds", row["seconds"])))
+        elif state == "running" and not _lock_held(run_dir):
+            state = "killed"  # run.json says running, but no process holds the run's lock
+        row["state"] = state
+        row["error"] = info.get("error")
+        row["date"] = time.strftime("%Y-%m-%d %H:%M:%S",
+                                    time.localtime((run_dir / "run.json").stat().st_mtime))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError) as e:
+        row["state"] = "unreadable"
+        row["error"] = f"{type(e).__name__}: {e}"
+    return row
+
+
+def _num(v: Any) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise TypeError(f"expected a number, found {v!r}")
+    return float(v)
+
+
+def _json(path: Path) -> dict:
+    d = json.loads(path.read_text())
+    if not isinstance(d, dict):
+        raise ValueError(f"{path.name}: not a JSON object")
+    return d
+
+
+def _history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _lock_held(run_dir: Path) -> bool:
+    """Whether a training process holds RUN_DIR/.lock (cxrlab.run.run_lock); read-only probe."""
+    import fcntl
+
+    lock = run_dir / ".lock"
+    if not lock.is_file():
+        return False
+    with lock.open("r") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def render(rows: list[dict], console, title: str = "Runs") -> None:
+    """The rows as one Rich table (the CLI's view of `runs`)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    def f3(v: float | None) -> str:
+        return "" if v is None else f"{v:.3f}"
+
+    colour = {"complete": "green", "running": "cyan", "failed": "red", "killed": "yellow",
+              "unreadable": "red"}
+    table = Table("run", "model", "size", "epochs", "val AUC [95% CI]", "accuracy",
+                  "threshold", "time", "state", "date", title=Text(title))
+    for r in rows:
+        auc = f3(r["auc"])
+        if r["auc"] is not None and r["auc_ci"] and None not in r["auc_ci"]:
+            auc += f" [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}]"
+        epochs = "" if r["epochs_planned"] is None else f"{r['epochs_done']}/{r['epochs_planned']}"
+        secs = "" if r["seconds"] is None else f"{r['seconds']:.0f} s"
+        state = Text(r["state"], style=colour.get(r["state"], ""))
+        size = "" if r["image_size"] is None else str(r["image_size"])
+        table.add_row(Text(r["run"]), Text(str(r["model"] or "")), size, epochs, Text(auc),
+                      f3(r["accuracy"]), f3(r["threshold"]), secs, state, r["date"] or "")
+    console.print(table)
+    for r in rows:
+        if r["state"] == "unreadable":
+            console.print(Text(f"{r['run']}: unreadable ({r['error']})"))
+    if not rows:
+        console.print("no runs (folders with run.json) found")
