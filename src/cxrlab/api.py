@@ -201,6 +201,20 @@ class Run:
         return read_threshold(self.path)
 
     @property
+    def val_predictions(self) -> list[dict]:
+        """The validation images as the run decided them (val_predictions.csv): path, label,
+        class, probabilities and correct, per image."""
+        from cxrlab.pipeline import decide
+
+        paths, y, probs = self._val_predictions()
+        pred = decide(probs, self._info.positive, self.threshold)
+        names = self.classes
+        return [{"path": p, "label": names[t], "class": names[k],
+                 "probabilities": {c: float(v) for c, v in zip(names, row, strict=True)},
+                 "correct": bool(t == k)} for p, t, k, row in zip(paths, y, pred, probs,
+                                                                   strict=True)]
+
+    @property
     def loaded(self) -> LoadedRun:
         """The model and what inference needs, loaded once."""
         if self._loaded is None:
@@ -265,8 +279,8 @@ class Run:
         pixels = self._pixels(image)
         row = self.predict([image])[0]
         name = Path(image).name if isinstance(image, (str, Path)) else "image"
-        return cam_figure(pixels, self.gradcam(image, target=target, layer=layer),
-                          cam_title(name, row))
+        return _shown(cam_figure(pixels, self.gradcam(image, target=target, layer=layer),
+                                 cam_title(name, row)))
 
     def export_onnx(self, path: PathLike, *, overwrite: bool = False) -> Path:
         """The run as one ONNX file (uint8 images in, probabilities out; `cxrlab export`)."""
@@ -285,22 +299,22 @@ class Run:
         """Loss, accuracy, precision and recall per epoch, train beside validation."""
         from cxrlab.plots import plot_history
 
-        return plot_history(self.history)
+        return _shown(plot_history(self.history))
 
     def plot_roc(self) -> Figure:
         """Validation ROC curve(s) with AUC, the run's operating point marked."""
         from cxrlab.plots import plot_roc
 
         _, y, probs = self._val_predictions()
-        return plot_roc(y, probs, self.classes, positive=self._info.positive,
-                        threshold=self.threshold)
+        return _shown(plot_roc(y, probs, self.classes, positive=self._info.positive,
+                               threshold=self.threshold))
 
     def plot_confusion(self) -> Figure:
         """Validation confusion matrix at the run's threshold."""
         from cxrlab.plots import plot_confusion
 
-        return plot_confusion(np.array(self.metrics["confusion_matrix"]), self.classes,
-                              title="Validation confusion matrix")
+        return _shown(plot_confusion(np.array(self.metrics["confusion_matrix"]), self.classes,
+                                     title="Validation confusion matrix"))
 
     def show_predictions(self, *, wrong_first: bool = True, max_images: int = 32) -> Figure:
         """Validation images titled "pred: X (p) | true: Y"; mistakes first (most confident
@@ -320,8 +334,9 @@ class Run:
         cfg = self.config
         images, _ = load_images([Path(paths[i]) for i in keep], cfg.image_size,
                                 self._info.in_chans, cache_dir=None)
-        return plot_prediction_grid(images, y[keep], pred[keep], probs[keep], self.classes,
-                                    max_images=max_images, wrong_first=wrong_first)
+        return _shown(plot_prediction_grid(images, y[keep], pred[keep], probs[keep],
+                                           self.classes, max_images=max_images,
+                                           wrong_first=wrong_first))
 
     # -- helpers ------------------------------------------------------------------------
     def _pixels(self, image: Any, name: str = "image") -> np.ndarray:
@@ -579,6 +594,28 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise CxrlabError(f"{path}: not found (is the run complete?)") from None
+
+
+def _shown(fig: Figure) -> Figure:
+    """Make a notebook show the Figure as a PNG.
+
+    Our figures are built without pyplot (thread-safe, no global state), so IPython has no
+    formatter for them unless `%matplotlib inline` ran; register the one the inline backend
+    uses, unless one is already set (the user's choice, e.g. retina, wins)."""
+    import sys
+
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    if shell is None:
+        return fig
+    from IPython.core.pylabtools import print_figure
+    from matplotlib.figure import Figure
+
+    png = shell.display_formatter.formatters["image/png"]
+    try:
+        png.lookup_by_type(Figure)
+    except KeyError:
+        png.for_type(Figure, lambda f: print_figure(f, "png", bbox_inches="tight"))
+    return fig
 
 
 def _rich_text(draw) -> str:
