@@ -42,6 +42,11 @@ def test_quickstart_runs_headless(shared_data, tmp_path):
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
 
     cells = {c.source.splitlines()[-1]: c for c in nb.cells if c.cell_type == "code"}
+    streams = [(o.name, o.text) for c in nb.cells for o in c.get("outputs", [])
+               if o.output_type == "stream"]
+    assert [text for name, text in streams if name == "stderr"] == []  # no warnings, no logs
+    bar = "".join(text for name, text in streams)
+    assert "Epoch 0: 100%" in bar and "<00:00" in bar  # tqdm's bar, with its ETA
     assert "95% CI" in _outputs(cells["run.metrics"], "text/html")
     for plot in ("run.plot_history()", "run.plot_roc()", "run.plot_confusion()",
                  "run.show_predictions(wrong_first=True)"):

@@ -60,6 +60,12 @@ def train(data: PathLike | None = None, out: PathLike | None = None, *, progress
     `resume=RUN_DIR` continues a killed or failed run (only hardware options may be given).
     With `folds=K` the result is a CrossVal of the K fold runs.
     """
+    with _quiet():  # from the first import of the models on (monai pulls in tqdm.auto)
+        return _train(data, out, progress, resume, options)
+
+
+def _train(data: PathLike | None, out: PathLike | None, progress: bool,
+           resume: PathLike | None, options: dict[str, Any]) -> Run | CrossVal:
     from cxrlab.crossval import CONFIG_FILE, is_crossval_dir, run_crossval
     from cxrlab.pipeline import resume_run, train_run
 
@@ -76,25 +82,23 @@ def train(data: PathLike | None = None, out: PathLike | None = None, *, progress
             raise CxrlabError(f"{given[0]}: resume continues a run with its own config.yaml; "
                               "only progress and the hardware options may be given")
         resume = Path(resume)
-        with _quiet():
-            if is_crossval_dir(resume):
-                if hardware:
-                    raise CxrlabError("resume of a cross-validation: its folds keep the "
-                                      "hardware options they were started with")
-                result = run_crossval(RunConfig.load(resume / CONFIG_FILE), resume,
-                                      progress=progress)
-                return CrossVal(result, resume)
-            return Run(resume_run(resume, progress=progress, hardware=hardware).run_dir)
-    if data is None:
-        raise CxrlabError("data: give a dataset (or config= with a data entry)")
+        if is_crossval_dir(resume):
+            if hardware:
+                raise CxrlabError("resume of a cross-validation: its folds keep the hardware "
+                                  "options they were started with")
+            result = run_crossval(RunConfig.load(resume / CONFIG_FILE), resume,
+                                  progress=progress)
+            return CrossVal(result, resume)
+        return Run(resume_run(resume, progress=progress, hardware=hardware).run_dir)
     values = _config_values(data, options)
+    if "data" not in values:
+        raise CxrlabError("data: give a dataset (or config= with a data entry)")
     values.update(hardware)
     cfg = RunConfig.build(values, source="option")
     out = Path(out) if out is not None else _new_run_dir(Path(cfg.data))
-    with _quiet():
-        if cfg.folds is not None:
-            return CrossVal(run_crossval(cfg, out, progress=progress), out)
-        return Run(train_run(cfg, out, progress=progress).run_dir)
+    if cfg.folds is not None:
+        return CrossVal(run_crossval(cfg, out, progress=progress), out)
+    return Run(train_run(cfg, out, progress=progress).run_dir)
 
 
 def load(run_dir: PathLike) -> Run:
@@ -116,9 +120,9 @@ def ablate(spec: PathLike | dict, out: PathLike, *, progress: bool = False,
     dict; complete runs are skipped), then compare them paired by seed (`cxrlab ablate`)."""
     from cxrlab import ablate as ab
 
-    study = ab.parse_spec(spec) if isinstance(spec, dict) else ab.load_spec(Path(spec))
     out = Path(out)
     with _quiet():
+        study = ab.parse_spec(spec) if isinstance(spec, dict) else ab.load_spec(Path(spec))
         ab.run_sweep(study, out, ab.parse_shard(shard), progress=progress,
                      on_event=lambda e: logging.getLogger("cxrlab").info(
                          "[%d/%d] %s: %s %s", e.index, e.total, e.run.name, e.kind, e.detail))
@@ -542,7 +546,7 @@ class DataSummary:
 # helpers
 
 
-def _config_values(data: PathLike, options: dict[str, Any]) -> dict[str, Any]:
+def _config_values(data: PathLike | None, options: dict[str, Any]) -> dict[str, Any]:
     """The CLI's mapping of options onto RunConfig values (same checks, same messages)."""
     values: dict[str, Any] = {}
     config = options.pop("config", None)
@@ -556,7 +560,8 @@ def _config_values(data: PathLike, options: dict[str, Any]) -> dict[str, Any]:
     if target is not None:
         options.update(threshold_rule="sensitivity", target_sensitivity=target)
     values.update({k: v for k, v in options.items() if v is not None})
-    values["data"] = str(data)
+    if data is not None:
+        values["data"] = str(data)
     return values
 
 
@@ -640,6 +645,9 @@ def _quiet() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", module="lightning")
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            # tqdm.auto (imported by a dependency) without ipywidgets in a notebook: its bar
+            # falls back to text, which works; the advice to install ipywidgets is noise.
+            warnings.filterwarnings("ignore", message="IProgress not found")
             yield
     finally:
         for n, level in saved.items():
