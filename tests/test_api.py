@@ -50,6 +50,20 @@ def test_train_returns_the_run_it_wrote(trained, capfd):
     capfd.readouterr()
 
 
+def test_the_contract_names_are_callables_with_their_signatures():
+    import inspect
+
+    assert {"train", "load", "compare", "ablate", "data_summary", "Run", "Metrics",
+            "CxrlabError"} <= set(cxrlab.__all__)
+    assert list(inspect.signature(cxrlab.train).parameters) == [
+        "data", "out", "progress", "resume", "options"]
+    assert "spec" in inspect.signature(cxrlab.ablate).parameters
+    assert "run_b" in inspect.signature(cxrlab.compare).parameters
+    from cxrlab import ablate  # the submodule too, as the CLI and older code use it
+
+    assert callable(ablate) and callable(ablate.load_spec)
+
+
 def test_options_are_checked_like_the_cli(trained, tmp_path):
     _, data, _ = trained
     with pytest.raises(cxrlab.CxrlabError, match="imagesize: .*did you mean image_size"):

@@ -44,9 +44,19 @@ _CALLABLE_MODULES = frozenset({"train", "compare", "ablate"})
 
 class _CallableModule(types.ModuleType):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function(*args, **kwargs)
+
+    @property
+    def _function(self) -> Any:
         from cxrlab import api
 
-        return getattr(api, self.__name__.rpartition(".")[2])(*args, **kwargs)
+        return getattr(api, self.__name__.rpartition(".")[2])
+
+    @property
+    def __signature__(self) -> Any:  # inspect.signature / IDEs see the function's
+        import inspect
+
+        return inspect.signature(self._function)
 
 
 class _Package(types.ModuleType):
