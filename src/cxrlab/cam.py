@@ -167,6 +167,16 @@ def png_data_url(png: bytes) -> str:
 
 def save_cam_figure(path: Path, image: np.ndarray, heat: np.ndarray, title: str) -> Path:
     """A PNG of the overlay with the prediction as its title, beside a colour bar."""
+    fig = cam_figure(image, heat, title)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
+def cam_figure(image: np.ndarray, heat: np.ndarray, title: str):
+    """The overlay with `title` beside a colour bar, as a matplotlib Figure (no pyplot)."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
@@ -182,11 +192,7 @@ def save_cam_figure(path: Path, image: np.ndarray, heat: np.ndarray, title: str)
     ax.set_title(title, fontsize=10)
     fig.colorbar(ScalarMappable(cmap=colormaps["jet"]), ax=ax, fraction=0.046, pad=0.02,
                  label="Grad-CAM (relative)")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", bbox_inches="tight")
-    tmp.replace(path)
-    return path
+    return fig
 
 
 def cam_title(name: str, row: dict) -> str:

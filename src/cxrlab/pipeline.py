@@ -506,16 +506,7 @@ def predict_paths(run: LoadedRun | Path, paths: list[Path], skip_bad: bool = Fal
                               cache_dir=None, skip_bad=skip_bad)
     bad_paths = {Path(p) for p, _ in bad}
     files = [f for f in files if f not in bad_paths]
-    probs = predictor(images)
-    pred = decide(probs, run.info.positive, run.threshold)
-    rows = []
-    for f, p, k in zip(files, probs, pred, strict=True):
-        rows.append({
-            "path": str(f),
-            "class": run.classes[int(k)],
-            "probabilities": {c: round(float(v), 6) for c, v in zip(run.classes, p, strict=True)},
-            "threshold": run.threshold,
-        })
+    rows = prediction_rows(run, [str(f) for f in files], predictor(images))
     if cam is not None:
         from cxrlab.cam import write_cam_pngs
 
@@ -525,3 +516,14 @@ def predict_paths(run: LoadedRun | Path, paths: list[Path], skip_bad: bool = Fal
     for f, why in bad:
         rows.append({"path": str(f), "error": why})
     return rows
+
+
+def prediction_rows(run: LoadedRun, names: list, probs: np.ndarray) -> list[dict]:
+    """One row per image: path (its name), class at the run's threshold, probabilities."""
+    pred = decide(probs, run.info.positive, run.threshold)
+    return [{
+        "path": name,
+        "class": run.classes[int(k)],
+        "probabilities": {c: round(float(v), 6) for c, v in zip(run.classes, p, strict=True)},
+        "threshold": run.threshold,
+    } for name, p, k in zip(names, probs, pred, strict=True)]

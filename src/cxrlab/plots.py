@@ -3,7 +3,8 @@
 Figures are built as `matplotlib.figure.Figure` objects drawn by the Agg canvas, never through
 pyplot: headless by construction, no process-wide backend switch for whoever imported us, and
 no global figure registry to leak or to share between threads (the server draws too).
-Every function writes its PNG atomically and returns the path.
+Every function writes its PNG atomically and returns the path; given no path, it returns the
+Figure instead (what a notebook displays inline: `cxrlab.Run.plot_history` and friends).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ DPI = 110
 TRAIN_COLOR, VAL_COLOR, WRONG_COLOR = "tab:blue", "tab:orange", "tab:red"
 
 
-def plot_history(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
+def plot_history(history: Sequence[dict[str, Any]],
+                 path: str | Path | None = None) -> Path | Figure:
     """Loss, accuracy, precision and recall per epoch, train beside val, best epoch marked.
 
     Missing, None, empty or NaN values are skipped, so a history.csv read back as strings works.
@@ -62,15 +64,15 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         if drawn:
             ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig if path is None else _save(fig, path)
 
 
 def plot_confusion(
     cm: Sequence[Sequence[int]] | np.ndarray,
     classes: Sequence[str],
-    path: str | Path,
+    path: str | Path | None = None,
     title: str = "Confusion matrix",
-) -> Path:
+) -> Path | Figure:
     """Counts and share of each true class per cell; colour by that share, so rare classes show."""
     cm = np.asarray(cm, dtype=int)
     K = len(classes)
@@ -96,17 +98,17 @@ def plot_confusion(
     ax.set_ylabel("true")
     ax.set_title(f"{title} (n = {int(cm.sum())})")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    return _save(fig, path)
+    return fig if path is None else _save(fig, path)
 
 
 def plot_roc(
     y_true: Sequence[int] | np.ndarray,
     probs: np.ndarray,
     classes: Sequence[str],
-    path: str | Path,
+    path: str | Path | None = None,
     positive: int | None = None,
     threshold: float | None = None,
-) -> Path:
+) -> Path | Figure:
     """ROC curve with its AUC (one-vs-rest per class for K > 2); for two classes the operating
     point at `threshold` is marked, so the chosen trade-off is visible on the curve."""
     fig = _figure((6, 6))
@@ -133,16 +135,16 @@ def plot_roc(
     ax.set_title("ROC curve" + ("" if len(curves) == 1 else "s (one vs rest)"))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return fig if path is None else _save(fig, path)
 
 
 def plot_pr(
     y_true: Sequence[int] | np.ndarray,
     probs: np.ndarray,
     classes: Sequence[str],
-    path: str | Path,
+    path: str | Path | None = None,
     positive: int | None = None,
-) -> Path:
+) -> Path | Figure:
     """Precision-recall curve(s) with average precision; the dashed line is the prevalence, what
     a useless classifier scores, which matters more than the diagonal when classes are rare."""
     fig = _figure((6, 6))
@@ -165,7 +167,7 @@ def plot_pr(
     ax.set_title("Precision-recall curve" + ("" if len(curves) == 1 else "s (one vs rest)"))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    return _save(fig, path)
+    return fig if path is None else _save(fig, path)
 
 
 def plot_prediction_grid(
@@ -174,14 +176,16 @@ def plot_prediction_grid(
     y_pred: Sequence[int] | np.ndarray,
     p: Sequence[float] | np.ndarray,
     classes: Sequence[str],
-    path: str | Path,
+    path: str | Path | None = None,
     max_images: int = 32,
-) -> Path:
+    wrong_first: bool = True,
+) -> Path | Figure:
     """Images with "pred: X (0.93) | true: Y" titles, mistakes first and framed in red.
 
     images is uint8 (N, C, H, W) with C 1 or 3; p is the probability of the predicted class
     (N,) or the full (N, K) matrix. Mistakes come most-confident first, like fastai's "top
-    losses": those are the ones worth looking at. y_true None (unlabelled images) shows
+    losses": those are the ones worth looking at (wrong_first=False: in the order given).
+    y_true None (unlabelled images) shows
     predictions only.
     """
     images = np.asarray(images)
@@ -197,7 +201,8 @@ def plot_prediction_grid(
     wrong = np.zeros(n, dtype=bool) if truth is None else truth != y_pred
     wrong_idx = np.flatnonzero(wrong)
     wrong_idx = wrong_idx[np.argsort(-conf[wrong_idx], kind="stable")]
-    order = np.concatenate([wrong_idx, np.flatnonzero(~wrong)])[: max(0, max_images)]
+    order = np.concatenate([wrong_idx, np.flatnonzero(~wrong)]) if wrong_first else np.arange(n)
+    order = order[: max(0, max_images)]
 
     cols = max(1, min(8, len(order)))
     rows = max(1, math.ceil(len(order) / cols))
@@ -231,7 +236,7 @@ def plot_prediction_grid(
     if truth is not None:
         summary += f", {int(wrong.sum())} wrong (shown first, red)"
     fig.suptitle(summary)
-    return _save(fig, path)
+    return fig if path is None else _save(fig, path)
 
 
 def plot_shift(result: dict[str, Any], path: str | Path) -> Path:

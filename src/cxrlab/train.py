@@ -356,6 +356,24 @@ class HistoryCSV:
         tmp.replace(self.path)
 
 
+def progress_bar():
+    """Rich's bar in a terminal; in a Jupyter kernel Lightning's tqdm bar, which updates in
+    place there with its ETA (tqdm.auto widgets when ipywidgets is installed, else carriage
+    returns on stderr), where Rich's live display needs ipywidgets and otherwise shows nothing
+    until the end."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    return TQDMProgressBar() if in_jupyter() else RichProgressBar(leave=True)
+
+
+def in_jupyter() -> bool:
+    """Running inside an IPython kernel (Jupyter, VS Code notebooks), not a terminal."""
+    import sys
+
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
 def read_history(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -460,9 +478,7 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
     if config.unfreeze_after is not None:
         callbacks.append(finetune.UnfreezeBackbone(config.unfreeze_after))
     if progress:
-        from lightning.pytorch.callbacks import RichProgressBar
-
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(progress_bar())
     trainer = L.Trainer(
         max_epochs=config.epochs,
         accelerator=config.accelerator,

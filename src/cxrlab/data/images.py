@@ -58,10 +58,15 @@ def _wide_to_8bit(im: Image.Image) -> Image.Image:
         lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
         a = (np.nan_to_num(a, nan=lo) - lo) * (255.0 / (hi - lo)) if hi > lo else a * 0
         return Image.fromarray(a.round().clip(0, 255).astype(np.uint8))
+    return Image.fromarray(_depth_to_8bit(a))
+
+
+def _depth_to_8bit(a: np.ndarray) -> np.ndarray:
+    """Integer pixels scaled by their bit depth (the module docstring's rule)."""
     a = a.astype(np.int64).clip(0, None)
-    bits = max(8, int(a.max()).bit_length())
+    bits = max(8, int(a.max()).bit_length()) if a.size else 8
     bits += bits % 2
-    return Image.fromarray((a * 255 // ((1 << bits) - 1)).astype(np.uint8))
+    return (a * 255 // ((1 << bits) - 1)).astype(np.uint8)
 
 
 def _to_mode(im: Image.Image, channels: int) -> Image.Image:
@@ -134,9 +139,7 @@ def _decode(fp: BinaryIO, name: str, channels: int, size: int | None,
                     im.draft("L" if channels == 1 else "RGB", (size, size))
                 im.load()  # decode now, so truncation raises here
                 out = _to_mode(im, channels)
-        if size is not None and out.size != (size, size):
-            out = out.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-        a = np.asarray(out, dtype=np.uint8)
+        return _sized_chw(out, size)
     except CxrlabError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -149,7 +152,43 @@ def _decode(fp: BinaryIO, name: str, channels: int, size: int | None,
     except (ValueError, SyntaxError, TypeError, IndexError, EOFError) as e:
         # PIL's plugins raise these on corrupt headers and chunks
         raise CxrlabError(f"{name}: unreadable image ({type(e).__name__}: {e})") from None
+
+
+def _sized_chw(im: Image.Image, size: int | None) -> np.ndarray:
+    """An L or RGB image resized (when size given) -> uint8 (C, H, W)."""
+    if size is not None and im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    a = np.asarray(im, dtype=np.uint8)
     return a[None].copy() if a.ndim == 2 else a.transpose(2, 0, 1).copy()
+
+
+def convert_image(image: Image.Image | np.ndarray, channels: int, size: int | None = None,
+                  name: str = "image") -> np.ndarray:
+    """`read_image` for an image already in memory (the Python API): a PIL image, or a NumPy
+    array H x W or H x W x C (C 1, 3 or 4), uint8 or uint16. The same mode conversion and
+    resize as a file, so an array and the PNG it would be saved as give the same pixels
+    (uint16 is scaled by its bit depth, like a 16-bit PNG)."""
+    if channels not in (1, 3):
+        raise CxrlabError(f"--channels {channels}: must be 1 or 3")
+    if isinstance(image, Image.Image):
+        im = image
+    else:
+        a = np.asarray(image)
+        if a.ndim == 3 and a.shape[2] == 1:
+            a = a[..., 0]
+        if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+            raise CxrlabError(f"{name}: expected an array H x W or H x W x (1, 3 or 4), got "
+                              f"shape {a.shape}")
+        if a.dtype == np.uint16:
+            a = _depth_to_8bit(a)
+        elif a.dtype != np.uint8:
+            raise CxrlabError(f"{name}: expected uint8 or uint16 pixels, got {a.dtype}")
+        im = Image.fromarray(np.ascontiguousarray(a))
+    _check_side(name, *im.size)
+    try:
+        return _sized_chw(_to_mode(im, channels), size)
+    except (OSError, ValueError) as e:
+        raise CxrlabError(f"{name}: cannot convert image ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,654 @@
+"""cxrlab from Python and notebooks: the CLI's commands as functions returning objects.
+
+`train`, `load`, `compare`, `ablate` and `data_summary` call the same library functions as the
+`cxrlab` command, with its option names and defaults (validated by `RunConfig.build`). Results
+show as compact HTML tables in Jupyter (`_repr_html_`, with 95% intervals) and as plain text
+elsewhere; plots come back as matplotlib Figures. Nothing prints unless asked: errors raise
+`CxrlabError`, messages go to logging, and a progress bar appears only with `progress=True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import io
+import json
+import logging
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cxrlab.config import RunConfig
+from cxrlab.errors import CxrlabError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from cxrlab.run import LoadedRun
+
+__all__ = ["CrossVal", "Comparison", "DataSummary", "History", "Metrics", "Run", "Sweep",
+           "ablate", "compare", "data_summary", "load", "train"]
+
+PathLike = str | Path
+
+# `cxrlab train`'s options (python_style), beside RunConfig's fields of the same names.
+_HARDWARE = ("accelerator", "devices", "num_nodes", "strategy")
+_TRAIN_OPTIONS = (
+    "config", "model", "image_size", "batch_size", "epochs", "optimizer", "lr", "momentum",
+    "weight_decay", "schedule", "patience", "class_weights", "sampler", "augment", "dropout",
+    "batchnorm", "pretrained", "no_pretrained", "head", "freeze_backbone", "unfreeze_after",
+    "backbone_lr_mult", "seed", "val_fraction", "folds", "group_regex", "image_col",
+    "label_col", "positive", "target_sensitivity", "precision", "channels", "skip_bad",
+    *_HARDWARE,
+)
+
+
+# ---------------------------------------------------------------------------------------
+# functions
+
+
+def train(data: PathLike | None = None, out: PathLike | None = None, *, progress: bool = False,
+          resume: PathLike | None = None, **options: Any) -> Run | CrossVal:
+    """Train a classifier like `cxrlab train DATA --out OUT` and return the finished Run.
+
+    `options` are the CLI's (`image_size=64`, `model="cnn"`, `no_pretrained=True`, ...), with
+    its defaults and checks. `out` None makes a new folder runs/<data name>-<UTC time>.
+    `resume=RUN_DIR` continues a killed or failed run (only hardware options may be given).
+    With `folds=K` the result is a CrossVal of the K fold runs.
+    """
+    with _quiet():  # from the first import of the models on (monai pulls in tqdm.auto)
+        return _train(data, out, progress, resume, options)
+
+
+def _train(data: PathLike | None, out: PathLike | None, progress: bool,
+           resume: PathLike | None, options: dict[str, Any]) -> Run | CrossVal:
+    from cxrlab.crossval import CONFIG_FILE, is_crossval_dir, run_crossval
+    from cxrlab.pipeline import resume_run, train_run
+
+    unknown = [k for k in options if k not in _TRAIN_OPTIONS]
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], _TRAIN_OPTIONS, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise CxrlabError(f"{unknown[0]}: not an option of cxrlab.train{hint}")
+    hardware = {k: options.pop(k) for k in _HARDWARE if options.get(k) is not None}
+    if resume is not None:
+        given = [k for k, v in {"data": data, "out": out, **options}.items()
+                 if v not in (None, False)]
+        if given:
+            raise CxrlabError(f"{given[0]}: resume continues a run with its own config.yaml; "
+                              "only progress and the hardware options may be given")
+        resume = Path(resume)
+        if is_crossval_dir(resume):
+            if hardware:
+                raise CxrlabError("resume of a cross-validation: its folds keep the hardware "
+                                  "options they were started with")
+            result = run_crossval(RunConfig.load(resume / CONFIG_FILE), resume,
+                                  progress=progress)
+            return CrossVal(result, resume)
+        return Run(resume_run(resume, progress=progress, hardware=hardware).run_dir)
+    values = _config_values(data, options)
+    if "data" not in values:
+        raise CxrlabError("data: give a dataset (or config= with a data entry)")
+    values.update(hardware)
+    cfg = RunConfig.build(values, source="option")
+    out = Path(out) if out is not None else _new_run_dir(Path(cfg.data))
+    if cfg.folds is not None:
+        return CrossVal(run_crossval(cfg, out, progress=progress), out)
+    return Run(train_run(cfg, out, progress=progress).run_dir)
+
+
+def load(run_dir: PathLike) -> Run:
+    """A finished run directory (what `cxrlab train` wrote) as a Run."""
+    return Run(run_dir)
+
+
+def compare(run_a: Run | PathLike, run_b: Run | PathLike, n_boot: int = 2000) -> Comparison:
+    """B − A on the validation images both runs share, with paired bootstrap 95% intervals
+    (`cxrlab compare A B`)."""
+    from cxrlab.compare import compare_runs
+
+    return Comparison(compare_runs(_path(run_a), _path(run_b), n_boot=n_boot))
+
+
+def ablate(spec: PathLike | dict, out: PathLike, *, progress: bool = False,
+           shard: str | None = None) -> Sweep:
+    """Train every variant x seed of an ablation spec (a YAML file or the same mapping as a
+    dict; complete runs are skipped), then compare them paired by seed (`cxrlab ablate`)."""
+    from cxrlab import ablate as ab
+
+    out = Path(out)
+    with _quiet():
+        study = ab.parse_spec(spec) if isinstance(spec, dict) else ab.load_spec(Path(spec))
+        ab.run_sweep(study, out, ab.parse_shard(shard), progress=progress,
+                     on_event=lambda e: logging.getLogger("cxrlab").info(
+                         "[%d/%d] %s: %s %s", e.index, e.total, e.run.name, e.kind, e.detail))
+    return Sweep(ab.collect(study, out), out)
+
+
+def data_summary(data: PathLike, *, image_col: str | None = None,
+                 label_col: str | None = None, group_regex: str | None = None,
+                 val_fraction: float = 0.2, seed: int = 0) -> DataSummary:
+    """Counts per class and split, patients, sizes, duplicates, leakage and unreadable files,
+    with the split a training run would use (`cxrlab data summary`)."""
+    from cxrlab.data.audit import summarize
+    from cxrlab.data.sources import load_source
+
+    source = load_source(Path(data), image_col, label_col)
+    return DataSummary(summarize(source, group_regex=group_regex, val_fraction=val_fraction,
+                                 seed=seed))
+
+
+# ---------------------------------------------------------------------------------------
+# a run
+
+
+class Run:
+    """A finished run directory: its metrics, configuration and history, and the model to
+    evaluate, predict, explain, export and plot with (loaded on first use)."""
+
+    def __init__(self, path: PathLike):
+        from cxrlab.run import load_info
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CxrlabError(f"{self.path}: run directory not found")
+        info = load_info(self.path)
+        if info.state != "complete":
+            raise CxrlabError(f"{self.path}: run is not complete (state: {info.state})")
+        self._info = info
+        self._loaded: LoadedRun | None = None
+
+    # -- what the run wrote -----------------------------------------------------------------
+    @property
+    def metrics(self) -> Metrics:
+        """Validation metrics (metrics.json) with their 95% bootstrap intervals under "ci"."""
+        return Metrics(_read_json(self.path / "metrics.json"))
+
+    @property
+    def test_metrics(self) -> Metrics | None:
+        """Metrics on the data's own test split (metrics_test.json), if it had one."""
+        p = self.path / "metrics_test.json"
+        return Metrics(_read_json(p)) if p.is_file() else None
+
+    @property
+    def config(self) -> RunConfig:
+        """Everything that defines the run (config.yaml)."""
+        return RunConfig.load(self.path / "config.yaml")
+
+    @property
+    def history(self) -> History:
+        """One dict per epoch (history.csv); `.to_pandas()` for a DataFrame."""
+        from cxrlab.train import read_history
+
+        return History(read_history(self.path / "history.csv"))
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names, in the order of the probabilities."""
+        return list(self._info.classes)
+
+    @property
+    def positive_class(self) -> str | None:
+        """The class the threshold is for (two classes), else None."""
+        pos = self._info.positive
+        return None if pos is None else self._info.classes[pos]
+
+    @property
+    def threshold(self) -> float | None:
+        """The decision threshold chosen on validation (two classes), else None."""
+        from cxrlab.run import read_threshold
+
+        return read_threshold(self.path)
+
+    @property
+    def val_predictions(self) -> list[dict]:
+        """The validation images as the run decided them (val_predictions.csv): path, label,
+        class, probabilities and correct, per image."""
+        from cxrlab.pipeline import decide
+
+        paths, y, probs = self._val_predictions()
+        pred = decide(probs, self._info.positive, self.threshold)
+        names = self.classes
+        return [{"path": p, "label": names[t], "class": names[k],
+                 "probabilities": {c: float(v) for c, v in zip(names, row, strict=True)},
+                 "correct": bool(t == k)} for p, t, k, row in zip(paths, y, pred, probs,
+                                                                   strict=True)]
+
+    @property
+    def loaded(self) -> LoadedRun:
+        """The model and what inference needs, loaded once."""
+        if self._loaded is None:
+            from cxrlab.run import load_run
+
+            self._loaded = load_run(self.path)
+        return self._loaded
+
+    # -- using the model ----------------------------------------------------------------
+    def evaluate(self, data: PathLike, *, split: str | None = None, positive: str | None = None,
+                 image_col: str | None = None, label_col: str | None = None,
+                 skip_bad: bool = False) -> Metrics:
+        """Metrics on labelled images at the run's threshold (`cxrlab evaluate RUN DATA`)."""
+        from cxrlab.pipeline import evaluate_run
+
+        return Metrics(evaluate_run(self.path, Path(data), image_col, label_col, split, positive,
+                                    skip_bad))
+
+    def predict(self, images: Any, *, skip_bad: bool = False, backend: str = "torch",
+                onnx: PathLike | None = None) -> list[dict]:
+        """One dict (path, class, probabilities, threshold) per image, in the order given.
+
+        `images`: a file or folder path, a PIL image, a NumPy array (H x W or H x W x C, uint8
+        or uint16), or a list of these. Folders are expanded in place. In-memory images get
+        "path" "<array N>" / "<PIL N>" (N their position in the list). Arrays go through the
+        same mode conversion and resize as files, so they predict exactly like their PNGs.
+        """
+        from cxrlab.export import make_predictor
+        from cxrlab.pipeline import predict_paths, prediction_rows
+
+        items = _as_list(images)
+        run = self.loaded
+        predictor = None
+        out: list[dict] = []
+        for i, item in enumerate(items):
+            if isinstance(item, (str, Path)):
+                out += predict_paths(run, [Path(item)], skip_bad=skip_bad, backend=backend,
+                                     onnx_file=None if onnx is None else Path(onnx))
+                continue
+            name = f"<{'array' if isinstance(item, np.ndarray) else 'PIL'} {i}>"
+            x = self._pixels(item, name)
+            predictor = predictor or make_predictor(run, backend,
+                                                    None if onnx is None else Path(onnx))
+            out += prediction_rows(run, [name], predictor(x[None]))
+        return out
+
+    def gradcam(self, image: Any, *, target: int | None = None,
+                layer: str | None = None) -> np.ndarray:
+        """Grad-CAM heatmap of one image (path, PIL or array): float32 (S, S) in [0, 1] at the
+        run's image size; for two classes the evidence for the positive class."""
+        from cxrlab.cam import gradcam
+
+        run = self.loaded
+        return gradcam(run.model, self._pixels(image)[None], target, layer,
+                       run.info.positive)[0]
+
+    def show_gradcam(self, image: Any, *, target: int | None = None,
+                     layer: str | None = None) -> Figure:
+        """The image under its Grad-CAM heatmap, titled with the prediction (a Figure)."""
+        from cxrlab.cam import cam_figure, cam_title
+
+        pixels = self._pixels(image)
+        row = self.predict([image])[0]
+        name = Path(image).name if isinstance(image, (str, Path)) else "image"
+        return _shown(cam_figure(pixels, self.gradcam(image, target=target, layer=layer),
+                                 cam_title(name, row)))
+
+    def export_onnx(self, path: PathLike, *, overwrite: bool = False) -> Path:
+        """The run as one ONNX file (uint8 images in, probabilities out; `cxrlab export`)."""
+        from cxrlab.export import export_onnx
+
+        return export_onnx(self.loaded, Path(path), overwrite=overwrite)
+
+    def report(self, out: PathLike | None = None) -> Path:
+        """Write the self-contained HTML report (default RUN/report.html); its path."""
+        from cxrlab.report import write_report
+
+        return write_report(self.path, None if out is None else Path(out))
+
+    # -- figures ------------------------------------------------------------------------
+    def plot_history(self) -> Figure:
+        """Loss, accuracy, precision and recall per epoch, train beside validation."""
+        from cxrlab.plots import plot_history
+
+        return _shown(plot_history(self.history))
+
+    def plot_roc(self) -> Figure:
+        """Validation ROC curve(s) with AUC, the run's operating point marked."""
+        from cxrlab.plots import plot_roc
+
+        _, y, probs = self._val_predictions()
+        return _shown(plot_roc(y, probs, self.classes, positive=self._info.positive,
+                               threshold=self.threshold))
+
+    def plot_confusion(self) -> Figure:
+        """Validation confusion matrix at the run's threshold."""
+        from cxrlab.plots import plot_confusion
+
+        return _shown(plot_confusion(np.array(self.metrics["confusion_matrix"]), self.classes,
+                                     title="Validation confusion matrix"))
+
+    def show_predictions(self, *, wrong_first: bool = True, max_images: int = 32) -> Figure:
+        """Validation images titled "pred: X (p) | true: Y"; mistakes first (most confident
+        first, framed in red) unless wrong_first=False."""
+        from cxrlab.data.cache import load_images
+        from cxrlab.pipeline import decide
+        from cxrlab.plots import plot_prediction_grid
+
+        paths, y, probs = self._val_predictions()
+        pred = decide(probs, self._info.positive, self.threshold)
+        keep = np.arange(len(paths))
+        if not wrong_first:
+            keep = keep[: max_images]
+        else:
+            wrong = np.flatnonzero(pred != y)
+            keep = np.concatenate([wrong, np.flatnonzero(pred == y)])[: max_images]
+        cfg = self.config
+        images, _ = load_images([Path(paths[i]) for i in keep], cfg.image_size,
+                                self._info.in_chans, cache_dir=None)
+        return _shown(plot_prediction_grid(images, y[keep], pred[keep], probs[keep],
+                                           self.classes, max_images=max_images,
+                                           wrong_first=wrong_first))
+
+    # -- helpers ------------------------------------------------------------------------
+    def _pixels(self, image: Any, name: str = "image") -> np.ndarray:
+        """uint8 (C, S, S) exactly as training saw the image's file."""
+        from cxrlab.data.images import convert_image, read_image
+
+        size, chans = self.config.image_size, self._info.in_chans
+        if isinstance(image, (str, Path)):
+            return read_image(image, chans, size)
+        return convert_image(image, chans, size, name=name)
+
+    def _val_predictions(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        from cxrlab.pipeline import read_predictions
+
+        return read_predictions(self.path / "val_predictions.csv", self.classes)
+
+    def __repr__(self) -> str:
+        m = self.metrics
+        cfg = self.config
+        key = "roc_auc" if m.get("roc_auc") is not None else "accuracy"
+        ci = (m.get("ci") or {}).get(key)
+        interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        value = m.get(key)
+        shown = "—" if value is None else f"{value:.3f}"
+        return (f"Run('{self.path}': {cfg.model}, {cfg.image_size} px, {m.get('epochs')} "
+                f"epochs, {len(self.classes)} classes; validation {key} {shown}{interval}, "
+                f"n={m.get('n')})")
+
+    def _repr_html_(self) -> str:
+        from cxrlab.report import esc
+
+        cfg = self.config
+        head = (f"<b>Run</b> <code>{esc(self.path)}</code>: {esc(cfg.model)}, "
+                f"{cfg.image_size} px, {esc(self.metrics.get('epochs'))} epochs, "
+                f"classes {esc(', '.join(self.classes))}")
+        body = self.metrics._table_html("validation")
+        if self.test_metrics is not None:
+            body += self.test_metrics._table_html("test")
+        return f"<div>{head}{body}</div>"
+
+
+# ---------------------------------------------------------------------------------------
+# results that show themselves
+
+
+class Metrics(dict):
+    """A metrics.json mapping (accuracy, roc_auc, ..., "ci": 95% intervals, confusion_matrix)
+    that shows as a table: HTML in Jupyter, the CLI's table as text elsewhere."""
+
+    def __repr__(self) -> str:
+        from cxrlab.evaluate import format_metrics_table
+
+        return _rich_text(lambda c: c.print(format_metrics_table(self))).rstrip()
+
+    def _table_html(self, what: str = "") -> str:
+        from cxrlab.evaluate import _LABELS, METRIC_KEYS
+        from cxrlab.report import esc, fmt, fmt_ci, table
+
+        binary = self.get("positive_class") is not None
+        ci = self.get("ci") or {}
+        rows = [[esc(_LABELS[k] if binary or k == "accuracy" else f"{_LABELS[k]}, macro"),
+                 fmt(self.get(k)), fmt_ci(ci.get(k))] for k in METRIC_KEYS]
+        if self.get("threshold") is not None:
+            rows.append(["threshold", f"{self['threshold']:.4g}", ""])
+        cap = f"{what} " if what else ""
+        cap += f"{self.get('n', '?')} cases"
+        cap += (f", positive class {self['positive_class']}" if binary else ", macro averages")
+        return (f"<p style='margin:.4em 0 .1em'>{esc(cap)}</p>"
+                + table(["metric", "value", "95% CI"], rows))
+
+    def _repr_html_(self) -> str:
+        return self._table_html()
+
+
+class History(list):
+    """history.csv as a list of dicts, one per epoch (floats; None where not recorded).
+
+    A list, so it works without pandas (not a dependency); `.to_pandas()` gives a DataFrame.
+    """
+
+    def to_pandas(self):
+        """A pandas DataFrame indexed by epoch (needs pandas installed)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise CxrlabError("to_pandas: pandas is not installed (pip install pandas)") from None
+        df = pd.DataFrame(list(self))
+        return df.set_index("epoch") if "epoch" in df else df
+
+    def _repr_html_(self) -> str:
+        from cxrlab.report import esc, fmt, table
+
+        cols = list(self[0]) if self else []
+        rows = [[esc(int(r[c])) if c == "epoch" and r[c] is not None
+                 else fmt(r[c], 4) if isinstance(r[c], float) else esc(r[c]) for c in cols]
+                for r in self]
+        return table(cols, rows)
+
+
+class Comparison(dict):
+    """`compare`'s result: per metric A, B, B − A, its paired 95% interval and a verdict."""
+
+    def __repr__(self) -> str:
+        from cxrlab.compare import render
+
+        return _rich_text(lambda c: render(self, c)).rstrip()
+
+    def _repr_html_(self) -> str:
+        from cxrlab.compare import LABELS
+        from cxrlab.report import esc, table
+
+        rows = [[esc(LABELS[r["metric"]]), f"{r['a']:.4f}", f"{r['b']:.4f}",
+                 f"{r['difference']:+.4f}",
+                 "—" if r["ci"] is None else f"[{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]",
+                 esc(r["verdict"])] for r in self["rows"]]
+        cap = (f"B = <code>{esc(self['b'])}</code> vs A = <code>{esc(self['a'])}</code>: "
+               f"{self['n']} validation images, {self['n_boot']} paired resamples")
+        return (f"<p>{cap}</p>"
+                + table(["metric", "A", "B", "B − A", "95% CI (paired)", "verdict"], rows))
+
+
+class Sweep(dict):
+    """`ablate`'s result (ablation.json): variants as mean ± std over seeds with 95%
+    t-intervals, and the paired effects; `.path` is the sweep directory."""
+
+    def __init__(self, result: dict, path: PathLike):
+        super().__init__(result)
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        from cxrlab.ablate import render
+
+        return _rich_text(lambda c: render(self, c)).rstrip()
+
+    def _repr_html_(self) -> str:
+        from cxrlab.report import esc, variants_html
+
+        main = [e for e in self["effects"] if not e["context"] and e["metric"] == "roc_auc"]
+        effects = "".join(f"<li>{esc(e['sentence'])}</li>" for e in main)
+        return (f"<p><b>{esc(self.get('name') or 'Ablation')}</b>: {self['complete']} of "
+                f"{self['planned']} runs in <code>{esc(self.path)}</code></p>"
+                + variants_html(self) + (f"<ul>{effects}</ul>" if effects else ""))
+
+
+class CrossVal(dict):
+    """`train(folds=K)`'s result (crossval.json): pooled metrics; `.runs` the fold Runs."""
+
+    def __init__(self, result: dict, path: PathLike):
+        super().__init__(result)
+        self.path = Path(path)
+
+    @property
+    def runs(self) -> list[Run]:
+        """One Run per fold, in fold order."""
+        from cxrlab.crossval import fold_dir
+
+        return [Run(fold_dir(self.path, i)) for i in range(1, len(self.get("folds", [])) + 1)]
+
+    def __repr__(self) -> str:
+        from cxrlab.crossval import render
+
+        return _rich_text(lambda c: render(self, c)).rstrip()
+
+
+class DataSummary:
+    """`data_summary`'s result: the audit (`cxrlab.data.audit.Summary`'s fields as
+    attributes, `.to_dict()`), shown as the CLI's tables."""
+
+    def __init__(self, summary):
+        self._summary = summary
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._summary, name)
+
+    def to_dict(self) -> dict:
+        """JSON-able, as `cxrlab data summary --json` writes it."""
+        return self._summary.to_dict()
+
+    def __repr__(self) -> str:
+        from cxrlab.data.audit import render_summary
+
+        return _rich_text(lambda c: render_summary(self._summary, c)).rstrip()
+
+    def _repr_html_(self) -> str:
+        from cxrlab.report import esc, table
+
+        s = self._summary
+        splits = list(s.counts)
+        rows = [[esc(c), *[str(s.counts[sp].get(c, 0)) for sp in splits],
+                 *[str(s.patients[sp].get(c, 0)) for sp in splits]] for c in s.classes]
+        head = ["class", *[f"{sp} images" for sp in splits],
+                *[f"{sp} {'patients' if s.grouped else 'files'}" for sp in splits]]
+        notes = [f"{s.n_images} readable images in {esc(s.root)} ({esc(s.kind)})",
+                 esc(s.split_message),
+                 f"{len(s.duplicate_sets)} sets of identical images, "
+                 f"{len(s.cross_split_duplicates)} across splits (leakage), "
+                 f"{len(s.cross_class_duplicates)} with differing labels",
+                 f"{len(s.unreadable)} unreadable files"]
+        return table(head, rows) + "<ul>" + "".join(f"<li>{n}</li>" for n in notes) + "</ul>"
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+
+
+def _config_values(data: PathLike | None, options: dict[str, Any]) -> dict[str, Any]:
+    """The CLI's mapping of options onto RunConfig values (same checks, same messages)."""
+    values: dict[str, Any] = {}
+    config = options.pop("config", None)
+    if config is not None:
+        values = RunConfig.load(Path(config)).model_dump()
+    if options.pop("no_pretrained", False):
+        if options.get("pretrained") is not None:
+            raise CxrlabError("pretrained and no_pretrained: give one of them")
+        options["pretrained"] = "none"
+    target = options.pop("target_sensitivity", None)
+    if target is not None:
+        options.update(threshold_rule="sensitivity", target_sensitivity=target)
+    values.update({k: v for k, v in options.items() if v is not None})
+    if data is not None:
+        values["data"] = str(data)
+    return values
+
+
+def _new_run_dir(data: Path) -> Path:
+    """runs/<data name>-<UTC time>, with -2, -3 ... if taken."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    name = (data.stem if data.is_file() else data.resolve().name) or "run"
+    base = Path("runs") / f"{name}-{stamp}"
+    out, k = base, 2
+    while out.exists():
+        out, k = base.with_name(f"{base.name}-{k}"), k + 1
+    return out
+
+
+def _path(run: Run | PathLike) -> Path:
+    return run.path if isinstance(run, Run) else Path(run)
+
+
+def _as_list(images: Any) -> list:
+    if isinstance(images, (str, Path, np.ndarray)) or _is_pil(images):
+        return [images]
+    if isinstance(images, Iterable):
+        return list(images)
+    raise CxrlabError(f"images: expected paths, PIL images or arrays, got {type(images).__name__}")
+
+
+def _is_pil(x: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(x, Image.Image)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CxrlabError(f"{path}: not found (is the run complete?)") from None
+
+
+def _shown(fig: Figure) -> Figure:
+    """Make a notebook show the Figure as a PNG.
+
+    Our figures are built without pyplot (thread-safe, no global state), so IPython has no
+    formatter for them unless `%matplotlib inline` ran; register the one the inline backend
+    uses, unless one is already set (the user's choice, e.g. retina, wins)."""
+    import sys
+
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    if shell is None:
+        return fig
+    from IPython.core.pylabtools import print_figure
+    from matplotlib.figure import Figure
+
+    png = shell.display_formatter.formatters["image/png"]
+    try:
+        png.lookup_by_type(Figure)
+    except KeyError:
+        png.for_type(Figure, lambda f: print_figure(f, "png", bbox_inches="tight"))
+    return fig
+
+
+def _rich_text(draw) -> str:
+    """What a Rich renderer prints, as plain text (no colour codes, fixed width)."""
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=110, color_system=None, force_terminal=False,
+                      force_jupyter=False, highlight=False)
+    draw(console)
+    return console.file.getvalue()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Lightning's banners and warnings off while training (as the CLI sets them), restored
+    after: a notebook cell shows only what it returns, and the bar when asked."""
+    names = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning")
+    saved = {n: logging.getLogger(n).level for n in names}
+    try:
+        for n in names:
+            logging.getLogger(n).setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="lightning")
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            # tqdm.auto (imported by a dependency) without ipywidgets in a notebook: its bar
+            # falls back to text, which works; the advice to install ipywidgets is noise.
+            warnings.filterwarnings("ignore", message="IProgress not found")
+            yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
