@@ -1,5 +1,6 @@
-"""Data-parallel training: 2 processes (gloo on loopback) train one run whose validation
-metrics, gathered across the processes, equal a single-process evaluation of its checkpoint."""
+"""Data-parallel training: 2 processes (gloo on loopback) train one run of the default recipe
+(backbone unfrozen after epoch 1) whose validation metrics, gathered across the processes, equal
+a single-process evaluation of its checkpoints."""
 
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ import torch
 from cxrlab.config import RunConfig
 from cxrlab.data.cache import load_images
 from cxrlab.data.split import read_split_csv
+from cxrlab.distributed import gather_in_order
 from cxrlab.run import load_run
 from cxrlab.train import ClassifierModule, class_weights, epoch_summary, probabilities
 from tests.conftest import make_kermany_folder
 
 
-def evaluate_checkpoint_alone(run: Path) -> dict:
-    """The validation summary of the run's best weights, in this one process."""
+def evaluate_checkpoint_alone(run: Path, ckpt: Path) -> dict:
+    """The validation summary of a checkpoint's weights, in this one process."""
     loaded = load_run(run)
     cfg: RunConfig = loaded.config
     rows = read_split_csv(run / "split.csv")
@@ -38,17 +40,32 @@ def evaluate_checkpoint_alone(run: Path) -> dict:
     vx, vy = part("val")
     module = ClassifierModule(loaded.model, cfg, len(classes), class_weights(ty, len(classes)),
                               loaded.info.positive)
+    module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
     with torch.no_grad():
-        logits = loaded.model.eval()(torch.as_tensor(vx).float() / 255)
+        logits = module.model.eval()(torch.as_tensor(vx).float() / 255)
         loss = float(module.loss(logits, torch.as_tensor(vy)))
-    summary = epoch_summary(vy, probabilities(logits).numpy(), loaded.info.positive, loss)
-    return {"n_val": len(vy), **summary}
+    probs = probabilities(logits).numpy()
+    summary = epoch_summary(vy, probs, loaded.info.positive, loss)
+    return {"n_val": len(vy), "scores": probs[:, 1], "y": vy, **summary}
+
+
+def assert_rounding_proof(scores: np.ndarray, y: np.ndarray) -> None:
+    """AUC and the decisions at 0.5 are step functions of the scores: they agree between two
+    processes and one (other batch sizes, other kernels, other last bits) only when no positive
+    scores within rounding of a negative, and no score within rounding of 0.5. Near-ties (an
+    untrained model's near-constant scores) made this comparison fail on some CPUs."""
+    gap = np.abs(scores[y == 1][:, None] - scores[y == 0][None, :]).min()
+    assert gap > 1e-4, f"positive and negative scores {gap:.1e} apart: train the test longer"
+    assert np.abs(scores - 0.5).min() > 1e-4, "a score at 0.5: train the test longer"
 
 
 @pytest.mark.timeout(300)
-def test_two_processes_train_one_checkpoint_with_gathered_metrics(tmp_path):
+def test_two_processes_train_the_default_recipe_with_gathered_metrics(tmp_path):
     # 21 patients of each class, one image each: 9 validation images, an odd number, so the
-    # distributed sampler pads one duplicate that the gathered metrics must drop
+    # distributed sampler pads one duplicate that the gathered metrics must drop. The default
+    # model (pretrained efficientnet_lite0) unfreezes its backbone after epoch 1: from then on
+    # its gradients must be averaged too, or rank 1's weights (which score half of the
+    # validation images) drift from rank 0's checkpoint. lr 0.01 spreads the scores apart.
     data = make_kermany_folder(tmp_path / "data", 21, 21, size=32, images_per_patient=1)
     run = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
@@ -56,24 +73,55 @@ def test_two_processes_train_one_checkpoint_with_gathered_metrics(tmp_path):
         env.pop(k, None)
     proc = subprocess.run(
         [sys.executable, "-m", "cxrlab.cli", "train", str(data), "--out", str(run),
-         "--model", "cnn", "--image-size", "32", "--epochs", "2", "--batch-size", "4",
-         "--augment", "none", "--precision", "fp32", "--quiet",
+         "--image-size", "32", "--epochs", "2", "--batch-size", "4", "--lr", "0.01",
+         "--precision", "fp32", "--quiet",
          "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"],
         env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert proc.stdout.count("Run written to") == 1  # rank 1 reports nothing
 
+    cfg = load_run(run).config
+    assert (cfg.model, cfg.unfreeze_after) == ("efficientnet_lite0", 1)  # the default recipe
     assert json.loads((run / "run.json").read_text())["state"] == "complete"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     with (run / "history.csv").open() as f:
         history = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in history] == [1, 2]
-    best = min(history, key=lambda r: float(r["val_loss"]))
 
-    alone = evaluate_checkpoint_alone(run)
-    assert alone["n_val"] % 2 == 1
-    for k in ("loss", "acc", "precision", "recall", "auc"):
-        assert float(best[f"val_{k}"]) == pytest.approx(alone[k], rel=1e-5, abs=1e-6), k
+    # epoch 2 (backbone training) against last.ckpt; the best epoch against best.ckpt
+    best = min(history, key=lambda r: float(r["val_loss"]))
+    for row, ckpt in ((history[-1], "last.ckpt"), (best, "best.ckpt")):
+        alone = evaluate_checkpoint_alone(run, run / "checkpoints" / ckpt)
+        assert alone["n_val"] % 2 == 1
+        assert_rounding_proof(alone["scores"], alone["y"])
+        for k in ("loss", "acc", "precision", "recall", "auc"):
+            assert float(row[f"val_{k}"]) == pytest.approx(alone[k], rel=1e-4, abs=1e-6), \
+                (ckpt, k)
     m = json.loads((run / "metrics.json").read_text())
     assert m["n"] == alone["n_val"]
+
+
+class _FakeGather:
+    """all_gather over W processes whose outputs are given: what Lightning returns, (W, n, ...)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, per_rank: list[torch.Tensor]):
+        self.per_rank = per_rank
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self.per_rank)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_gathered_validation_rows_are_in_dataset_order_without_padding(world):
+    # DistributedSampler(shuffle=False): rank r holds r, r + W, ... of the indices padded by
+    # repeating the first ones; each sample's row must come back at its own index, once.
+    from torch.utils.data.distributed import DistributedSampler
+
+    n = 7
+    per_rank = [torch.tensor(list(DistributedSampler(range(n), world, r, shuffle=False)))
+                for r in range(world)]
+    (rows,) = gather_in_order(_FakeGather(per_rank), [per_rank[0]], n)
+    assert rows.tolist() == list(range(n))

@@ -52,16 +52,19 @@ def gather_in_order(module, tensors: list[torch.Tensor], n_total: int | None) ->
     return out
 
 
-def check_supported(config) -> None:
-    """Refuse what data-parallel training cannot do right, before the slow part.
+def rewrap_after_unfreeze(trainer) -> None:
+    """Rebuild the DDP wrapper once more parameters require gradients (--unfreeze-after).
 
-    DDP registers gradient synchronisation only for the parameters that require gradients when
-    it wraps the model: a backbone unfrozen later (--unfreeze-after) would train on each
-    process's own gradients and the processes would silently drift apart.
+    DDP registers gradient averaging only for the parameters that require gradients when it
+    wraps the model: a backbone unfrozen later would train on each process's own gradients
+    and the processes would silently drift apart. Wrapping again (collectively, at the same
+    epoch start on every process; it broadcasts rank 0's weights, identical anyway) makes the
+    new wrapper average the backbone's gradients too. One process: nothing to do.
     """
-    from cxrlab.errors import CxrlabError
+    from lightning.pytorch.strategies import DDPStrategy
 
-    if config.devices * config.num_nodes > 1 and getattr(config, "unfreeze_after", None):
-        raise CxrlabError("--unfreeze-after: not with more than one process (DDP would not "
-                          "synchronise the backbone once unfrozen); train on one device, or "
-                          "keep the backbone frozen")
+    strategy = trainer.strategy
+    if trainer.world_size < 2 or not isinstance(strategy, DDPStrategy):
+        return
+    strategy.model = strategy.lightning_module  # drop the old wrapper and its reducer
+    strategy.configure_ddp()

@@ -22,6 +22,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from cxrlab.distributed import rewrap_after_unfreeze
+
 log = logging.getLogger("cxrlab")
 
 
@@ -89,7 +91,8 @@ def cache_features(model: nn.Module, arrays: list, bf16: bool,
 class UnfreezeBackbone(Callback):
     """At the start of epoch `epoch` (0-based count of finished epochs), the backbone trains
     too; its parameter group already carries lr * backbone_lr_mult, and the schedule scales
-    both groups alike."""
+    both groups alike. Under DDP the wrapper is rebuilt so the backbone's gradients are
+    averaged across processes too."""
 
     def __init__(self, epoch: int):
         self.epoch = epoch
@@ -97,5 +100,6 @@ class UnfreezeBackbone(Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch >= self.epoch and pl_module.backbone_frozen:  # >=: resumed runs
             pl_module.set_backbone_frozen(False)
+            rewrap_after_unfreeze(trainer)
             log.info("epoch %d: backbone unfrozen (lr x %g)", self.epoch + 1,
                      pl_module.cfg.backbone_lr_mult)

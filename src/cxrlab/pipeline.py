@@ -146,10 +146,8 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
     if config.model not in list_models():
         raise CxrlabError(f"--model {config.model}: unknown model; choose from: "
                           f"{', '.join(list_models())}")
-    from cxrlab.distributed import check_supported
     from cxrlab.tracking import check_available
 
-    check_supported(config)
     check_available(config.loggers)
     if rank0:
         check_out_dir(out)  # refuse before the slow part
@@ -252,9 +250,6 @@ def _resume(run_dir: Path, info: RunInfo, rank0: bool, progress: bool,
     config = RunConfig.load(run_dir / "config.yaml")
     if hardware:
         config = RunConfig.build({**config.model_dump(), **hardware}, source="option")
-        from cxrlab.distributed import check_supported
-
-        check_supported(config)
     from cxrlab.tracking import check_available
 
     check_available(config.loggers)
