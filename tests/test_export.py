@@ -15,7 +15,7 @@ from cxrlab.config import RunConfig
 from cxrlab.data.cache import load_images
 from cxrlab.errors import CxrlabError
 from cxrlab.export import OnnxPredictor, export_onnx, make_predictor
-from cxrlab.pipeline import predict_paths, train_run
+from cxrlab.pipeline import decide, predict_paths, read_predictions, train_run
 from cxrlab.run import load_run
 from cxrlab.train import predict_probs
 from tests.conftest import SHARED_DATA
@@ -23,7 +23,8 @@ from tests.conftest import SHARED_DATA
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory) -> tuple[Path, list[Path]]:
-    """A tiny resnet18 trained on 16 real Kermany X-rays (symlinked), 64 px, one epoch."""
+    """A tiny resnet18 trained on 16 real Kermany X-rays (symlinked), 64 px, one epoch, in bf16
+    autocast (emulated where the CPU has no bf16): inference must still decide in fp32."""
     train = SHARED_DATA / "chest_xray" / "train"
     if not train.is_dir():
         pytest.skip("../shared/data is not present")
@@ -36,7 +37,7 @@ def real_run(tmp_path_factory) -> tuple[Path, list[Path]]:
             (root / "data" / cls / f.name).symlink_to(f)
             picked.append(root / "data" / cls / f.name)
     cfg = RunConfig(data=str(root / "data"), model="resnet18", image_size=64, epochs=1,
-                    batch_size=8)
+                    batch_size=8, precision="bf16")
     train_run(cfg, root / "run", progress=False)
     return root / "run", picked
 
@@ -83,7 +84,7 @@ def test_onnx_runtime_equals_torch_fp32(real_run, exported):
     run, files = real_run
     loaded = load_run(run)
     images, _ = load_images(files, 64, 1, cache_dir=None)
-    torch_p = predict_probs(loaded.model, images, bf16=False)
+    torch_p = predict_probs(loaded.model, images)
     ort = OnnxPredictor(exported)
     onnx_p = ort(images)
     assert onnx_p.shape == (16, 2)
@@ -95,9 +96,7 @@ def test_onnx_runtime_equals_torch_fp32(real_run, exported):
 
 def test_predict_backend_onnx(real_run, exported, monkeypatch, capsys):
     run, files = real_run
-    loaded = load_run(run)
-    loaded.config.precision = "fp32"  # compare with torch in fp32
-    torch_rows = predict_paths(loaded, files[:4] + files[-4:])
+    torch_rows = predict_paths(run, files[:4] + files[-4:])
     onnx_rows = predict_paths(run, files[:4] + files[-4:], backend="onnx")  # exports to a temp
     for a, b in zip(torch_rows, onnx_rows, strict=True):
         assert a["path"] == b["path"] and a["class"] == b["class"]
@@ -109,6 +108,23 @@ def test_predict_backend_onnx(real_run, exported, monkeypatch, capsys):
     row = json.loads(out)
     assert abs(row["probabilities"]["PNEUMONIA"]
                - torch_rows[0]["probabilities"]["PNEUMONIA"]) < 1e-4
+
+
+def test_torch_and_onnx_decide_as_the_run_on_its_validation_images(real_run, exported):
+    # The run trained in bf16; its threshold and val_predictions.csv, torch and ONNX all come
+    # from fp32, so both backends reproduce the run's own scores and decisions.
+    run, _ = real_run
+    loaded = load_run(run)
+    paths, y, probs = read_predictions(run / "val_predictions.csv", loaded.classes)
+    assert len(paths) >= 3 and loaded.config.precision == "bf16"
+    images, _ = load_images([Path(p) for p in paths], 64, 1, cache_dir=None)
+    expected = decide(probs, loaded.info.positive, loaded.threshold)
+    # no validation score within rounding of the threshold (the midpoint rule keeps them apart)
+    assert np.abs(probs[:, 1] - loaded.threshold).min() > 1e-4
+    for backend in ("torch", "onnx"):
+        p = make_predictor(loaded, backend, exported if backend == "onnx" else None)(images)
+        assert np.abs(p - probs).max() < 1e-5, backend  # the CSV keeps 6 digits
+        assert (decide(p, loaded.info.positive, loaded.threshold) == expected).all(), backend
 
 
 def test_onnx_errors(real_run, exported, tmp_path, monkeypatch, capsys):

@@ -138,8 +138,11 @@ def test_unfreeze_applies_to_a_run_resumed_after_the_unfreeze_epoch():
     model = create_model("resnet18", num_classes=1, in_chans=1)
     module = ClassifierModule(model, cfg, 2, None, 1)
     assert module.backbone_frozen
-    UnfreezeBackbone(1).on_train_epoch_start(SimpleNamespace(current_epoch=0), module)
+    one_process = {"world_size": 1}
+    UnfreezeBackbone(1).on_train_epoch_start(SimpleNamespace(current_epoch=0, **one_process),
+                                             module)
     assert module.backbone_frozen
-    UnfreezeBackbone(1).on_train_epoch_start(SimpleNamespace(current_epoch=3), module)
+    UnfreezeBackbone(1).on_train_epoch_start(SimpleNamespace(current_epoch=3, **one_process),
+                                             module)
     assert not module.backbone_frozen
     assert all(p.requires_grad for p in model.parameters())

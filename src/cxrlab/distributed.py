@@ -63,8 +63,8 @@ def rewrap_after_unfreeze(trainer) -> None:
     """
     from lightning.pytorch.strategies import DDPStrategy
 
-    strategy = trainer.strategy
-    if trainer.world_size < 2 or not isinstance(strategy, DDPStrategy):
+    if trainer.world_size < 2 or not isinstance(trainer.strategy, DDPStrategy):
         return
+    strategy = trainer.strategy
     strategy.model = strategy.lightning_module  # drop the old wrapper and its reducer
     strategy.configure_ddp()

@@ -164,10 +164,9 @@ def make_predictor(run: LoadedRun, backend: str = "torch", onnx_file: Path | Non
     """A callable uint8 (N, C, S, S) -> probabilities (N, K) for the chosen backend.
     'onnx' exports the run to a temporary file unless one is given (checked against the run)."""
     if backend == "torch":
-        from cxrlab.train import predict_probs, use_bf16
+        from cxrlab.train import predict_probs
 
-        bf16 = use_bf16(run.config.precision)
-        return lambda images: predict_probs(run.model, images, bf16=bf16)
+        return lambda images: predict_probs(run.model, images)
     if backend != "onnx":
         raise CxrlabError(f"--backend {backend}: choose torch or onnx")
     if onnx_file is None:

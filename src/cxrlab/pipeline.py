@@ -291,7 +291,7 @@ def _train_and_report(model, config: RunConfig, data: PreparedData, positive: in
     from cxrlab.distributed import is_rank_zero
     from cxrlab.evaluate import choose_threshold, compute_metrics
     from cxrlab.tracking import log_final, make_loggers
-    from cxrlab.train import fit, predict_probs, read_history, use_bf16
+    from cxrlab.train import fit, predict_probs, read_history
 
     classes = data.source.classes
     tx, ty, _ = data.subset("train")
@@ -304,8 +304,7 @@ def _train_and_report(model, config: RunConfig, data: PreparedData, positive: in
                            rank=fitted.module.global_rank)
     model = fitted.module.model
     torch.save(model.state_dict(), out / "model.pt")
-    bf16 = use_bf16(config.precision)
-    vp = predict_probs(model, vx, bf16=bf16)
+    vp = predict_probs(model, vx)  # fp32, as every later command (see predict_probs)
     threshold = None
     if positive is not None:
         threshold = choose_threshold((vy == positive).astype(int), vp[:, positive],
@@ -330,7 +329,7 @@ def _train_and_report(model, config: RunConfig, data: PreparedData, positive: in
     test_metrics = None
     if (data.splits == "test").any():
         sx, sy, sidx = data.subset("test")
-        sp = predict_probs(model, sx, bf16=bf16)
+        sp = predict_probs(model, sx)
         test_metrics = compute_metrics(sy, sp, classes, positive=positive, threshold=threshold,
                                        seed=config.seed, groups=_patients(data, sidx))
         test_metrics["split"] = "test"
@@ -413,7 +412,7 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
     metrics["intake"]); `shift` adds the stress test (cxrlab.shift) as metrics["shift"].
     """
     from cxrlab.evaluate import compute_metrics
-    from cxrlab.train import predict_probs, use_bf16
+    from cxrlab.train import predict_probs
 
     run = load_run(run_dir)
     source = load_source(Path(data), image_col, label_col)
@@ -440,7 +439,7 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
     y = np.array([run.classes.index(r.label) for r in records], dtype=np.int64)
 
     def predict(x: np.ndarray) -> np.ndarray:
-        return predict_probs(run.model, x, bf16=use_bf16(run.config.precision))
+        return predict_probs(run.model, x)  # fp32, as the run's threshold (predict_probs)
 
     probs = predict(images)
     metrics = compute_metrics(y, probs, run.classes, positive=pos, threshold=run.threshold,

@@ -165,7 +165,7 @@ def recompute_val_predictions(run_dir: Path, split_rows: list[dict]):
     """Older runs: predict the validation images of split.csv again with model.pt."""
     from cxrlab.data.cache import load_images
     from cxrlab.run import load_run
-    from cxrlab.train import predict_probs, use_bf16
+    from cxrlab.train import predict_probs
 
     run = load_run(run_dir)
     val = [r for r in split_rows if r["split"] == "val"]
@@ -173,7 +173,7 @@ def recompute_val_predictions(run_dir: Path, split_rows: list[dict]):
                               run.info.in_chans, skip_bad=True)
     bad_paths = {str(p) for p, _ in bad}
     val = [r for r in val if r["path"] not in bad_paths]
-    probs = predict_probs(run.model, images, bf16=use_bf16(run.config.precision))
+    probs = predict_probs(run.model, images)
     y = np.array([run.classes.index(r["label"]) for r in val], dtype=int)
     return [r["path"] for r in val], y, probs
 

@@ -98,14 +98,13 @@ class Inference:
 
         from cxrlab import __version__
         from cxrlab.run import load_run
-        from cxrlab.train import predict_probs, use_bf16
+        from cxrlab.train import predict_probs
 
         self.run = load_run(run_dir)
         self.version = __version__
         self.max_pixels = max_pixels
         self._torch = torch
-        bf16 = use_bf16(self.run.config.precision)
-        self._forward = lambda x: predict_probs(self.run.model, x, bf16=bf16)
+        self._forward = lambda x: predict_probs(self.run.model, x)  # fp32, as the threshold
         self._lock = threading.Lock()
         self._cam = None
         self._cam_lock = threading.Lock()

@@ -152,7 +152,7 @@ def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = 
     """Fit the calibration on DATA and write it as the new complete run OUT; returns a summary."""
     from cxrlab.evaluate import choose_threshold
     from cxrlab.run import check_out_dir, load_run
-    from cxrlab.train import predict_probs, use_bf16
+    from cxrlab.train import predict_probs
 
     out = Path(out)
     check_out_dir(out)
@@ -160,7 +160,7 @@ def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = 
         raise CxrlabError(f"--out {out}: inside the run {run_dir}; choose a folder outside it")
     run = load_run(run_dir)
     _, images, y = _sample(run, data, image_col, label_col, split, skip_bad)
-    probs = predict_probs(run.model, images, bf16=use_bf16(run.config.precision))
+    probs = predict_probs(run.model, images)
     pos = run.info.positive
     n_per_class = {c: int((y == k).sum()) for k, c in enumerate(run.classes)}
     cal: dict = {"data": str(Path(data).resolve()), "n_per_class": n_per_class,

@@ -405,15 +405,19 @@ def float_batches(model: torch.nn.Module, images: np.ndarray | torch.Tensor, bat
 
 @torch.no_grad()
 def predict_probs(model: torch.nn.Module, images: np.ndarray | torch.Tensor,
-                  batch_size: int = 64, bf16: bool = False,
-                  channels_last: bool = True) -> np.ndarray:
-    """(N, K) probabilities for uint8 images (N, C, H, W)."""
+                  batch_size: int = 64, channels_last: bool = True) -> np.ndarray:
+    """(N, K) probabilities for uint8 images (N, C, H, W), in fp32 whatever the run trained in.
+
+    One precision from the threshold to the decision: every number or decision a run reports
+    (the threshold, metrics.json, val_predictions.csv, evaluate, predict, serve, report) comes
+    from here or from the fp32 ONNX graph, so every machine and backend decides as the run
+    did. bf16 moves scores by ~1e-3, enough to flip a case near the threshold, and
+    `precision: auto` resolves differently on machines with and without bf16.
+    """
     model.eval()
-    device = next(model.parameters()).device
     out = []
     for x in float_batches(model, images, batch_size, channels_last):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out.append(probabilities(model(x)).cpu())
+        out.append(probabilities(model(x)).cpu())
     if not out:
         return np.zeros((0, 2), dtype=np.float32)
     return torch.cat(out).numpy()
