@@ -61,6 +61,9 @@ def train(
     weight_decay: Annotated[float | None, typer.Option()] = None,
     schedule: Annotated[str | None, typer.Option(help="none | cosine | plateau")] = None,
     patience: Annotated[int | None, typer.Option(help="early-stopping patience")] = None,
+    time_budget: Annotated[str | None, typer.Option(
+        help="plan the run to end within this: 90s, 30m, 1.5h, 45 (min), none "
+        "(default auto: 30m on a CPU unless --epochs is given)")] = None,
     class_weights: Annotated[bool | None, typer.Option(
         "--class-weights/--no-class-weights", help="n_total / (n_classes * n_c)")] = None,
     sampler: Annotated[str | None, typer.Option(help="none | balanced")] = None,
@@ -125,6 +128,10 @@ def train(
         freeze_backbone=freeze_backbone, unfreeze_after=unfreeze_after,
         backbone_lr_mult=backbone_lr_mult, loggers=logger or None,
     )
+    if time_budget is not None:
+        from cxrlab.budget import parse_budget
+
+        given["time_budget"] = parse_budget(time_budget, "--time-budget")
     if no_pretrained:
         if pretrained is not None:
             raise CxrlabError("--pretrained and --no-pretrained: give one of them")

@@ -83,6 +83,11 @@ class RunConfig(BaseModel):
     weight_decay: float = Field(0.05, ge=0)
     schedule: Literal["none", "cosine", "plateau"] = "cosine"
     patience: int = Field(5, ge=1, description="early stopping on validation loss")
+    time_budget: str = Field(
+        "auto", description="plan epochs (and image size) to end within this: 90s, 30m, 1.5h, "
+        "45 (minutes) or none; auto = 30m on a CPU with the recipe's epochs (cxrlab.budget). "
+        "A planned run's config.yaml says none: it names the planned epochs"
+    )
     class_weights: bool = True
     sampler: Literal["none", "balanced"] = "none"
     augment: Augment = "light"
@@ -125,6 +130,16 @@ class RunConfig(BaseModel):
             if n not in LOGGERS:
                 raise ValueError(f"unknown logger {n!r} (choose from {', '.join(LOGGERS)})")
         return list(dict.fromkeys(names))
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _budget(cls, v):
+        from cxrlab.budget import parse_budget
+
+        try:
+            return parse_budget(v)
+        except CxrlabError as e:
+            raise ValueError(str(e).split(": ", 1)[-1]) from None
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

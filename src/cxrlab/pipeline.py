@@ -6,6 +6,7 @@ The CLI only parses options and prints what these return.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,9 +137,11 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
     Under data-parallel training every process runs this; only rank 0 touches `out`.
     `mlflow_uri`: where `--logger mlflow` logs (default: MLFLOW_TRACKING_URI, else the run).
     """
+    from cxrlab import budget
     from cxrlab.distributed import is_rank_zero
     from cxrlab.models import create_model, list_models, resolve_pretrained
 
+    started = time.time()
     out = Path(out)
     rank0 = is_rank_zero()
     if not rank0:
@@ -149,6 +152,7 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
     from cxrlab.tracking import check_available
 
     check_available(config.loggers)
+    budget_s = budget.resolve_budget(config)
     if rank0:
         check_out_dir(out)  # refuse before the slow part
     data = prepare_data(config)  # bad data fails here, before anything is written
@@ -156,14 +160,26 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
     positive = resolve_positive(classes, config.positive)
     n_out = 1 if len(classes) == 2 else len(classes)
     in_chans = int(data.images.shape[1])
-    seed_everything(config.seed)  # the initial weights are part of the run
     pretrained = resolve_pretrained(config.model, config.pretrained)
     if config.freeze_backbone and pretrained is None:
         log.warning("--freeze-backbone: %s starts from random weights (no --pretrained); only "
                     "the head will learn, on random features", config.model)
-    model = create_model(config.model, num_classes=n_out, in_chans=in_chans,
-                         dropout=config.dropout, batchnorm=config.batchnorm,
-                         pretrained=pretrained, image_size=config.image_size, head=config.head)
+
+    def make_model(config: RunConfig) -> torch.nn.Module:
+        seed_everything(config.seed)  # the initial weights are part of the run
+        return create_model(config.model, num_classes=n_out, in_chans=in_chans,
+                            dropout=config.dropout, batchnorm=config.batchnorm,
+                            pretrained=pretrained, image_size=config.image_size,
+                            head=config.head)
+
+    model = make_model(config)
+    planned = None
+    if budget_s is not None:  # resolve_budget: single-process runs only
+        size = config.image_size
+        config, planned = budget.plan_config(config, budget_s, model, data, started)
+        if config.image_size != size:  # smaller images: decode again, a model for them
+            data = prepare_data(config)
+            model = make_model(config)
     if not rank0:
         return _train_and_report(model, config, data, positive, out, progress,
                                  mlflow_uri=mlflow_uri)
@@ -175,8 +191,10 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
     def work() -> TrainResult:
         config.save(out / "config.yaml")
         write_split_csv(out / "split.csv", data.source, data.split_result)
+        if planned is not None:
+            write_json(out / "plan.json", planned.record)
         return _train_and_report(model, config, data, positive, out, progress,
-                                 mlflow_uri=mlflow_uri)
+                                 mlflow_uri=mlflow_uri, budgeted=planned)
 
     with run_lock(out):
         return _guarded(info, out, work)
@@ -286,7 +304,7 @@ def _resume(run_dir: Path, info: RunInfo, rank0: bool, progress: bool,
 
 def _train_and_report(model, config: RunConfig, data: PreparedData, positive: int | None,
                       out: Path, progress: bool, ckpt_path: Path | None = None,
-                      mlflow_uri: str | None = None) -> TrainResult:
+                      mlflow_uri: str | None = None, budgeted=None) -> TrainResult:
     from cxrlab import plots
     from cxrlab.distributed import is_rank_zero
     from cxrlab.evaluate import choose_threshold, compute_metrics
@@ -298,7 +316,7 @@ def _train_and_report(model, config: RunConfig, data: PreparedData, positive: in
     vx, vy, vidx = data.subset("val")
     loggers = make_loggers(config, out, mlflow_uri, rank0=is_rank_zero())
     fitted = fit(model, config, tx, ty, vx, vy, len(classes), positive, out, progress,
-                 ckpt_path=ckpt_path, loggers=loggers)
+                 ckpt_path=ckpt_path, loggers=loggers, budgeted=budgeted)
     if fitted.module.global_rank != 0:
         return TrainResult(out, {}, None, fitted.epochs_run, fitted.seconds, len(ty), len(vy),
                            rank=fitted.module.global_rank)

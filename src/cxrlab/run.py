@@ -11,6 +11,7 @@
     val_predictions.csv  path, label and class probabilities of each validation image
     intake.json   per-image statistics of the training+validation images (cxrlab.intake)
     shift.json, shift.png  the stress test, when `evaluate --shift` was run (cxrlab.shift)
+    plan.json     a time-budgeted run: its budget, the warm-up timings and the plan (budget.py)
     *.png         curves, confusion matrix, ROC, prediction grid
     tb/ csv-logs/ mlruns/ tracking.json   with --logger (cxrlab.tracking)
 """

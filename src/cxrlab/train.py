@@ -356,14 +356,18 @@ class HistoryCSV:
         tmp.replace(self.path)
 
 
-def progress_bar():
-    """Rich's bar in a terminal; in a Jupyter kernel Lightning's tqdm bar, which updates in
-    place there with its ETA (tqdm.auto widgets when ipywidgets is installed, else carriage
-    returns on stderr), where Rich's live display needs ipywidgets and otherwise shows nothing
-    until the end."""
-    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+def progress_bar(planned_end: float | None = None):
+    """Rich's bar in a terminal, with the whole run's ETA (cxrlab.budget); in a Jupyter kernel
+    Lightning's tqdm bar, which updates in place there with its ETA (tqdm.auto widgets when
+    ipywidgets is installed, else carriage returns on stderr), where Rich's live display needs
+    ipywidgets and otherwise shows nothing until the end."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
 
-    return TQDMProgressBar() if in_jupyter() else RichProgressBar(leave=True)
+    from cxrlab.budget import RunProgressBar
+
+    if in_jupyter():
+        return TQDMProgressBar()
+    return RunProgressBar(leave=True, planned_end=planned_end)
 
 
 def in_jupyter() -> bool:
@@ -434,13 +438,15 @@ class FitResult:
 def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_y,
         n_classes: int, positive: int | None, run_dir: Path,
         progress: bool = True, ckpt_path: Path | None = None,
-        cache_features: bool = True, loggers: list | None = None) -> FitResult:
+        cache_features: bool = True, loggers: list | None = None,
+        budgeted=None) -> FitResult:
     """Train with Lightning; returns the module holding the best (lowest val loss) weights.
 
     A checkpoint (checkpoints/last.ckpt) is written atomically at the end of every epoch;
     `ckpt_path` continues a run from one (see cxrlab.checkpoints). A frozen backbone without
     augmentation trains on cached pooled features (`cache_features=False` recomputes them
-    every batch: the benchmark's baseline). `loggers`: Lightning loggers (cxrlab.tracking).
+    every batch: the benchmark's baseline). `loggers`: Lightning loggers (cxrlab.tracking);
+    `budgeted` (cxrlab.budget) watches the time plan.
     """
     from cxrlab import finetune
     from cxrlab.checkpoints import AtomicCheckpointIO, TrainingState
@@ -481,8 +487,13 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
     ]
     if config.unfreeze_after is not None:
         callbacks.append(finetune.UnfreezeBackbone(config.unfreeze_after))
+    from cxrlab.budget import BudgetWatch
+
+    if budgeted is not None:
+        callbacks.append(BudgetWatch(budgeted.plan, budgeted.started, budgeted.timings.fixed))
     if progress:
-        callbacks.append(progress_bar())
+        callbacks.append(progress_bar(
+            budgeted and budgeted.started + budgeted.plan.predicted_s))
     trainer = L.Trainer(
         max_epochs=config.epochs,
         accelerator=config.accelerator,
