@@ -168,3 +168,15 @@ def test_bad_budget_is_one_line(xray, tmp_path, capsys, monkeypatch):
                            capsys, monkeypatch)
     assert_user_error(code, err, "--time-budget abc")
     assert not (tmp_path / "r").exists()
+
+
+def test_sweeps_are_never_budgeted():
+    from cxrlab.ablate import parse_spec, plan
+
+    spec = {"base": {"data": "x", "model": "cnn", "accelerator": "cpu"},
+            "factors": {"lr": [1e-3, 1e-4]}, "seeds": 1}
+    assert all(resolve_budget(r.config) is None for r in plan(parse_spec(spec)))
+    with pytest.raises(CxrlabError, match="base.time_budget"):
+        parse_spec({**spec, "base": {**spec["base"], "time_budget": "30m"}})
+    with pytest.raises(CxrlabError, match="time_budget"):
+        parse_spec({**spec, "factors": {"time_budget": ["10m", "20m"]}})

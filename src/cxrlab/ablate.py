@@ -49,7 +49,9 @@ TEST_FILE = "ablation_test.json"  # per run: metrics on the spec's `test:` data
 # (key in metrics.json, label): the quality metrics the answer is about; higher is better.
 METRICS = (("roc_auc", "AUC"), ("accuracy", "accuracy"), ("recall", "recall"),
            ("specificity", "specificity"))
-NOT_FACTORS = {"seed": "seeds are given by `seeds:`, not as a factor"}
+NOT_FACTORS = {"seed": "seeds are given by `seeds:`, not as a factor",
+               "time_budget": "a sweep compares runs of a fixed length (give epochs): none"
+               " is planned to a time budget"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -117,6 +119,8 @@ def parse_spec(raw: Any, source: str = "spec") -> AblationSpec:
     # Every configuration the sweep will train must be valid before the first one starts.
     if "seed" in spec.base:
         raise CxrlabError(f"{source}: base.seed: {NOT_FACTORS['seed']}")
+    if str(spec.base.get("time_budget", "none")).lower() != "none":
+        raise CxrlabError(f"{source}: base.time_budget: {NOT_FACTORS['time_budget']}")
     RunConfig.build({**spec.base, "seed": 0}, source=f"{source}: base")
     for v in expand(spec):
         for f, level in v.levels.items():
@@ -203,7 +207,7 @@ class PlannedRun:
 
 def plan(spec: AblationSpec) -> list[PlannedRun]:
     """Seed-major order: all variants for the first seed, then the next seed, ..."""
-    base = dict(spec.base)
+    base = {**spec.base, "time_budget": "none"}  # not the CPU default's 30 minutes
     if "data" in base:  # runs must find the data from wherever they are read
         base["data"] = str(Path(base["data"]).expanduser().absolute())
     variants = expand(spec)
