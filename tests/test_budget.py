@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,25 @@ def test_remaining_seconds():
     assert remaining_seconds([100.0], 1, 5, current_fraction=0.5) == 350.0
 
 
+def test_progress_bar_eta():
+    from types import SimpleNamespace
+
+    from cxrlab.budget import RunProgressBar
+
+    trainer = SimpleNamespace(current_epoch=0, max_epochs=3, num_training_batches=10,
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
+                                  batch_progress=SimpleNamespace(
+                                      current=SimpleNamespace(completed=5)))))
+    assert RunProgressBar(planned_end=123.0).run_end(trainer) == 123.0  # the plan, at first
+    bar = RunProgressBar()
+    assert bar.run_end(trainer) is None  # nothing to go on yet
+    now = time.time()
+    bar._t0 = now - 10  # half of the first epoch's batches in 10 s: 20 s an epoch
+    assert bar.run_end(trainer) == pytest.approx(now + 50, abs=1)
+    bar.durations, trainer.current_epoch, bar._t0 = [100.0], 1, now  # then the latest epoch
+    assert bar.run_end(trainer) == pytest.approx(now + 200, abs=1)
+
+
 # -- real tiny runs -----------------------------------------------------------------------
 
 TINY = ["--model", "cnn", "--image-size", "32", "--batch-size", "8", "--seed", "1", "--quiet"]
@@ -147,6 +167,8 @@ def test_tiny_budget_plans_fewer_epochs(xray, tmp_path, capsys, monkeypatch, cap
     text = " ".join(caplog.text.split())
     assert "time budget 1s: 2 of 4 epochs at 32 px" in text and "ending about" in text
     assert "will exceed its budget" in text
+    assert text.count("the run is predicted to take") == 1  # the overrun warning, once
+    assert resolve_budget(RunConfig.load(run / "config.yaml")) is None  # --config: no re-plan
     assert len(history_without_timing(run)) == 2
 
 

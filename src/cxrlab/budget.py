@@ -151,8 +151,7 @@ def plan_run(budget_s: float, t: Timings, *, epochs: int, n_head: int, image_siz
     the run has already taken (data preparation, warm-up); `predicted_s` includes them.
 
     Never more epochs, nor larger images, than asked; the head-only epochs stay."""
-    keep_head = min(n_head, epochs)
-    least = min(epochs, max(keep_head, 1 if n_head else 0) + min_full_epochs)
+    least = min(epochs, min(n_head, epochs) + min_full_epochs)
     if n_head >= epochs:  # frozen for the whole run: every epoch is head-only
         least = min(epochs, 1 + min_full_epochs)
     sizes = [image_size]
@@ -248,7 +247,7 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
                 m(x)
 
         m.eval()
-        val = _time(validate, device, repeats) / max(len(vb), 1)
+        val = _time(validate, device, 1) / max(len(vb), 1)  # 64 images: one timed pass
 
         def checkpoint():  # best.ckpt and last.ckpt: weights + optimizer state, twice
             torch.save({"model": m.state_dict(), "opt": opt.state_dict()}, io.BytesIO())
@@ -402,7 +401,7 @@ class RunProgressBar(RichProgressBar):
                 return self.planned_end
             done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
             total = trainer.num_training_batches
-            if done and isinstance(total, int) and 0 < total < math.inf:
+            if self._t0 is not None and done and isinstance(total, int) and total > 0:
                 per = in_epoch * total / done  # validation not yet counted
         left = remaining_seconds(self.durations, trainer.current_epoch, trainer.max_epochs,
                                  planned_epoch=per)
