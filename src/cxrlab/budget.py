@@ -287,7 +287,10 @@ def plan_config(config, budget_s: float, model: torch.nn.Module, data, started: 
     plan = plan_run(budget_s, t, epochs=config.epochs, n_head=n_head,
                     image_size=config.image_size,
                     steps=steps_per_epoch(len(tx), config.batch_size), n_val=len(vx),
-                    spent=time.time() - started)
+                    spent=time.time() - started,
+                    # the automatic budget only shortens the schedule: a warm-up on a busy
+                    # machine must not silently train the default recipe on smaller images
+                    min_size=config.image_size if config.time_budget == "auto" else 128)
     log.info("%s", describe(plan, t, started))
     if not plan.fits:
         log.warning("time budget %s: even %d epochs at %d px are predicted to take %.1f min; "
