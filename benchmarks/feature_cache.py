@@ -25,7 +25,7 @@ import torch
 from cxrlab.config import RunConfig
 from cxrlab.models import create_model
 from cxrlab.pipeline import prepare_data, resolve_positive, seed_everything
-from cxrlab.train import fit
+from cxrlab.training import fit
 
 
 def main() -> None:

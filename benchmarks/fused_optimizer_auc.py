@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cxrlab import train
+from cxrlab import training as train
 from cxrlab.config import RunConfig
 from cxrlab.pipeline import train_run
 

@@ -136,7 +136,7 @@ class Bench:
         self.cfg = RunConfig.build({"data": str(args.data), "model": name,
                                     "image_size": self.size, "batch_size": self.bs,
                                     "augment": "notebook", "epochs": 2})
-        from cxrlab.train import use_bf16
+        from cxrlab.training import use_bf16
 
         self.bf16 = use_bf16(self.cfg.precision)
 
@@ -146,7 +146,7 @@ class Bench:
 
     def new_module(self, weights=None):
         from cxrlab.models import create_model
-        from cxrlab.train import ClassifierModule
+        from cxrlab.training import ClassifierModule
 
         torch = self.torch
         torch.manual_seed(0)
@@ -160,7 +160,7 @@ class Bench:
         from cxrlab.data import cache
         from cxrlab.models import create_model
         from cxrlab.pipeline import prepare_data
-        from cxrlab.train import ClassifierModule, fit
+        from cxrlab.training import ClassifierModule, fit
 
         # Epoch boundaries as wall-clock stamps, so every epoch is measured alike: from the
         # start of one epoch to the start of the next (or the end of training), checkpoint
@@ -224,7 +224,7 @@ class Bench:
 
     # -- (a)/(e) ceiling -------------------------------------------------------------------
     def ceiling(self, bf16: bool, channels_last: bool):
-        from cxrlab.train import make_optimizer
+        from cxrlab.training import make_optimizer
 
         torch = self.torch
         module = self.new_module().to(self.device)
@@ -258,7 +258,7 @@ class Bench:
         import lightning as L
         from lightning.pytorch.callbacks import Callback, RichProgressBar
 
-        from cxrlab.train import ArrayDataset, class_weights, make_loader, quiet_lightning
+        from cxrlab.training import ArrayDataset, class_weights, make_loader, quiet_lightning
 
         quiet_lightning()
         tx, ty = self.train_xy
@@ -337,7 +337,7 @@ class Bench:
     # -- (f) inference -----------------------------------------------------------------------
     def inference(self) -> dict:
         torch = self.torch
-        from cxrlab.train import predict_probs
+        from cxrlab.training import predict_probs
 
         module = self.new_module().to(self.device).eval()
         model = module.model

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from cxrlab import ablate
+from cxrlab import ablation as ablate
 from cxrlab.cli import main
 from cxrlab.errors import CxrlabError
 from cxrlab.stats import paired_difference, t_interval, verdict

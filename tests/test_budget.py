@@ -193,7 +193,7 @@ def test_bad_budget_is_one_line(xray, tmp_path, capsys, monkeypatch):
 
 
 def test_sweeps_are_never_budgeted():
-    from cxrlab.ablate import parse_spec, plan
+    from cxrlab.ablation import parse_spec, plan
 
     spec = {"base": {"data": "x", "model": "cnn", "accelerator": "cpu"},
             "factors": {"lr": [1e-3, 1e-4]}, "seeds": 1}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxrlab.compare import compare_runs
+from cxrlab.comparison import compare_runs
 from cxrlab.config import RunConfig
 from cxrlab.data.split import read_split_csv
 from cxrlab.errors import CxrlabError

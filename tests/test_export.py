@@ -17,7 +17,7 @@ from cxrlab.errors import CxrlabError
 from cxrlab.export import OnnxPredictor, export_onnx, make_predictor
 from cxrlab.pipeline import decide, predict_paths, read_predictions, train_run
 from cxrlab.run import load_run
-from cxrlab.train import predict_probs
+from cxrlab.training import predict_probs
 from tests.conftest import SHARED_DATA
 
 

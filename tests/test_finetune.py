@@ -15,7 +15,7 @@ from PIL import Image
 from cxrlab.config import RunConfig
 from cxrlab.finetune import head_parameters
 from cxrlab.models import create_model
-from cxrlab.train import fit
+from cxrlab.training import fit
 from tests.test_cli import run_cli
 
 
@@ -132,7 +132,7 @@ def test_unfreeze_applies_to_a_run_resumed_after_the_unfreeze_epoch():
     from types import SimpleNamespace
 
     from cxrlab.finetune import UnfreezeBackbone
-    from cxrlab.train import ClassifierModule
+    from cxrlab.training import ClassifierModule
 
     cfg = RunConfig(data="x", model="resnet18", freeze_backbone=True, unfreeze_after=1)
     model = create_model("resnet18", num_classes=1, in_chans=1)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxrlab import train
+from cxrlab import training as train
 from cxrlab.config import RunConfig
 from cxrlab.data.cache import load_images
 from cxrlab.data.split import read_split_csv

@@ -3,7 +3,7 @@
 import torch
 
 from cxrlab.config import RunConfig
-from cxrlab.train import ClassifierModule, probabilities
+from cxrlab.training import ClassifierModule, probabilities
 
 
 def test_positive_class_does_not_flip_the_logit():
@@ -33,7 +33,7 @@ def test_inference_puts_a_loaded_model_in_the_input_layout():
     import numpy as np
 
     from cxrlab.models import create_model
-    from cxrlab.train import predict_probs
+    from cxrlab.training import predict_probs
 
     torch.manual_seed(0)
     model = create_model("resnet18", num_classes=1, in_chans=1).eval()

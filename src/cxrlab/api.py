@@ -109,7 +109,7 @@ def load(run_dir: PathLike) -> Run:
 def compare(run_a: Run | PathLike, run_b: Run | PathLike, n_boot: int = 2000) -> Comparison:
     """B − A on the validation images both runs share, with paired bootstrap 95% intervals
     (`cxrlab compare A B`)."""
-    from cxrlab.compare import compare_runs
+    from cxrlab.comparison import compare_runs
 
     return Comparison(compare_runs(_path(run_a), _path(run_b), n_boot=n_boot))
 
@@ -118,7 +118,7 @@ def ablate(spec: PathLike | dict, out: PathLike, *, progress: bool = False,
            shard: str | None = None) -> Sweep:
     """Train every variant x seed of an ablation spec (a YAML file or the same mapping as a
     dict; complete runs are skipped), then compare them paired by seed (`cxrlab ablate`)."""
-    from cxrlab import ablate as ab
+    from cxrlab import ablation as ab
 
     out = Path(out)
     with _quiet():
@@ -182,7 +182,7 @@ class Run:
     @property
     def history(self) -> History:
         """One dict per epoch (history.csv); `.to_pandas()` for a DataFrame."""
-        from cxrlab.train import read_history
+        from cxrlab.training import read_history
 
         return History(read_history(self.path / "history.csv"))
 
@@ -444,12 +444,12 @@ class Comparison(dict):
     """`compare`'s result: per metric A, B, B − A, its paired 95% interval and a verdict."""
 
     def __repr__(self) -> str:
-        from cxrlab.compare import render
+        from cxrlab.comparison import render
 
         return _rich_text(lambda c: render(self, c)).rstrip()
 
     def _repr_html_(self) -> str:
-        from cxrlab.compare import LABELS
+        from cxrlab.comparison import LABELS
         from cxrlab.report import esc, table
 
         rows = [[esc(LABELS[r["metric"]]), f"{r['a']:.4f}", f"{r['b']:.4f}",
@@ -471,7 +471,7 @@ class Sweep(dict):
         self.path = Path(path)
 
     def __repr__(self) -> str:
-        from cxrlab.ablate import render
+        from cxrlab.ablation import render
 
         return _rich_text(lambda c: render(self, c)).rstrip()
 

@@ -207,7 +207,7 @@ def compare(
     boot: Annotated[int, typer.Option(min=100, help="paired bootstrap resamples")] = 2000,
 ) -> None:
     """B − A on the validation images both runs share, with paired bootstrap intervals."""
-    from cxrlab.compare import compare_runs, render
+    from cxrlab.comparison import compare_runs, render
     from cxrlab.run import write_json
 
     result = compare_runs(run_a, run_b, n_boot=boot)
@@ -349,7 +349,7 @@ def ablate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Train every variant x seed (complete runs are skipped), then compare them, paired."""
-    from cxrlab import ablate as ab
+    from cxrlab import ablation as ab
 
     study = ab.load_spec(spec)
     parsed = ab.parse_shard(shard)

@@ -309,7 +309,7 @@ def _train_and_report(model, config: RunConfig, data: PreparedData, positive: in
     from cxrlab.distributed import is_rank_zero
     from cxrlab.evaluate import choose_threshold, compute_metrics
     from cxrlab.tracking import log_final, make_loggers
-    from cxrlab.train import fit, predict_probs, read_history
+    from cxrlab.training import fit, predict_probs, read_history
 
     classes = data.source.classes
     tx, ty, _ = data.subset("train")
@@ -430,7 +430,7 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
     metrics["intake"]); `shift` adds the stress test (cxrlab.shift) as metrics["shift"].
     """
     from cxrlab.evaluate import compute_metrics
-    from cxrlab.train import predict_probs
+    from cxrlab.training import predict_probs
 
     run = load_run(run_dir)
     source = load_source(Path(data), image_col, label_col)

@@ -165,7 +165,7 @@ def recompute_val_predictions(run_dir: Path, split_rows: list[dict]):
     """Older runs: predict the validation images of split.csv again with model.pt."""
     from cxrlab.data.cache import load_images
     from cxrlab.run import load_run
-    from cxrlab.train import predict_probs
+    from cxrlab.training import predict_probs
 
     run = load_run(run_dir)
     val = [r for r in split_rows if r["split"] == "val"]
@@ -180,7 +180,7 @@ def recompute_val_predictions(run_dir: Path, split_rows: list[dict]):
 
 def load_run_data(run_dir: Path) -> RunData:
     from cxrlab.data.split import read_split_csv
-    from cxrlab.train import read_history
+    from cxrlab.training import read_history
 
     run_dir = Path(run_dir)
     info = json.loads((run_dir / "run.json").read_text())
@@ -574,7 +574,7 @@ def tile_png(image: np.ndarray, heat: np.ndarray | None) -> bytes:
 
 
 def ablation_page(out: Path) -> str:
-    from cxrlab.ablate import load_result
+    from cxrlab.ablation import load_result
 
     res = load_result(out)
     spec = yaml.safe_load((out / "ablation.yaml").read_text())
@@ -616,13 +616,13 @@ def ablation_page(out: Path) -> str:
 
 
 def _est_cell(e: dict, scale: float = 1.0, digits: int = 3) -> str:
-    from cxrlab.ablate import _cell
+    from cxrlab.ablation import _cell
 
     return _cell(e, scale, digits, sep="<br>", ci='<span class="muted">[{}]</span>')
 
 
 def variants_html(res: dict) -> str:
-    from cxrlab.ablate import METRICS
+    from cxrlab.ablation import METRICS
 
     splits = ["val", "test"] if any(r.get("test") for r in res["runs"]) else ["val"]
     header = ["variant", "seeds", *[(lab if s == "val" else f"test {lab}")
@@ -651,7 +651,7 @@ def effects_html(res: dict) -> str:
 
 
 def effects_png(res: dict) -> bytes:
-    from cxrlab.ablate import METRICS
+    from cxrlab.ablation import METRICS
     from cxrlab.plots import _figure
 
     main = [e for e in res["effects"] if not e["context"] and e["split"] == "val"]
@@ -686,7 +686,7 @@ def effects_png(res: dict) -> bytes:
 
 
 def seed_curves_html(out: Path, res: dict) -> str:
-    from cxrlab.train import read_history
+    from cxrlab.training import read_history
 
     curves = {}
     for r in res["runs"]:
@@ -723,7 +723,7 @@ def seed_curves_png(curves: dict[str, list[tuple[int, list[dict]]]]) -> bytes:
 
 
 def convergence_ablation(out: Path, res: dict) -> str:
-    from cxrlab.train import read_history
+    from cxrlab.training import read_history
 
     rows = []
     for v in res["variants"]:

@@ -98,7 +98,7 @@ class Inference:
 
         from cxrlab import __version__
         from cxrlab.run import load_run
-        from cxrlab.train import predict_probs
+        from cxrlab.training import predict_probs
 
         self.run = load_run(run_dir)
         self.version = __version__

@@ -4,7 +4,7 @@ Each shift is a small pure function `f(images, level, seed) -> images` on the ui
 model sees (N, C, S, S): deterministic for a seed, batched (numpy / torch / PIL), never in
 place. `SHIFTS` gives each one three graded levels, mild to severe, chosen to look like what a
 new site's scanner, post-processing or export can do to chest films. `stress_test` scores the
-run on every (shift, level) through the one inference path (`cxrlab.train.predict_probs`) at
+run on every (shift, level) through the one inference path (`cxrlab.training.predict_probs`) at
 the run's own threshold, beside the unshifted baseline.
 """
 

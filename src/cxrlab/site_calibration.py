@@ -152,7 +152,7 @@ def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = 
     """Fit the calibration on DATA and write it as the new complete run OUT; returns a summary."""
     from cxrlab.evaluate import choose_threshold
     from cxrlab.run import check_out_dir, load_run
-    from cxrlab.train import predict_probs
+    from cxrlab.training import predict_probs
 
     out = Path(out)
     check_out_dir(out)
