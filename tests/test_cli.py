@@ -94,6 +94,38 @@ def test_evaluate_and_predict(trained_run, tmp_path, capsys, monkeypatch):
         assert r["class"] == expected
 
 
+def test_evaluate_other_positive_keeps_the_decisions(trained_run, tmp_path, capsys,
+                                                     monkeypatch):
+    # `evaluate --positive NORMAL` of a PNEUMONIA run once applied the run's threshold to
+    # P(NORMAL): with threshold t, a case between t and 1 - t changed class.
+    import shutil
+
+    data, run = trained_run
+    run = Path(shutil.copytree(run, tmp_path / "run"))
+    code, out, err = run_cli(["predict", run, data, "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    p = np.array(sorted(json.loads(line)["probabilities"]["PNEUMONIA"]
+                        for line in out.splitlines()))
+    # the threshold (between two scores, or a round one) that the old rule got most wrong
+    cuts = np.r_[(p[1:] + p[:-1]) / 2, np.linspace(0.1, 0.9, 9)]
+    wrong = [int(((1 - p >= t) != (p < t)).sum()) for t in cuts]
+    t = float(cuts[int(np.argmax(wrong))])
+    assert max(wrong) > 0  # the case this test is about is present
+    (run / "threshold").write_text(f"{t!r}\n")
+    metrics = {}
+    for positive in ("PNEUMONIA", "NORMAL"):
+        out_json = tmp_path / f"{positive}.json"
+        code, _, err = run_cli(["evaluate", run, data, "--positive", positive, "--json",
+                                out_json], capsys, monkeypatch)
+        assert code == 0, err
+        metrics[positive] = json.loads(out_json.read_text())
+    a, b = metrics["PNEUMONIA"], metrics["NORMAL"]
+    assert a["confusion_matrix"] == b["confusion_matrix"]  # every image keeps its class
+    assert b["positive_class"] == "NORMAL" and b["threshold"] == pytest.approx(1 - t)
+    assert (b["recall"], b["specificity"]) == (a["specificity"], a["recall"])
+    assert b["roc_auc"] == pytest.approx(a["roc_auc"])
+
+
 def test_evaluate_unknown_class_is_named(trained_run, tmp_path, capsys, monkeypatch):
     _, run = trained_run
     other = make_kermany_folder(tmp_path / "other", 2, 2)
