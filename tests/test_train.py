@@ -1,5 +1,6 @@
 """The training module's loss and probabilities agree on what the logit means."""
 
+import pytest
 import torch
 
 from cxrlab.config import RunConfig
@@ -43,3 +44,19 @@ def test_inference_puts_a_loaded_model_in_the_input_layout():
     aligned = predict_probs(model, images)
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert np.allclose(aligned, plain, atol=1e-5)
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_fewer_training_images_than_a_batch_still_train(balanced):
+    # The balanced sampler dropped the last partial batch: 24 images with --batch-size 64
+    # gave no batch at all and "training produced no checkpoint".
+    import numpy as np
+
+    from cxrlab.train import ArrayDataset, make_loader
+
+    labels = np.array([0] * 6 + [1] * 18)
+    ds = ArrayDataset(np.zeros((24, 1, 8, 8), np.uint8), labels)
+    batches = list(make_loader(ds, 64, train=True, seed=0, balanced=balanced))
+    assert [len(y) for _, y in batches] == [24]
+    full = list(make_loader(ds, 16, train=True, seed=0, balanced=balanced))
+    assert [len(y) for _, y in full] == [16]  # more than a batch: whole batches only
