@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cxrlab.config import RunConfig
+from cxrlab.models import create_model
 from cxrlab.train import ClassifierModule, probabilities
 
 
@@ -60,3 +61,30 @@ def test_fewer_training_images_than_a_batch_still_train(balanced):
     assert [len(y) for _, y in batches] == [24]
     full = list(make_loader(ds, 16, train=True, seed=0, balanced=balanced))
     assert [len(y) for _, y in full] == [16]  # more than a batch: whole batches only
+
+
+def test_validation_batches_are_never_augmented(tmp_path, monkeypatch):
+    # Augmenting validation would make val loss, early stopping and the chosen checkpoint
+    # depend on random warps. Every augmented image must be a training image.
+    import numpy as np
+
+    import cxrlab.train as train
+
+    seen = []
+
+    def spy(x, policy, generator=None):
+        seen.append(len(x))
+        return real(x, policy, generator)
+
+    real = train.augment_batch
+    monkeypatch.setattr(train, "augment_batch", spy)
+    rng = np.random.default_rng(0)
+    tx = rng.integers(0, 256, (24, 1, 32, 32), dtype=np.uint8)
+    vx = rng.integers(0, 256, (10, 1, 32, 32), dtype=np.uint8)
+    cfg = RunConfig.build(dict(data="x", model="cnn", image_size=32, batch_size=8, epochs=1,
+                               augment="light", precision="fp32", pretrained="none"))
+    model = create_model("cnn", num_classes=1, in_chans=1, image_size=32)
+    res = train.fit(model, cfg, tx, np.arange(24) % 2, vx, np.arange(10) % 2, 2, 1, tmp_path,
+                    progress=False)
+    assert res.epochs_run == 1
+    assert seen == [8, 8, 8]  # the epoch's training batches, not the validation batch
