@@ -8,18 +8,44 @@ from cxrlab.models import create_model
 from cxrlab.train import ClassifierModule, probabilities
 
 
-def test_positive_class_does_not_flip_the_logit():
+@pytest.mark.parametrize("positive", [0, 1])
+def test_positive_class_does_not_flip_the_logit(positive):
     # `--positive NORMAL` (index 0) once trained the logit towards class 0 while
-    # `probabilities` read it as class 1: every prediction came out inverted.
+    # `probabilities` read it as class 1: every prediction came out inverted. Train a
+    # one-weight model with the module's loss, then follow its scores through everything that
+    # reads `positive`: threshold, metrics, the per-epoch summary and the decisions.
+    import numpy as np
+
+    from cxrlab.evaluate import choose_threshold, compute_metrics
+    from cxrlab.pipeline import decide
+    from cxrlab.train import epoch_summary
+
     logits = torch.tensor([[4.0], [-4.0]])
-    y = torch.tensor([1, 0])
     probs = probabilities(logits)
-    assert probs[0, 1] > 0.98 and probs[1, 0] > 0.98
-    for positive in (0, 1):
-        module = ClassifierModule(torch.nn.Linear(1, 1), RunConfig(data="x", model="cnn"), 2,
-                                  None, positive)
-        assert module.loss(logits, y) < 0.05
-        assert module.loss(-logits, y) > 3.0
+    assert probs[0, 1] > 0.98 and probs[1, 0] > 0.98  # the logit is evidence for class 1
+
+    y = torch.tensor([0, 1] * 8)
+    x = (2.0 * y - 1).float()[:, None] + torch.linspace(-0.5, 0.5, 16)[:, None]
+    torch.manual_seed(0)
+    net = torch.nn.Linear(1, 1)
+    module = ClassifierModule(net, RunConfig(data="x", model="cnn"), 2,
+                              torch.tensor([1.0, 3.0]), positive)  # weighted path too
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for _ in range(100):
+        opt.zero_grad()
+        module.loss(net(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        P = probabilities(net(x)).numpy()
+    yy = y.numpy()
+    assert (P[np.arange(16), yy] > 0.75).all()  # each image's own class is the likely one
+    t = choose_threshold(yy == positive, P[:, positive])
+    m = compute_metrics(yy, P, ["NORMAL", "PNEUMONIA"], positive=positive, threshold=t,
+                        n_boot=0)
+    assert (m["accuracy"], m["roc_auc"], m["recall"]) == (1.0, 1.0, 1.0)
+    assert list(decide(P, positive, t)) == list(yy)
+    summary = epoch_summary(yy, P, positive, 0.0)
+    assert (summary["acc"], summary["auc"], summary["recall"]) == (1.0, 1.0, 1.0)
 
 
 def test_error_messages_stay_on_one_line():
