@@ -107,6 +107,42 @@ def test_shards_partition_the_runs():
             ablate.parse_shard(bad)
 
 
+def _slurm_array_ids(spec: str) -> list[int]:
+    """Task ids of `#SBATCH --array=SPEC`: 1-8, 0-15:4, 1,3,5-7, each with an optional %N."""
+    ids: list[int] = []
+    for part in spec.split("%")[0].split(","):
+        lo, _, rest = part.partition("-")
+        hi, _, step = rest.partition(":")
+        ids += range(int(lo), int(hi or lo) + 1, int(step or 1))
+    return ids
+
+
+def test_readme_slurm_array_runs_every_shard_once():
+    # The README's job array was --array=0-7 with --shard $SLURM_ARRAY_TASK_ID/...: shards
+    # count from 1, so task 0 failed, shard 8 never ran and the afterok collect never started.
+    import re
+    import subprocess
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in readme.split("```bash")[1:] if "--shard" in b.split("```")[0])
+    block = block.split("```")[0]
+    ids = _slurm_array_ids(re.search(r"#SBATCH --array=(\S+)", block).group(1))
+    arg = re.search(r"--shard\s+(\S+)", block).group(1)
+    shards = []
+    for i in ids:  # what bash makes of the argument in each task, as SLURM sets it up
+        env = {"PATH": "/usr/bin:/bin", "SLURM_ARRAY_TASK_ID": str(i),
+               "SLURM_ARRAY_TASK_COUNT": str(len(ids)), "SLURM_ARRAY_TASK_MIN": str(min(ids)),
+               "SLURM_ARRAY_TASK_MAX": str(max(ids))}
+        text = subprocess.run(["bash", "-c", f"printf %s {arg}"], env=env, check=True,
+                              capture_output=True, text=True).stdout
+        shards.append(ablate.parse_shard(text))  # a task that fails here fails the array
+    for n_runs in range(40):
+        runs = list(range(n_runs))
+        done = [r for shard in shards for r in ablate.shard_runs(runs, shard)]
+        assert sorted(done) == runs, (arg, shards)
+
+
 # -- statistics against hand-computed values --------------------------------------------------
 
 

@@ -52,7 +52,7 @@ def test_train_returns_the_run_it_wrote(trained, capfd):
 
 def test_the_contract_names_are_callables_with_their_signatures():
     import importlib
-import inspect
+    import inspect
 
     assert {"train", "load", "compare", "ablate", "data_summary", "Run", "Metrics",
             "CxrlabError"} <= set(cxrlab.__all__)

@@ -94,6 +94,38 @@ def test_evaluate_and_predict(trained_run, tmp_path, capsys, monkeypatch):
         assert r["class"] == expected
 
 
+def test_evaluate_other_positive_keeps_the_decisions(trained_run, tmp_path, capsys,
+                                                     monkeypatch):
+    # `evaluate --positive NORMAL` of a PNEUMONIA run once applied the run's threshold to
+    # P(NORMAL): with threshold t, a case between t and 1 - t changed class.
+    import shutil
+
+    data, run = trained_run
+    run = Path(shutil.copytree(run, tmp_path / "run"))
+    code, out, err = run_cli(["predict", run, data, "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    p = np.array(sorted(json.loads(line)["probabilities"]["PNEUMONIA"]
+                        for line in out.splitlines()))
+    # the threshold (between two scores, or a round one) that the old rule got most wrong
+    cuts = np.r_[(p[1:] + p[:-1]) / 2, np.linspace(0.1, 0.9, 9)]
+    wrong = [int(((1 - p >= t) != (p < t)).sum()) for t in cuts]
+    t = float(cuts[int(np.argmax(wrong))])
+    assert max(wrong) > 0  # the case this test is about is present
+    (run / "threshold").write_text(f"{t!r}\n")
+    metrics = {}
+    for positive in ("PNEUMONIA", "NORMAL"):
+        out_json = tmp_path / f"{positive}.json"
+        code, _, err = run_cli(["evaluate", run, data, "--positive", positive, "--json",
+                                out_json], capsys, monkeypatch)
+        assert code == 0, err
+        metrics[positive] = json.loads(out_json.read_text())
+    a, b = metrics["PNEUMONIA"], metrics["NORMAL"]
+    assert a["confusion_matrix"] == b["confusion_matrix"]  # every image keeps its class
+    assert b["positive_class"] == "NORMAL" and b["threshold"] == pytest.approx(1 - t)
+    assert (b["recall"], b["specificity"]) == (a["specificity"], a["recall"])
+    assert b["roc_auc"] == pytest.approx(a["roc_auc"])
+
+
 def test_evaluate_unknown_class_is_named(trained_run, tmp_path, capsys, monkeypatch):
     _, run = trained_run
     other = make_kermany_folder(tmp_path / "other", 2, 2)
@@ -233,3 +265,56 @@ def test_bad_option_value(kermany_folder, tmp_path, capsys, monkeypatch):
                             monkeypatch)
     assert_user_error(code, err, "augment")
     assert not run.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# train's options mirror RunConfig
+
+# RunConfig fields that `cxrlab train` deliberately has no flag for, and why.
+NO_TRAIN_FLAG = {
+    "fold": "set per run by --folds (each fold's run gets its own)",
+}
+# Fields whose flag is named otherwise (field: the option's parameter name).
+TRAIN_FLAG_NAME = {"loggers": "logger"}  # --logger, repeated, one logger each
+
+
+def test_every_run_config_field_has_a_train_flag():
+    # label_smoothing, channels_last, deterministic and threshold_rule had none: the CLI's
+    # options are written out by hand and had drifted from RunConfig.
+    from typer.main import get_command
+
+    from cxrlab.cli import app
+    from cxrlab.config import RunConfig
+
+    params = {p.name: p for p in get_command(app).commands["train"].params}
+    missing = [f for f in RunConfig.model_fields
+               if TRAIN_FLAG_NAME.get(f, f) not in params and f not in NO_TRAIN_FLAG]
+    assert not missing, f"RunConfig fields without a `cxrlab train` flag: {missing}"
+    assert not set(NO_TRAIN_FLAG) & set(params)  # a listed field that got a flag: unlist it
+    for name in ("channels_last", "deterministic"):  # booleans turn both ways
+        opt = params[name]
+        dashed = name.replace("_", "-")
+        assert opt.opts == [f"--{dashed}"] and opt.secondary_opts == [f"--no-{dashed}"]
+
+
+def test_new_train_flags_reach_the_run_config(kermany_folder, tmp_path, capsys, monkeypatch):
+    import cxrlab.pipeline
+
+    seen = []
+    monkeypatch.setattr(cxrlab.pipeline, "train_run", lambda cfg, *a, **kw: seen.append(cfg))
+    monkeypatch.setattr("cxrlab.cli._print_result", lambda result: None)
+    code, _, err = run_cli(["train", kermany_folder, "--out", tmp_path / "r",
+                            "--label-smoothing", "0.1", "--no-channels-last",
+                            "--no-deterministic", "--threshold-rule", "sensitivity"],
+                           capsys, monkeypatch)
+    assert code == 0, err
+    (cfg,) = seen
+    assert (cfg.label_smoothing, cfg.channels_last, cfg.deterministic, cfg.threshold_rule) == \
+        (0.1, False, False, "sensitivity")
+    code, _, err = run_cli(["train", kermany_folder, "--out", tmp_path / "r",
+                            "--threshold-rule", "youden", "--target-sensitivity", "0.9"],
+                           capsys, monkeypatch)
+    assert_user_error(code, err, "--target-sensitivity", "--threshold-rule youden")
+    code, _, err = run_cli(["train", kermany_folder, "--out", tmp_path / "r",
+                            "--threshold-rule", "f1"], capsys, monkeypatch)
+    assert_user_error(code, err, "threshold_rule")

@@ -1,4 +1,4 @@
-"""cxrlab.compare and `cxrlab compare`: paired differences between two runs' validations."""
+"""cxrlab.comparison and `cxrlab compare`: paired differences between two runs' validations."""
 
 from __future__ import annotations
 

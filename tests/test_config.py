@@ -27,6 +27,18 @@ def test_bad_values_name_the_option(bad, needle):
 def test_balanced_sampler_turns_class_weights_off():
     c = RunConfig.build({"data": "x", "sampler": "balanced"})
     assert c.class_weights is False
+    assert RunConfig.build({"data": "x", "sampler": "balanced", "class_weights": False}) == c
+
+
+def test_class_weights_asked_for_are_not_dropped_by_the_sampler():
+    # An explicit class_weights=True was silently turned off by sampler=balanced.
+    with pytest.raises(CxrlabError) as e:
+        RunConfig.build({"data": "x", "sampler": "balanced", "class_weights": True})
+    assert "--class-weights and --sampler balanced" in str(e.value)
+    assert "\n" not in str(e.value)
+    c = RunConfig.build({"data": "x", "class_weights": True})
+    with pytest.raises(CxrlabError, match="--sampler balanced"):
+        RunConfig.build({**c.model_dump(), "sampler": "balanced"})
 
 
 def test_load_errors(tmp_path):

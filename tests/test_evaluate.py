@@ -455,3 +455,64 @@ def test_json_and_table():
         console.print(format_metrics_table(m))
         out = console.export_text()
         assert "ROC AUC" in out and "95% CI" in out and f"{m['accuracy']:.3f}" in out
+
+
+# -- the run's threshold seen from the other class ---------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([0, 1]), st.sampled_from(["youden",
+                                                                           "sensitivity"]))
+def test_other_positive_keeps_every_decision(seed, positive, rule):
+    # `evaluate --positive OTHER` once applied the run's threshold, chosen on P(positive), to
+    # P(other): a case scored 0.3 with threshold 0.4 flipped class. Now every case keeps its
+    # class, also float32 scores one ulp either side of the threshold.
+    from cxrlab.pipeline import complement_threshold
+
+    rng = np.random.default_rng(seed)
+    p = (1 / (1 + np.exp(-rng.normal(0, 2, 200)))).astype(np.float32)  # like the model's
+    y = (rng.random(200) < p).astype(int)
+    t = choose_threshold(y == positive, p if positive == 1 else 1 - p, rule, 0.9)
+    t32 = np.float32(t)
+    near = [np.nextafter(t32, np.float32(0)), t32, np.nextafter(t32, np.float32(1))]
+    p_pos = np.concatenate([p, near]).astype(np.float32)
+    P = np.zeros((len(p_pos), 2), np.float32)
+    P[:, positive], P[:, 1 - positive] = p_pos, np.float32(1) - p_pos
+    y = np.concatenate([y, [0, 1, 0]])
+    run_calls_positive = P[:, positive].astype(np.float64) >= t  # as compute_metrics compares
+
+    P2, t2 = complement_threshold(P, positive, t)
+    assert np.array_equal(P2[:, 1 - positive] > t2, ~run_calls_positive)
+    assert t2 == pytest.approx(1 - t, abs=1e-15)
+    a = compute_metrics(y, P, CLASSES, positive=positive, threshold=t, n_boot=0)
+    b = compute_metrics(y, P2, CLASSES, positive=1 - positive, threshold=t2, n_boot=0,
+                        strict=True)
+    assert a["confusion_matrix"] == b["confusion_matrix"]  # the same calls, class by class
+    assert (b["recall"], b["specificity"]) == (a["specificity"], a["recall"])
+    assert b["roc_auc"] == pytest.approx(a["roc_auc"], abs=1e-12)
+
+
+def test_other_positive_threshold_rounds_down():
+    # 1 - t is not a float here and rounds up to 0.75; a case scored 0.25 < t would then
+    # have P(other) = 0.75, not > 0.75, and flip.
+    from cxrlab.pipeline import complement_threshold
+
+    t = 0.25 + 2.0**-54
+    P2, t2 = complement_threshold(np.array([[0.75, 0.25], [0.5, 0.5]]), 1, t)
+    assert 1.0 - t == 0.75 and t2 < 0.75
+    assert list(P2[:, 0] > t2) == [True, False]
+
+
+def test_predictions_decide_as_metrics_count():
+    # A threshold halfway between two float32 scores (choose_threshold's midpoint) rounds, in
+    # float32, onto one of them: predict called that case positive while evaluate did not.
+    from cxrlab.pipeline import decide
+
+    lo = np.float32(0.3)
+    hi = np.nextafter(lo, np.float32(1))
+    t = (float(lo) + float(hi)) / 2
+    assert np.float32(t) in (lo, hi)
+    P = np.array([[1 - lo, lo], [1 - hi, hi]], dtype=np.float32)
+    m = compute_metrics([0, 1], P, CLASSES, positive=1, threshold=t, n_boot=0)
+    assert m["confusion_matrix"] == [[1, 0], [0, 1]]
+    assert list(decide(P, 1, t)) == [0, 1]

@@ -118,11 +118,14 @@ def test_three_classes_end_to_end(tmp_path, capsys, monkeypatch, caplog):
     assert code == 0, err
     e = json.loads((tmp_path / "e.json").read_text())
     assert e["n"] == 30 and set(e["per_class"]) == set(names)
+    # each class is one colour channel brighter: separable, so it must be learned (1.0 here)
+    assert e["accuracy"] >= 0.9 and min(np.diag(e["confusion_matrix"])) >= 8
     code, out, err = run_cli(["predict", run, tmp_path / "data" / "viral", "--json"],
                              capsys, monkeypatch)
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
     assert len(rows) == 10 and all(set(r["probabilities"]) == set(names) for r in rows)
+    assert sum(r["class"] == "viral" for r in rows) >= 9
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows)
 
 

@@ -202,9 +202,16 @@ def test_grey_conv1_sum_equals_three_channel_net_on_repeated_grey(r18_weights):
 
 
 def test_torchvision_files_without_num_batches_tracked_load(r18_weights):
+    # Older torchvision files lack the BN counters: they load, and every weight is copied.
     sd, _ = r18_weights
     old = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
-    load_torchvision_state_dict(create_model("resnet18", 1), old)
+    m = create_model("resnet18", 1, 3)
+    load_torchvision_state_dict(m, old)
+    got = m.state_dict()
+    copied = [k for k in old if not k.startswith("fc.")]
+    assert any("running_var" in k for k in copied) and "conv1.weight" in copied
+    for k in copied:
+        assert torch.equal(got[k], old[k]), k
 
 
 def test_bad_weights_raise_naming_the_key(r18_weights, tmp_path):

@@ -88,6 +88,47 @@ def test_grouped_split_is_stratified_seeded_and_never_splits_a_patient():
     assert assign_splits(s, 0.25, seed=0).splits.count("val") != r.splits.count("val")
 
 
+def _uneven_patients(seed: int = 0):
+    """Kermany-like names, 1 to 6 images per patient, 2 classes of unequal size."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for k, (label, n_patients) in enumerate((("NORMAL", 40), ("PNEUMONIA", 70))):
+        for p in range(n_patients):
+            for i in range(int(rng.integers(1, 7))):
+                name = (f"IM-{p:04d}-{i + 1:04d}.jpeg" if k == 0
+                        else f"person{p}_virus_{i}.jpeg")
+                items.append((name, label))
+    return _fake_source(items)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.4, 0.15, 0.35])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grouped_split_honours_the_fraction_within_a_patient(fraction, seed):
+    # round(1 / fraction) folds turned 0.4 into 50% and 0.3 into 33%.
+    s = _uneven_patients(seed)
+    r = assign_splits(s, fraction, seed=seed)
+    assert _no_group_in_two_splits(r)
+    sizes = Counter(r.groups)
+    labels = [rec.label for rec in s.records]
+    val = [lab for lab, sp in zip(labels, r.splits, strict=True) if sp == "val"]
+    assert abs(len(val) - fraction * len(labels)) <= max(sizes.values())
+    for c in ("NORMAL", "PNEUMONIA"):  # stratified: each class within half a patient
+        largest = max(n for g, n in sizes.items() if labels[r.groups.index(g)] == c)
+        assert abs(val.count(c) - fraction * labels.count(c)) <= largest / 2
+    assert f"validation: {len(val)} of {len(labels)} training images" in r.message
+    assert f"--val-fraction {fraction:g}" in r.message
+    assert assign_splits(s, fraction, seed=seed) == r
+    assert assign_splits(s, fraction, seed=seed + 10).splits != r.splits
+
+
+def test_whole_fold_fractions_stay_stratified_group_k_fold():
+    # 0.2 (the default), 0.25, 0.5: fold 1 of 1/fraction folds, as every earlier run was split
+    s = _uneven_patients()
+    for fraction, folds in ((0.2, 5), (0.25, 4), (0.5, 2)):
+        assert (assign_splits(s, fraction, seed=3).splits
+                == assign_splits(s, folds=folds, fold=1, seed=3).splits)
+
+
 def test_grouped_split_on_written_folder(tmp_path):
     s = load_source(make_kermany_folder(tmp_path / "m", 30, 30, size=20, images_per_patient=3))
     r = assign_splits(s, 0.2, seed=0)

@@ -68,6 +68,8 @@ def train(
         "--class-weights/--no-class-weights", help="n_total / (n_classes * n_c)")] = None,
     sampler: Annotated[str | None, typer.Option(help="none | balanced")] = None,
     augment: Annotated[str | None, typer.Option(help="none | flip | light | notebook")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(
+        help="targets pulled towards uniform by this much (0 = none)")] = None,
     dropout: Annotated[float | None, typer.Option(help="dropout before the head")] = None,
     batchnorm: Annotated[bool | None, typer.Option("--batchnorm/--no-batchnorm")] = None,
     pretrained: Annotated[str | None, typer.Option(
@@ -90,9 +92,16 @@ def train(
     image_col: ImageCol = None,
     label_col: LabelCol = None,
     positive: Annotated[str | None, typer.Option(help="positive class (2 classes)")] = None,
+    threshold_rule: Annotated[str | None, typer.Option(
+        help="youden | sensitivity (2 classes; see --target-sensitivity)")] = None,
     target_sensitivity: Annotated[float | None, typer.Option(
         help="choose the threshold for this sensitivity instead of Youden's J")] = None,
     precision: Annotated[str | None, typer.Option(help="auto | bf16 | fp32")] = None,
+    channels_last: Annotated[bool | None, typer.Option(
+        "--channels-last/--no-channels-last", help="channels-last memory layout")] = None,
+    deterministic: Annotated[bool | None, typer.Option(
+        "--deterministic/--no-deterministic",
+        help="deterministic algorithms (same machine, same result)")] = None,
     channels: Annotated[int | None, typer.Option(help="1 or 3 (default: from images)")] = None,
     skip_bad: Annotated[bool | None, typer.Option(
         "--skip-bad", help="list and skip unreadable images")] = None,
@@ -126,7 +135,9 @@ def train(
         folds=folds, group_regex=group_regex, image_col=image_col, label_col=label_col,
         positive=positive, precision=precision, channels=channels, skip_bad=skip_bad, head=head,
         freeze_backbone=freeze_backbone, unfreeze_after=unfreeze_after,
-        backbone_lr_mult=backbone_lr_mult, loggers=logger or None,
+        backbone_lr_mult=backbone_lr_mult, label_smoothing=label_smoothing,
+        threshold_rule=threshold_rule, channels_last=channels_last, deterministic=deterministic,
+        loggers=logger or None,
     )
     if time_budget is not None:
         from cxrlab.budget import parse_budget
@@ -137,6 +148,9 @@ def train(
             raise CxrlabError("--pretrained and --no-pretrained: give one of them")
         given["pretrained"] = "none"
     if target_sensitivity is not None:
+        if threshold_rule not in (None, "sensitivity"):
+            raise CxrlabError(f"--target-sensitivity with --threshold-rule {threshold_rule}: "
+                              "the target is for the sensitivity rule; give one of them")
         given.update(threshold_rule="sensitivity", target_sensitivity=target_sensitivity)
     if resume is not None:
         given.update(out=out, config=config, mlflow_uri=mlflow_uri)

@@ -145,7 +145,11 @@ class RunConfig(BaseModel):
     def _check(self) -> RunConfig:
         self._recipe()
         if self.sampler == "balanced" and self.class_weights:
-            # Both at once would correct the imbalance twice.
+            # Both at once would correct the imbalance twice: the sampler's default is to turn
+            # the weights off, but weights asked for are never dropped silently.
+            if "class_weights" in self.model_fields_set:
+                raise ValueError("--class-weights and --sampler balanced both correct the class "
+                                 "imbalance (twice, together): drop one, e.g. --no-class-weights")
             object.__setattr__(self, "class_weights", False)
         if self.unfreeze_after is not None and not self.freeze_backbone:
             object.__setattr__(self, "freeze_backbone", True)

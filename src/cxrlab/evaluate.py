@@ -102,14 +102,17 @@ def compute_metrics(
     n_boot: int = 1000,
     seed: int = 0,
     groups: Sequence[str | None] | None = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """All metrics of one prediction set, as a JSON-ready dict with stable keys.
 
     y_true holds indices into `classes`; probs is (N, K) with rows summing to 1. Two classes:
     `positive` (default 1) is the positive column, a case is called positive when its
     probability is >= `threshold` (default 0.5), and `at_0_5` repeats the threshold metrics at
-    0.5 for comparison. More classes: argmax prediction, macro averages, `per_class`;
-    `positive` and `threshold` are ignored. `ci` holds 95% percentile-bootstrap intervals
+    0.5 for comparison (`strict`: positive only when > `threshold`, a run's threshold seen
+    from its other class, see `pipeline.complement_threshold`). More classes: argmax
+    prediction, macro averages, `per_class`; `positive` and `threshold` are ignored. `ci`
+    holds 95% percentile-bootstrap intervals
     (seeded; the threshold stays fixed): with `groups` (a patient key per case; None or ""
     for a case that is its own patient) whole patients are resampled, else single cases;
     `interval_method` says which. Undefined values are
@@ -120,7 +123,7 @@ def compute_metrics(
     y, P, names = _validate(y_true, probs, classes)
     codes = group_codes(groups, len(y))
     if len(names) == 2:
-        out = _binary_metrics(y, P, names, positive, threshold, n_boot, seed, codes)
+        out = _binary_metrics(y, P, names, positive, threshold, n_boot, seed, codes, strict)
     else:
         out = _multiclass_metrics(y, P, names, n_boot, seed, codes)
     out["interval_method"] = interval_method(codes)
@@ -130,6 +133,7 @@ def compute_metrics(
 def _binary_metrics(
     y: np.ndarray, P: np.ndarray, names: list[str], positive: int | None,
     threshold: float | None, n_boot: int, seed: int, codes: np.ndarray | None,
+    strict: bool = False,
 ) -> dict[str, Any]:
     pos = 1 if positive is None else int(positive)
     if pos not in (0, 1):
@@ -137,7 +141,7 @@ def _binary_metrics(
     t = 0.5 if threshold is None else float(threshold)
     score = P[:, pos]
     is_pos = y == pos
-    pred_pos = score >= t
+    pred_pos = score > t if strict else score >= t
     y_pred = np.where(pred_pos, pos, 1 - pos)
     n = len(y)
 

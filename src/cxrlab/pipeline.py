@@ -412,8 +412,32 @@ def decide(probs: np.ndarray, positive: int | None, threshold: float | None) -> 
     """Predicted class per row: the run's threshold for 2 classes, argmax otherwise."""
     if positive is not None:
         t = 0.5 if threshold is None else threshold
-        return np.where(probs[:, positive] >= t, positive, 1 - positive)
+        # In float64, as compute_metrics compares: NumPy compares float32 scores with a Python
+        # float in float32, where a threshold between two scores can round onto one of them.
+        score = np.asarray(probs[:, positive], dtype=np.float64)
+        return np.where(score >= t, positive, 1 - positive)
     return probs.argmax(1)
+
+
+def complement_threshold(probs: np.ndarray, positive: int,
+                         threshold: float | None) -> tuple[np.ndarray, float]:
+    """The run's decision seen from its other class: (probs, t') such that
+    P(other) > t' exactly when P(positive) < threshold, so every case keeps its class.
+
+    The run's threshold was chosen on P(positive); applied to P(other) it would decide
+    something else. P(other) becomes 1 - P(positive) in float64 (exact for the model's
+    float32 scores) and t' is 1 - threshold rounded down, so that no case within a rounding
+    error of the threshold flips either.
+    """
+    from fractions import Fraction
+
+    t = 0.5 if threshold is None else float(threshold)
+    p = np.array(probs, dtype=np.float64)
+    p[:, 1 - positive] = 1.0 - p[:, positive]
+    t_other = 1.0 - t
+    if Fraction(t_other) > 1 - Fraction(t):  # rounded up: take the float below
+        t_other = float(np.nextafter(t_other, -np.inf))
+    return p, t_other
 
 
 # ---------------------------------------------------------------------------------------
@@ -428,6 +452,8 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
 
     Also checks the images against the run's training intake (cxrlab.intake: warnings, and
     metrics["intake"]); `shift` adds the stress test (cxrlab.shift) as metrics["shift"].
+    `positive` may name the other class: the metrics are then about that class, with the
+    same decisions (see `complement_threshold`); the stress test stays the run's own.
     """
     from cxrlab.evaluate import compute_metrics
     from cxrlab.training import predict_probs
@@ -460,9 +486,13 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
         return predict_probs(run.model, x)  # fp32, as the run's threshold (predict_probs)
 
     probs = predict(images)
-    metrics = compute_metrics(y, probs, run.classes, positive=pos, threshold=run.threshold,
+    scored, threshold, strict = probs, run.threshold, False
+    if pos != run.info.positive:  # --positive names the class the run did not threshold
+        scored, threshold = complement_threshold(probs, run.info.positive, run.threshold)
+        strict = True
+    metrics = compute_metrics(y, scored, run.classes, positive=pos, threshold=threshold,
                               n_boot=n_boot, seed=run.config.seed,
-                              groups=keys if any(keys) else None)
+                              groups=keys if any(keys) else None, strict=strict)
     metrics["data"] = str(data)
     metrics["skipped"] = [[str(p), why] for p, why in bad]
     from cxrlab.intake import check_intake
@@ -471,7 +501,7 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
     if shift:
         from cxrlab.shift import stress_test
 
-        metrics["shift"] = stress_test(predict, images, y, pos, run.threshold,
+        metrics["shift"] = stress_test(predict, images, y, run.info.positive, run.threshold,
                                        seed=run.config.seed)
         metrics["shift"]["data"] = str(data)
     return metrics

@@ -63,8 +63,9 @@ def make_loader(
         counts = torch.bincount(ds.labels).float()
         weights = (1.0 / counts)[ds.labels]
         sampler = WeightedRandomSampler(weights, len(ds), replacement=True, generator=gen)
+        # As below: fewer images than a batch still make one (drop_last left none at all).
         return DataLoader(ds, batch_size=batch_size, sampler=sampler,
-                          collate_fn=_identity_collate, drop_last=True)
+                          collate_fn=_identity_collate, drop_last=len(ds) > batch_size)
     return DataLoader(
         ds, batch_size=batch_size, shuffle=train, generator=gen if train else None,
         collate_fn=_identity_collate, drop_last=train and len(ds) > batch_size,

@@ -7,6 +7,7 @@ val and inflates validation scores. Source-given splits (train/val/test folders)
 from __future__ import annotations
 
 import csv
+import math
 import re
 import warnings
 from collections import Counter, defaultdict
@@ -61,8 +62,11 @@ def assign_splits(source: Source, val_fraction: float = 0.2, seed: int = 0,
                   fold: int | None = None) -> SplitResult:
     """Keep given splits; carve val out of train when none is given, by patient group.
 
-    StratifiedGroupKFold(n_splits=round(1/val_fraction)) and its first fold as val: whole
-    patients move, classes stay balanced as far as patients allow. Files without a patient
+    When 1/val_fraction is a whole number k, StratifiedGroupKFold(n_splits=k) and its first
+    fold as val: whole patients move, classes stay balanced as far as patients allow. Other
+    fractions (0.3, 0.4) cannot be one of k folds (round(1/0.4) = 2 folds gave 50%): whole
+    patients are drawn instead (`_draw_patients`). The message says what share val got.
+    Files without a patient
     key are their own group; when no file has one, a plain stratified split (and the message
     says so). Cross-validation (`folds`, `fold`): the fold-th of exactly `folds` folds, from
     the same StratifiedGroupKFold (StratifiedKFold when ungrouped), so the folds of one seed
@@ -110,10 +114,13 @@ def assign_splits(source: Source, val_fraction: float = 0.2, seed: int = 0,
             if n_splits < 2:
                 raise CxrlabError(f"{source.root}: too few training images per class to hold "
                                   "out a stratified validation split")
-            sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-            with warnings.catch_warnings():  # a rare class is fine: it lands where it can
-                warnings.filterwarnings("ignore", "The least populated class", UserWarning)
-                _, val_idx = next(sgkf.split(np.zeros(len(idx)), labels, g))
+            if not math.isclose(round(1 / val_fraction) * val_fraction, 1.0, rel_tol=1e-9):
+                val_idx = _draw_patients(labels, g, val_fraction, seed)
+            else:
+                sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+                with warnings.catch_warnings():  # a rare class is fine: it lands where it can
+                    warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+                    _, val_idx = next(sgkf.split(np.zeros(len(idx)), labels, g))
         else:
             n_val = max(len(set(labels.tolist())), round(val_fraction * len(idx)))
             try:
@@ -124,6 +131,10 @@ def assign_splits(source: Source, val_fraction: float = 0.2, seed: int = 0,
                                   f"({e})") from None
         for j in val_idx:
             splits[idx[j]] = "val"
+        notes.append(f"validation: {len(val_idx)} of {len(idx)} training images "
+                     f"({len(val_idx) / len(idx):.1%}"
+                     + (f"; fold {fold} of {folds})" if fold is not None
+                        else f"; --val-fraction {val_fraction:g})"))
     # A patient must live in one split; carving never splits one, given layouts can.
     where: dict[str, set[str]] = defaultdict(set)
     for g, s in zip(groups, splits, strict=True):
@@ -140,6 +151,32 @@ def assign_splits(source: Source, val_fraction: float = 0.2, seed: int = 0,
                      f"{'/'.join(sorted(where[leaking[0]]))}")
     return SplitResult(splits, ["" if g.startswith("\0") else g for g in groups], grouped,
                        "; ".join(notes))
+
+
+def _draw_patients(labels: np.ndarray, groups: np.ndarray, fraction: float,
+                   seed: int) -> np.ndarray:
+    """Validation indices: whole patients in a seeded random order, each taken when it brings
+    the validation images of every class closer to `fraction` of that class (summed over
+    classes).
+
+    A patient is taken only while that helps, so each class ends within half its largest
+    patient of its share: the total within one patient's images (two classes), stratified.
+    """
+    classes, y = np.unique(labels, return_inverse=True)
+    names, g = np.unique(groups, return_inverse=True)
+    per_patient = np.zeros((len(names), len(classes)))
+    np.add.at(per_patient, (g, y), 1)
+    target = fraction * per_patient.sum(0)
+    have = np.zeros(len(classes))
+    taken = np.zeros(len(names), dtype=bool)
+    order = np.random.default_rng(seed).permutation(len(names))
+    for j in order:
+        if np.abs(have + per_patient[j] - target).sum() < np.abs(have - target).sum():
+            have += per_patient[j]
+            taken[j] = True
+    if not taken.any():  # every patient outweighs the share: the first one still validates
+        taken[order[0]] = True
+    return np.flatnonzero(taken[g])
 
 
 def _fold(source: Source, labels: np.ndarray, groups: list[str] | None, folds: int,
