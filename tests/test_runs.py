@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cxrlab.runs import runs
+from cxrlab.run_table import runs
 from tests.conftest import make_kermany_folder
 from tests.test_cli import assert_user_error, run_cli
 

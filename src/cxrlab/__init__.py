@@ -22,13 +22,14 @@ if TYPE_CHECKING:
         compare,
         data_summary,
         load,
+        runs,
         train,
     )
 
 __version__ = "0.1.0"
 
 __all__ = ["Comparison", "CrossVal", "CxrlabError", "DataSummary", "History", "Metrics", "Run",
-           "Sweep", "__version__", "ablate", "compare", "data_summary", "load", "train"]
+           "Sweep", "__version__", "ablate", "compare", "data_summary", "load", "runs", "train"]
 _API = frozenset(__all__) - {"CxrlabError", "__version__"}
 
 

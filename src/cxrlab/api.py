@@ -31,19 +31,16 @@ if TYPE_CHECKING:
     from cxrlab.run import LoadedRun
 
 __all__ = ["CrossVal", "Comparison", "DataSummary", "History", "Metrics", "Run", "Sweep",
-           "ablate", "compare", "data_summary", "load", "train"]
+           "ablate", "compare", "data_summary", "load", "runs", "train"]
 
 PathLike = str | Path
 
-# `cxrlab train`'s options (python_style), beside RunConfig's fields of the same names.
+# `cxrlab train`'s options (python_style): RunConfig's fields, bar those set otherwise, and the
+# few that map onto fields (no_pretrained, logger) or steer the run (config, mlflow_uri).
 _HARDWARE = ("accelerator", "devices", "num_nodes", "strategy")
 _TRAIN_OPTIONS = (
-    "config", "model", "image_size", "batch_size", "epochs", "optimizer", "lr", "momentum",
-    "weight_decay", "schedule", "patience", "class_weights", "sampler", "augment", "dropout",
-    "batchnorm", "pretrained", "no_pretrained", "head", "freeze_backbone", "unfreeze_after",
-    "backbone_lr_mult", "seed", "val_fraction", "folds", "group_regex", "image_col",
-    "label_col", "positive", "target_sensitivity", "precision", "channels", "skip_bad",
-    *_HARDWARE,
+    "config", *(f for f in RunConfig.model_fields if f not in ("data", "fold", "loggers")),
+    "no_pretrained", "logger", "mlflow_uri",
 )
 
 
@@ -55,50 +52,73 @@ def train(data: PathLike | None = None, out: PathLike | None = None, *, progress
           resume: PathLike | None = None, **options: Any) -> Run | CrossVal:
     """Train a classifier like `cxrlab train DATA --out OUT` and return the finished Run.
 
-    `options` are the CLI's (`image_size=64`, `model="cnn"`, `no_pretrained=True`, ...), with
-    its defaults and checks. `out` None makes a new folder runs/<data name>-<UTC time>.
-    `resume=RUN_DIR` continues a killed or failed run (only hardware options may be given).
-    With `folds=K` the result is a CrossVal of the K fold runs.
+    `options` are the CLI's (`image_size=64`, `model="cnn"`, `no_pretrained=True`,
+    `time_budget="30m"`, `logger=["tensorboard"]`, ...), with its defaults and checks. `out`
+    None makes a new folder runs/<data name>-<UTC time>. `resume=RUN_DIR` continues a killed
+    or failed run (only hardware options may be given). With `folds=K` the result is a
+    CrossVal of the K fold runs.
     """
     with _quiet():  # from the first import of the models on (monai pulls in tqdm.auto)
-        return _train(data, out, progress, resume, options)
+        result = run_training(data, out, progress=progress, resume=resume, options=options)
+    if isinstance(result, dict):
+        return CrossVal(result, result.pop("_out"))
+    return Run(result.run_dir)
 
 
-def _train(data: PathLike | None, out: PathLike | None, progress: bool,
-           resume: PathLike | None, options: dict[str, Any]) -> Run | CrossVal:
+def run_training(data: PathLike | None, out: PathLike | None, *, progress: bool,
+                 resume: PathLike | None, options: dict[str, Any], cli: bool = False):
+    """The one code path behind `cxrlab train` and `cxrlab.train`: options -> RunConfig ->
+    a run, a resumed run or a cross-validation. Returns the TrainResult, or the pooled
+    cross-validation dict (with its folder under "_out"). `cli` names options as flags
+    (--image-size) in errors, else as keyword arguments (image_size); the CLI also requires
+    `out`, where Python makes a new folder."""
     from cxrlab.crossval import CONFIG_FILE, is_crossval_dir, run_crossval
     from cxrlab.pipeline import resume_run, train_run
 
+    def name(key: str) -> str:
+        if not cli:
+            return key
+        return "DATA" if key == "data" else "--" + key.replace("_", "-")
+
+    options = dict(options)
     unknown = [k for k in options if k not in _TRAIN_OPTIONS]
     if unknown:
         near = difflib.get_close_matches(unknown[0], _TRAIN_OPTIONS, n=1)
         hint = f" (did you mean {near[0]}?)" if near else ""
         raise CxrlabError(f"{unknown[0]}: not an option of cxrlab.train{hint}")
     hardware = {k: options.pop(k) for k in _HARDWARE if options.get(k) is not None}
+    mlflow_uri = options.pop("mlflow_uri", None)
     if resume is not None:
-        given = [k for k, v in {"data": data, "out": out, **options}.items()
-                 if v not in (None, False)]
+        given = [k for k, v in {"data": data, "out": out, "mlflow_uri": mlflow_uri,
+                                **options}.items() if v not in (None, False, [], ())]
         if given:
-            raise CxrlabError(f"{given[0]}: resume continues a run with its own config.yaml; "
-                              "only progress and the hardware options may be given")
+            raise CxrlabError(f"{name(given[0])}: {name('resume')} continues a run with its own "
+                              f"config.yaml; only {'--quiet' if cli else 'progress'} and the "
+                              "hardware options may be given")
         resume = Path(resume)
         if is_crossval_dir(resume):
             if hardware:
-                raise CxrlabError("resume of a cross-validation: its folds keep the hardware "
-                                  "options they were started with")
+                raise CxrlabError(f"{name('resume')} of a cross-validation: its folds keep the "
+                                  "hardware options they were started with")
             result = run_crossval(RunConfig.load(resume / CONFIG_FILE), resume,
                                   progress=progress)
-            return CrossVal(result, resume)
-        return Run(resume_run(resume, progress=progress, hardware=hardware).run_dir)
-    values = _config_values(data, options)
+            return {**result, "_out": resume}
+        return resume_run(resume, progress=progress, hardware=hardware)
+    values = _config_values(data, options, name)
     if "data" not in values:
-        raise CxrlabError("data: give a dataset (or config= with a data entry)")
+        raise CxrlabError(f"{name('data')}: give a dataset (or {name('config')} with a data "
+                          "entry)")
+    if out is None and cli:
+        raise CxrlabError("--out: give a new run directory (or --resume RUN_DIR)")
     values.update(hardware)
     cfg = RunConfig.build(values, source="option")
     out = Path(out) if out is not None else _new_run_dir(Path(cfg.data))
     if cfg.folds is not None:
-        return CrossVal(run_crossval(cfg, out, progress=progress), out)
-    return Run(train_run(cfg, out, progress=progress).run_dir)
+        if mlflow_uri is not None:
+            raise CxrlabError(f"{name('mlflow_uri')}: not with {name('folds')} yet; set "
+                              "MLFLOW_TRACKING_URI")
+        return {**run_crossval(cfg, out, progress=progress), "_out": out}
+    return train_run(cfg, out, progress=progress, mlflow_uri=mlflow_uri)
 
 
 def load(run_dir: PathLike) -> Run:
@@ -127,6 +147,14 @@ def ablate(spec: PathLike | dict, out: PathLike, *, progress: bool = False,
                      on_event=lambda e: logging.getLogger("cxrlab").info(
                          "[%d/%d] %s: %s %s", e.index, e.total, e.run.name, e.kind, e.detail))
     return Sweep(ab.collect(study, out), out)
+
+
+def runs(root: PathLike = "runs", *, sort: str = "date", reverse: bool = False) -> list[dict]:
+    """Every run under `root` (recursive), one dict each: model, image size, epochs, val AUC
+    with its interval, accuracy, threshold, wall time, state, date (`cxrlab runs`)."""
+    from cxrlab.run_table import runs as table
+
+    return table(root, sort=sort, reverse=reverse)
 
 
 def data_summary(data: PathLike, *, image_col: str | None = None,
@@ -230,21 +258,31 @@ class Run:
     # -- using the model ----------------------------------------------------------------
     def evaluate(self, data: PathLike, *, split: str | None = None, positive: str | None = None,
                  image_col: str | None = None, label_col: str | None = None,
-                 skip_bad: bool = False) -> Metrics:
-        """Metrics on labelled images at the run's threshold (`cxrlab evaluate RUN DATA`)."""
+                 skip_bad: bool = False, shift: bool = False) -> Metrics:
+        """Metrics on labelled images at the run's threshold (`cxrlab evaluate RUN DATA`).
+
+        `shift=True` also scores the run under graded synthetic intake shifts (under
+        "shift"), and writes RUN/shift.json and RUN/shift.png, which the report shows."""
         from cxrlab.pipeline import evaluate_run
 
-        return Metrics(evaluate_run(self.path, Path(data), image_col, label_col, split, positive,
-                                    skip_bad))
+        metrics = evaluate_run(self.path, Path(data), image_col, label_col, split, positive,
+                               skip_bad, shift=shift)
+        if shift:
+            from cxrlab import shift as stress
+
+            stress.save(self.path, metrics["shift"])
+        return Metrics(metrics)
 
     def predict(self, images: Any, *, skip_bad: bool = False, backend: str = "torch",
-                onnx: PathLike | None = None) -> list[dict]:
+                onnx: PathLike | None = None, cam_dir: PathLike | None = None,
+                layer: str | None = None) -> list[dict]:
         """One dict (path, class, probabilities, threshold) per image, in the order given.
 
         `images`: a file or folder path, a PIL image, a NumPy array (H x W or H x W x C, uint8
         or uint16), or a list of these. Folders are expanded in place. In-memory images get
         "path" "<array N>" / "<PIL N>" (N their position in the list). Arrays go through the
         same mode conversion and resize as files, so they predict exactly like their PNGs.
+        `cam_dir`: write a Grad-CAM PNG per image file there (`cxrlab predict --cam`).
         """
         from cxrlab.export import make_predictor
         from cxrlab.pipeline import predict_paths, prediction_rows
@@ -256,7 +294,9 @@ class Run:
         for i, item in enumerate(items):
             if isinstance(item, (str, Path)):
                 out += predict_paths(run, [Path(item)], skip_bad=skip_bad, backend=backend,
-                                     onnx_file=None if onnx is None else Path(onnx))
+                                     onnx_file=None if onnx is None else Path(onnx),
+                                     cam_dir=None if cam_dir is None else Path(cam_dir),
+                                     layer=layer)
                 continue
             name = f"<{'array' if isinstance(item, np.ndarray) else 'PIL'} {i}>"
             x = self._pixels(item, name)
@@ -512,6 +552,11 @@ class DataSummary:
     def __init__(self, summary):
         self._summary = summary
 
+    @property
+    def audit(self):
+        """The `cxrlab.data.audit.Summary` itself (what the CLI renders)."""
+        return self._summary
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._summary, name)
 
@@ -546,19 +591,35 @@ class DataSummary:
 # helpers
 
 
-def _config_values(data: PathLike | None, options: dict[str, Any]) -> dict[str, Any]:
-    """The CLI's mapping of options onto RunConfig values (same checks, same messages)."""
+def _config_values(data: PathLike | None, options: dict[str, Any],
+                   name=lambda key: key) -> dict[str, Any]:
+    """The options' mapping onto RunConfig values (the same checks and messages for the CLI,
+    whose flags `name` spells, and for Python)."""
     values: dict[str, Any] = {}
     config = options.pop("config", None)
     if config is not None:
         values = RunConfig.load(Path(config)).model_dump()
     if options.pop("no_pretrained", False):
         if options.get("pretrained") is not None:
-            raise CxrlabError("pretrained and no_pretrained: give one of them")
+            raise CxrlabError(f"{name('pretrained')} and {name('no_pretrained')}: give one of "
+                              "them")
         options["pretrained"] = "none"
-    target = options.pop("target_sensitivity", None)
+    target = options.get("target_sensitivity")
     if target is not None:
-        options.update(threshold_rule="sensitivity", target_sensitivity=target)
+        rule = options.get("threshold_rule")
+        if rule not in (None, "sensitivity"):
+            raise CxrlabError(f"{name('target_sensitivity')} with {name('threshold_rule')} "
+                              f"{rule}: the target is for the sensitivity rule; give one of them")
+        options["threshold_rule"] = "sensitivity"
+    if options.get("time_budget") is not None:
+        from cxrlab.budget import parse_budget
+
+        options["time_budget"] = parse_budget(options["time_budget"], name("time_budget"))
+    loggers = options.pop("logger", None)
+    if isinstance(loggers, str):
+        loggers = [loggers]
+    if loggers:
+        options["loggers"] = list(loggers)
     values.update({k: v for k, v in options.items() if v is not None})
     if data is not None:
         values["data"] = str(data)

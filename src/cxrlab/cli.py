@@ -118,70 +118,16 @@ def train(
         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else OUT/mlruns)")] = None,
 ) -> None:
     """Train a classifier; everything that defines the run goes to OUT/config.yaml."""
-    from cxrlab.config import RunConfig
-    from cxrlab.crossval import CONFIG_FILE, is_crossval_dir, run_crossval
-    from cxrlab.pipeline import resume_run, train_run
+    options = {k: v for k, v in locals().items()
+               if k not in ("data", "out", "quiet", "resume") and v is not None}
+    from cxrlab.api import run_training
 
-    hardware = {k: v for k, v in dict(accelerator=accelerator, devices=devices,
-                                      num_nodes=num_nodes, strategy=strategy).items()
-                if v is not None}
-    values: dict = {}
-    given = dict(
-        data=str(data) if data is not None else None, model=model, image_size=image_size,
-        batch_size=batch_size, epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, schedule=schedule, patience=patience,
-        class_weights=class_weights, sampler=sampler, augment=augment, dropout=dropout,
-        batchnorm=batchnorm, pretrained=pretrained, seed=seed, val_fraction=val_fraction,
-        folds=folds, group_regex=group_regex, image_col=image_col, label_col=label_col,
-        positive=positive, precision=precision, channels=channels, skip_bad=skip_bad, head=head,
-        freeze_backbone=freeze_backbone, unfreeze_after=unfreeze_after,
-        backbone_lr_mult=backbone_lr_mult, label_smoothing=label_smoothing,
-        threshold_rule=threshold_rule, channels_last=channels_last, deterministic=deterministic,
-        loggers=logger or None,
-    )
-    if time_budget is not None:
-        from cxrlab.budget import parse_budget
-
-        given["time_budget"] = parse_budget(time_budget, "--time-budget")
-    if no_pretrained:
-        if pretrained is not None:
-            raise CxrlabError("--pretrained and --no-pretrained: give one of them")
-        given["pretrained"] = "none"
-    if target_sensitivity is not None:
-        if threshold_rule not in (None, "sensitivity"):
-            raise CxrlabError(f"--target-sensitivity with --threshold-rule {threshold_rule}: "
-                              "the target is for the sensitivity rule; give one of them")
-        given.update(threshold_rule="sensitivity", target_sensitivity=target_sensitivity)
-    if resume is not None:
-        given.update(out=out, config=config, mlflow_uri=mlflow_uri)
-        recipe = [k for k, v in given.items() if v is not None]
-        if recipe:
-            name = "DATA" if recipe[0] == "data" else "--" + recipe[0].replace("_", "-")
-            raise CxrlabError(f"{name}: --resume continues a run with its own config.yaml; "
-                              "only --quiet and the hardware options may be given")
-        if is_crossval_dir(resume):
-            if hardware:
-                raise CxrlabError("--resume of a cross-validation: its folds keep the hardware "
-                                  "options they were started with")
-            saved = RunConfig.load(resume / CONFIG_FILE)
-            _print_crossval(run_crossval(saved, resume, progress=not quiet), resume)
-            return
-        _print_result(resume_run(resume, progress=not quiet, hardware=hardware))
-        return
-    if out is None:
-        raise CxrlabError("--out: give a new run directory (or --resume RUN_DIR)")
-    if config is not None:
-        values = RunConfig.load(config).model_dump()
-    values.update({k: v for k, v in {**given, **hardware}.items() if v is not None})
-    if "data" not in values:
-        raise CxrlabError("DATA: give a dataset (or --config with a data entry)")
-    cfg = RunConfig.build(values, source="option")
-    if cfg.folds is not None:
-        if mlflow_uri is not None:
-            raise CxrlabError("--mlflow-uri: not with --folds yet; set MLFLOW_TRACKING_URI")
-        _print_crossval(run_crossval(cfg, out, progress=not quiet), out)
-        return
-    _print_result(train_run(cfg, out, progress=not quiet, mlflow_uri=mlflow_uri))
+    result = run_training(data, out, progress=not quiet, resume=resume, options=options,
+                          cli=True)
+    if isinstance(result, dict):
+        _print_crossval(result, result.pop("_out"))
+    else:
+        _print_result(result)
 
 
 def _print_crossval(result: dict, out: Path) -> None:
@@ -221,7 +167,8 @@ def compare(
     boot: Annotated[int, typer.Option(min=100, help="paired bootstrap resamples")] = 2000,
 ) -> None:
     """B − A on the validation images both runs share, with paired bootstrap intervals."""
-    from cxrlab.comparison import compare_runs, render
+    from cxrlab.api import compare as compare_runs
+    from cxrlab.comparison import render
     from cxrlab.run import write_json
 
     result = compare_runs(run_a, run_b, n_boot=boot)
@@ -247,11 +194,11 @@ def evaluate(
 ) -> None:
     """Metrics of a run on labelled images, at the run's threshold and at 0.5; warns when the
     images differ from the run's training images."""
-    from cxrlab.pipeline import evaluate_run
+    from cxrlab.api import Run
     from cxrlab.run import write_json
 
-    metrics = evaluate_run(run_dir, data, image_col, label_col, split, positive, skip_bad,
-                           shift=shift)
+    metrics = Run(run_dir).evaluate(data, split=split, positive=positive, image_col=image_col,
+                                    label_col=label_col, skip_bad=skip_bad, shift=shift)
     _print_metrics(metrics, f"{data} ({metrics['n']} images)")
     if json_out is not None:
         write_json(json_out, metrics)
@@ -260,7 +207,7 @@ def evaluate(
         from cxrlab import shift as stress
 
         stress.render(metrics["shift"], console)
-        js, png = stress.save(run_dir, metrics["shift"])
+        js, png = run_dir / stress.RESULT_JSON, run_dir / stress.RESULT_PNG
         console.print(f"Stress test written to [bold]{js}[/] and [bold]{png}[/]")
 
 
@@ -299,10 +246,10 @@ def predict(
         help="with --backend onnx: a file from `cxrlab export` (default: export now)")] = None,
 ) -> None:
     """Predicted class and per-class probability for each image, at the run's threshold."""
-    from cxrlab.pipeline import predict_paths
+    from cxrlab.api import Run
 
-    rows = predict_paths(run_dir, paths, skip_bad=skip_bad, backend=backend, onnx_file=onnx,
-                         cam_dir=cam, layer=layer)
+    rows = Run(run_dir).predict(paths, skip_bad=skip_bad, backend=backend, onnx=onnx,
+                                cam_dir=cam, layer=layer)
     if as_json:
         for r in rows:
             sys.stdout.write(json.dumps(r) + "\n")
@@ -326,9 +273,9 @@ def export(
 ) -> None:
     """The run as one ONNX file: uint8 images in, probabilities out, classes and threshold
     in its metadata."""
-    from cxrlab.export import export_onnx
+    from cxrlab.api import Run
 
-    out = export_onnx(run_dir, onnx)
+    out = Run(run_dir).export_onnx(onnx)
     console.print(f"ONNX model written to [bold]{out}[/] ({out.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -410,7 +357,8 @@ def runs_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Every run under ROOT in one table: model, epochs, val AUC [95% CI], state, date."""
-    from cxrlab.runs import render, runs
+    from cxrlab.api import runs
+    from cxrlab.run_table import render
 
     rows = runs(root, sort=sort, reverse=reverse)
     if as_json:
@@ -436,21 +384,22 @@ def data_summary(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the summary")] = None,
 ) -> None:
     """Counts per class and split, patients, sizes, duplicates, leakage, unreadable files."""
-    from cxrlab.data.audit import render_summary, summarize, write_grid
+    from cxrlab.api import data_summary as summarize
+    from cxrlab.data.audit import render_summary, write_grid
     from cxrlab.data.augment import POLICIES
     from cxrlab.data.sources import load_source
 
     if augment not in POLICIES:
         raise CxrlabError(f"--augment {augment}: choose from {', '.join(POLICIES)}")
-    source = load_source(data, image_col, label_col)
-    summary = summarize(source, group_regex=group_regex, val_fraction=val_fraction, seed=seed)
-    render_summary(summary, console)
+    summary = summarize(data, image_col=image_col, label_col=label_col,
+                        group_regex=group_regex, val_fraction=val_fraction, seed=seed)
+    render_summary(summary.audit, console)
     if json_out is not None:
         from cxrlab.run import write_json
 
         write_json(json_out, summary.to_dict())
     if grid is not None:
-        write_grid(source, grid, augment, seed=seed)
+        write_grid(load_source(data, image_col, label_col), grid, augment, seed=seed)
         console.print(f"Sample grid written to [bold]{grid}[/]")
 
 
