@@ -117,14 +117,15 @@ def _slurm_array_ids(spec: str) -> list[int]:
     return ids
 
 
-def test_readme_slurm_array_runs_every_shard_once():
-    # The README's job array was --array=0-7 with --shard $SLURM_ARRAY_TASK_ID/...: shards
-    # count from 1, so task 0 failed, shard 8 never ran and the afterok collect never started.
+def test_docs_slurm_array_runs_every_shard_once():
+    # The documented job array (README, now docs/cluster.md) was --array=0-7 with --shard
+    # $SLURM_ARRAY_TASK_ID/...: shards count from 1, so task 0 failed, shard 8 never ran and the
+    # afterok collect never started.
     import re
     import subprocess
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "cluster.md").read_text()
     block = next(b for b in readme.split("```bash")[1:] if "--shard" in b.split("```")[0])
     block = block.split("```")[0]
     ids = _slurm_array_ids(re.search(r"#SBATCH --array=(\S+)", block).group(1))
