@@ -9,7 +9,7 @@ venv=$(mktemp -d)/venv
 python -m venv "$venv"
 # torch stays at the pinned CPU build (the only version that installs without CUDA here)
 "$venv/bin/pip" install -q --upgrade pip
-"$venv/bin/pip" install -q --upgrade --upgrade-strategy eager -e ".[test,pretrained]"
+"$venv/bin/pip" install -q --upgrade --upgrade-strategy eager -e ".[test,pretrained,docs]"
 "$venv/bin/pip" list --format=freeze > "$(dirname "$venv")/versions.txt"
 echo "newest allowed versions: $(dirname "$venv")/versions.txt"
 "$venv/bin/python" -m pytest "$@"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-EXTRAS = ("test", "pretrained", "docs")
+EXTRAS = ("test", "pretrained", "docs", "tracking")
 ROOT = Path(__file__).resolve().parents[1]
 
 
