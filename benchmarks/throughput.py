@@ -508,8 +508,11 @@ def say(msg: str) -> None:
 def table(results: list[dict], args, load: str, started: datetime, minutes: float):
     from rich.table import Table
 
+    from cxrlab.training import use_bf16
+
+    bf16 = "bf16" if use_bf16("auto") else "no bf16 (fp32)"
     t = Table(title=f"cxrlab throughput - {args.data_label}, {args.device}, {cpu_name()}, "
-                    f"{os.cpu_count()} cores, {started:%Y-%m-%d %H:%M} UTC",
+                    f"{bf16}, {os.cpu_count()} cores, {started:%Y-%m-%d %H:%M} UTC",
               caption=f"load average (1 min) during the run: {load}; {minutes:.0f} min; "
                       f"best of {args.repeats} x ("
                       + ", ".join(f"{r['model']} {r['steps']}" for r in results)
