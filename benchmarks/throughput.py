@@ -136,7 +136,7 @@ class Bench:
         self.cfg = RunConfig.build({"data": str(args.data), "model": name,
                                     "image_size": self.size, "batch_size": self.bs,
                                     "augment": "notebook", "epochs": 2})
-        from cxrlab.training import use_bf16
+        from cxrlab.inference import use_bf16
 
         self.bf16 = use_bf16(self.cfg.precision)
 
@@ -337,7 +337,7 @@ class Bench:
     # -- (f) inference -----------------------------------------------------------------------
     def inference(self) -> dict:
         torch = self.torch
-        from cxrlab.training import predict_probs
+        from cxrlab.inference import predict_probs
 
         module = self.new_module().to(self.device).eval()
         model = module.model

@@ -15,9 +15,9 @@ from cxrlab.config import RunConfig
 from cxrlab.data.cache import load_images
 from cxrlab.errors import CxrlabError
 from cxrlab.export import OnnxPredictor, export_onnx, make_predictor
-from cxrlab.pipeline import decide, predict_paths, read_predictions, train_run
+from cxrlab.inference import decide, predict_probs
+from cxrlab.pipeline import predict_paths, read_predictions, train_run
 from cxrlab.run import load_run
-from cxrlab.training import predict_probs
 from tests.conftest import SHARED_DATA
 
 

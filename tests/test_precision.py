@@ -15,7 +15,8 @@ from cxrlab import training as train
 from cxrlab.config import RunConfig
 from cxrlab.data.cache import load_images
 from cxrlab.data.split import read_split_csv
-from cxrlab.pipeline import decide, read_predictions, train_run
+from cxrlab.inference import decide, predict_probs
+from cxrlab.pipeline import read_predictions, train_run
 from cxrlab.report import recompute_val_predictions
 from cxrlab.run import load_run
 from cxrlab.serve import Inference
@@ -94,7 +95,7 @@ def test_predict_serve_and_report_give_the_runs_own_scores(bf16_run, other_machi
 
     _, images = val_images(run)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what bf16 inference would have said
-        assert np.abs(train.predict_probs(loaded.model, images) - probs).max() > 1e-4
+        assert np.abs(predict_probs(loaded.model, images) - probs).max() > 1e-4
     served = Inference(run)
     assert np.abs(np.stack([served.probabilities(im) for im in images]) - probs).max() < 1e-6
     _, _, reported = recompute_val_predictions(run, read_split_csv(run / "split.csv"))

@@ -220,10 +220,10 @@ def balanced(m: dict) -> float:
 
 
 def test_calibrate_moves_the_threshold_for_the_new_site(site, tmp_path, capsys, monkeypatch):
+    from cxrlab.inference import predict_probs
     from cxrlab.pipeline import evaluate_run, predict_paths
     from cxrlab.run import load_run
     from cxrlab.site_calibration import apply_binary
-    from cxrlab.training import predict_probs
 
     run, new_run = site["run"], tmp_path / "site_run"
     before = tree_digest(run)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from cxrlab.config import RunConfig
+from cxrlab.inference import probabilities
 from cxrlab.models import create_model
-from cxrlab.training import ClassifierModule, probabilities
+from cxrlab.training import ClassifierModule
 
 
 @pytest.mark.parametrize("positive", [0, 1])
@@ -17,7 +18,7 @@ def test_positive_class_does_not_flip_the_logit(positive):
     import numpy as np
 
     from cxrlab.evaluate import choose_threshold, compute_metrics
-    from cxrlab.pipeline import decide
+    from cxrlab.inference import decide
     from cxrlab.training import epoch_summary
 
     logits = torch.tensor([[4.0], [-4.0]])
@@ -60,8 +61,8 @@ def test_inference_puts_a_loaded_model_in_the_input_layout():
     # reorder the weights on every call. predict_probs aligns the model once; same numbers.
     import numpy as np
 
+    from cxrlab.inference import predict_probs
     from cxrlab.models import create_model
-    from cxrlab.training import predict_probs
 
     torch.manual_seed(0)
     model = create_model("resnet18", num_classes=1, in_chans=1).eval()

@@ -236,7 +236,7 @@ class Run:
     def val_predictions(self) -> list[dict]:
         """The validation images as the run decided them (val_predictions.csv): path, label,
         class, probabilities and correct, per image."""
-        from cxrlab.pipeline import decide
+        from cxrlab.inference import decide
 
         paths, y, probs = self._val_predictions()
         pred = decide(probs, self._info.positive, self.threshold)
@@ -364,7 +364,7 @@ class Run:
         """Validation images titled "pred: X (p) | true: Y"; mistakes first (most confident
         first, framed in red) unless wrong_first=False."""
         from cxrlab.data.cache import load_images
-        from cxrlab.pipeline import decide
+        from cxrlab.inference import decide
         from cxrlab.plots import plot_prediction_grid
 
         paths, y, probs = self._val_predictions()

@@ -199,7 +199,8 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
     as if this never ran."""
     from cxrlab.data.augment import augment_batch
     from cxrlab.finetune import backbone_bn_eval, head_parameters, set_backbone_trainable
-    from cxrlab.training import make_optimizer, use_bf16
+    from cxrlab.inference import use_bf16
+    from cxrlab.training import make_optimizer
 
     device = train_device(config)
     bf16 = use_bf16(config.precision)

@@ -23,7 +23,8 @@ from cxrlab.evaluate import (
     interval_method,
     resample_weights,
 )
-from cxrlab.pipeline import decide, read_predictions
+from cxrlab.inference import decide
+from cxrlab.pipeline import read_predictions
 from cxrlab.run import load_info
 
 LABELS = {"roc_auc": "ROC AUC", "pr_auc": "PR AUC", "accuracy": "accuracy",

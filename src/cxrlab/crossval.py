@@ -109,7 +109,8 @@ def _tell(on_fold, i: int, what: str) -> None:
 
 def pool(out: Path, folds: int) -> dict:
     """Per-fold figures with t-intervals, and pooled out-of-fold decisions over every image."""
-    from cxrlab.pipeline import decide, read_predictions
+    from cxrlab.inference import decide
+    from cxrlab.pipeline import read_predictions
 
     per_fold, seen, predictions = [], {}, []
     classes = None

@@ -110,7 +110,7 @@ def compute_metrics(
     `positive` (default 1) is the positive column, a case is called positive when its
     probability is >= `threshold` (default 0.5), and `at_0_5` repeats the threshold metrics at
     0.5 for comparison (`strict`: positive only when > `threshold`, a run's threshold seen
-    from its other class, see `pipeline.complement_threshold`). More classes: argmax
+    from its other class, see `inference.complement_threshold`). More classes: argmax
     prediction, macro averages, `per_class`; `positive` and `threshold` are ignored. `ci`
     holds 95% percentile-bootstrap intervals
     (seeded; the threshold stays fixed): with `groups` (a patient key per case; None or ""

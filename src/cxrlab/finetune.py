@@ -67,7 +67,7 @@ def pooled_features(model: nn.Module, images: np.ndarray | torch.Tensor, batch_s
     """(N, num_features) float32 global-average-pooled backbone features of uint8 images."""
     was_training = model.training
     model.eval()
-    from cxrlab.training import float_batches
+    from cxrlab.inference import float_batches
 
     device = next(model.parameters()).device
     out = []

@@ -26,6 +26,7 @@ from cxrlab.data.sources import (
 )
 from cxrlab.data.split import assign_splits, patient_key, write_split_csv
 from cxrlab.errors import CxrlabError
+from cxrlab.inference import complement_threshold, decide, predict_probs
 from cxrlab.run import (
     LoadedRun,
     RunInfo,
@@ -309,7 +310,7 @@ def _train_and_report(model, config: RunConfig, data: PreparedData, positive: in
     from cxrlab.distributed import is_rank_zero
     from cxrlab.evaluate import choose_threshold, compute_metrics
     from cxrlab.tracking import log_final, make_loggers
-    from cxrlab.training import fit, predict_probs, read_history
+    from cxrlab.training import fit, read_history
 
     classes = data.source.classes
     tx, ty, _ = data.subset("train")
@@ -408,38 +409,6 @@ def read_predictions(path: Path, classes: list[str]) -> tuple[list[str], np.ndar
     return [r["path"] for r in rows], y, probs.reshape(len(rows), len(classes))
 
 
-def decide(probs: np.ndarray, positive: int | None, threshold: float | None) -> np.ndarray:
-    """Predicted class per row: the run's threshold for 2 classes, argmax otherwise."""
-    if positive is not None:
-        t = 0.5 if threshold is None else threshold
-        # In float64, as compute_metrics compares: NumPy compares float32 scores with a Python
-        # float in float32, where a threshold between two scores can round onto one of them.
-        score = np.asarray(probs[:, positive], dtype=np.float64)
-        return np.where(score >= t, positive, 1 - positive)
-    return probs.argmax(1)
-
-
-def complement_threshold(probs: np.ndarray, positive: int,
-                         threshold: float | None) -> tuple[np.ndarray, float]:
-    """The run's decision seen from its other class: (probs, t') such that
-    P(other) > t' exactly when P(positive) < threshold, so every case keeps its class.
-
-    The run's threshold was chosen on P(positive); applied to P(other) it would decide
-    something else. P(other) becomes 1 - P(positive) in float64 (exact for the model's
-    float32 scores) and t' is 1 - threshold rounded down, so that no case within a rounding
-    error of the threshold flips either.
-    """
-    from fractions import Fraction
-
-    t = 0.5 if threshold is None else float(threshold)
-    p = np.array(probs, dtype=np.float64)
-    p[:, 1 - positive] = 1.0 - p[:, positive]
-    t_other = 1.0 - t
-    if Fraction(t_other) > 1 - Fraction(t):  # rounded up: take the float below
-        t_other = float(np.nextafter(t_other, -np.inf))
-    return p, t_other
-
-
 # ---------------------------------------------------------------------------------------
 # evaluate
 
@@ -456,7 +425,6 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
     same decisions (see `complement_threshold`); the stress test stays the run's own.
     """
     from cxrlab.evaluate import compute_metrics
-    from cxrlab.training import predict_probs
 
     run = load_run(run_dir)
     source = load_source(Path(data), image_col, label_col)

@@ -164,8 +164,8 @@ class RunData:
 def recompute_val_predictions(run_dir: Path, split_rows: list[dict]):
     """Older runs: predict the validation images of split.csv again with model.pt."""
     from cxrlab.data.cache import load_images
+    from cxrlab.inference import predict_probs
     from cxrlab.run import load_run
-    from cxrlab.training import predict_probs
 
     run = load_run(run_dir)
     val = [r for r in split_rows if r["split"] == "val"]
@@ -485,7 +485,7 @@ def metrics_html(r: RunData) -> str:
 def gallery_html(r: RunData) -> str:
     """Wrong predictions first (most confident first), then the least confident right ones."""
     from cxrlab.data.cache import load_images
-    from cxrlab.pipeline import decide
+    from cxrlab.inference import decide
 
     if not len(r.val_y):
         return '<p class="muted">No validation images.</p>'

@@ -97,8 +97,8 @@ class Inference:
         import torch
 
         from cxrlab import __version__
+        from cxrlab.inference import predict_probs
         from cxrlab.run import load_run
-        from cxrlab.training import predict_probs
 
         self.run = load_run(run_dir)
         self.version = __version__
@@ -128,7 +128,7 @@ class Inference:
             return self._forward(image[None])[0]
 
     def predict(self, image: np.ndarray) -> dict:
-        from cxrlab.pipeline import decide
+        from cxrlab.inference import decide
 
         p = self.probabilities(image)
         k = int(decide(p[None], self.run.info.positive, self.run.threshold)[0])

@@ -151,8 +151,8 @@ def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = 
                   skip_bad: bool = False, n_boot: int = 1000) -> dict:
     """Fit the calibration on DATA and write it as the new complete run OUT; returns a summary."""
     from cxrlab.evaluate import choose_threshold
+    from cxrlab.inference import predict_probs
     from cxrlab.run import check_out_dir, load_run
-    from cxrlab.training import predict_probs
 
     out = Path(out)
     check_out_dir(out)

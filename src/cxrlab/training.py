@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from cxrlab.config import RunConfig
 from cxrlab.data.augment import augment_batch
 from cxrlab.errors import CxrlabError
+from cxrlab.inference import probabilities, use_bf16
 
 log = logging.getLogger("cxrlab")
 
@@ -80,28 +81,6 @@ def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------
 # the module
-
-
-def use_bf16(precision: str) -> bool:
-    if precision == "bf16":
-        return True
-    if precision == "fp32":
-        return False
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """(N, K) class probabilities from 1 logit (2 classes) or K logits."""
-    logits = logits.float()
-    if logits.shape[1] == 1:
-        p = torch.sigmoid(logits[:, 0])
-        return torch.stack([1 - p, p], dim=1)
-    return torch.softmax(logits, dim=1)
 
 
 class ClassifierModule(L.LightningModule):
@@ -385,47 +364,6 @@ def read_history(path: Path) -> list[dict]:
     with path.open() as f:
         return [{k: (float(v) if v not in ("", None) else None) for k, v in r.items()}
                 for r in csv.DictReader(f)]
-
-
-# ---------------------------------------------------------------------------------------
-# inference helper shared by train / evaluate / predict
-
-
-def float_batches(model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int,
-                  channels_last: bool = True):
-    """uint8 images (N, C, H, W) -> float [0, 1] batches on the model's device, for inference.
-
-    With channels_last the model's weights are put in that layout too (a no-op after `fit`;
-    a loaded run's weights come contiguous): with mixed layouts oneDNN reorders the weights
-    on every call, and ResNet-18 inference at 224 px ran 1.2-1.5x slower here.
-    """
-    images = torch.as_tensor(images)
-    device = next(model.parameters()).device
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].to(device).float().div_(255.0)
-        yield x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-@torch.no_grad()
-def predict_probs(model: torch.nn.Module, images: np.ndarray | torch.Tensor,
-                  batch_size: int = 64, channels_last: bool = True) -> np.ndarray:
-    """(N, K) probabilities for uint8 images (N, C, H, W), in fp32 whatever the run trained in.
-
-    One precision from the threshold to the decision: every number or decision a run reports
-    (the threshold, metrics.json, val_predictions.csv, evaluate, predict, serve, report) comes
-    from here or from the fp32 ONNX graph, so every machine and backend decides as the run
-    did. bf16 moves scores by ~1e-3, enough to flip a case near the threshold, and
-    `precision: auto` resolves differently on machines with and without bf16.
-    """
-    model.eval()
-    out = []
-    for x in float_batches(model, images, batch_size, channels_last):
-        out.append(probabilities(model(x)).cpu())
-    if not out:
-        return np.zeros((0, 2), dtype=np.float32)
-    return torch.cat(out).numpy()
 
 
 @dataclass
