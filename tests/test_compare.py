@@ -11,10 +11,15 @@ from sklearn.metrics import roc_auc_score
 
 from cxrlab.comparison import compare_runs
 from cxrlab.config import RunConfig
-from cxrlab.data.split import read_split_csv
 from cxrlab.errors import CxrlabError
-from cxrlab.pipeline import train_run, write_predictions_csv
-from cxrlab.run import RunInfo, save_info
+from cxrlab.pipeline import train_run
+from cxrlab.run import (
+    RunInfo,
+    read_split_csv,
+    save_info,
+    write_predictions_csv,
+    write_threshold,
+)
 from tests.conftest import make_kermany_folder
 
 CLASSES = ["NORMAL", "PNEUMONIA"]
@@ -26,6 +31,8 @@ def _run(root: Path, y: np.ndarray, p1: np.ndarray, threshold: float = 0.5,
     root.mkdir(parents=True)
     save_info(root, RunInfo(classes, positive, 1, state="complete"))
     (root / "metrics.json").write_text(json.dumps({"threshold": threshold}))
+    if positive is not None:
+        write_threshold(root, threshold)
     probs = np.stack([1 - p1, p1], 1) if p1.ndim == 1 else p1
     write_predictions_csv(root / "val_predictions.csv", [f"img{i}.png" for i in range(len(y))],
                           [classes[k] for k in y], probs, classes)

@@ -80,14 +80,14 @@ def test_pooled_figures_by_hand(three_folds):
 
 def _fold(out: Path, k: int, y: list[int], p: list[float], threshold: float) -> None:
     """A finished fold's files as the pipeline writes them (predictions chosen by the test)."""
-    from cxrlab.pipeline import write_predictions_csv
-    from cxrlab.run import RunInfo, save_info
+    from cxrlab.run import RunInfo, save_info, write_predictions_csv, write_threshold
 
     run = fold_dir(out, k)
     run.mkdir(parents=True)
     save_info(run, RunInfo(["NORMAL", "PNEUMONIA"], 1, 1, state="complete"))
     (run / "metrics.json").write_text(json.dumps({"threshold": threshold, "accuracy": None,
                                                   "roc_auc": None, "epochs": 1}))
+    write_threshold(run, threshold)
     write_predictions_csv(run / "val_predictions.csv", [f"f{k}-{i}.png" for i in range(len(y))],
                           [["NORMAL", "PNEUMONIA"][c] for c in y],
                           np.c_[1 - np.array(p), p], ["NORMAL", "PNEUMONIA"])

@@ -14,11 +14,10 @@ import torch
 from cxrlab import training as train
 from cxrlab.config import RunConfig
 from cxrlab.data.cache import load_images
-from cxrlab.data.split import read_split_csv
 from cxrlab.inference import decide, predict_probs
-from cxrlab.pipeline import read_predictions, train_run
+from cxrlab.pipeline import train_run
 from cxrlab.report import recompute_val_predictions
-from cxrlab.run import load_run
+from cxrlab.run import load_run, read_predictions, read_split_csv
 from cxrlab.serve import Inference
 from tests.conftest import make_kermany_folder
 from tests.test_cli import run_cli

@@ -13,15 +13,14 @@ from sklearn.calibration import calibration_curve
 
 from cxrlab.calibration import reliability
 from cxrlab.cli import main
-from cxrlab.data.split import read_split_csv
 from cxrlab.errors import CxrlabError
-from cxrlab.pipeline import read_predictions
 from cxrlab.report import (
     SECTIONS_ABLATION,
     SECTIONS_RUN,
     load_run_data,
     write_report,
 )
+from cxrlab.run import read_predictions, read_split_csv
 
 # -- calibration against hand-computed values ---------------------------------------------
 

@@ -16,10 +16,9 @@ from cxrlab.data.split import (
     NOT_GROUPED,
     assign_splits,
     patient_key,
-    read_split_csv,
-    write_split_csv,
 )
 from cxrlab.errors import CxrlabError
+from cxrlab.run import read_split_csv, write_split_csv
 from tests.conftest import make_kermany_folder
 
 

@@ -342,7 +342,7 @@ def best_epoch(history: list[dict]) -> int | None:
 
 def read_run(run_dir: Path) -> dict | None:
     """One complete run's numbers, or None when it is not complete."""
-    from cxrlab.training import read_history
+    from cxrlab.run import read_history
 
     try:
         info = json.loads((run_dir / "run.json").read_text())

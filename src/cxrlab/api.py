@@ -210,7 +210,7 @@ class Run:
     @property
     def history(self) -> History:
         """One dict per epoch (history.csv); `.to_pandas()` for a DataFrame."""
-        from cxrlab.training import read_history
+        from cxrlab.run import read_history
 
         return History(read_history(self.path / "history.csv"))
 
@@ -393,7 +393,7 @@ class Run:
         return convert_image(image, chans, size, name=name)
 
     def _val_predictions(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        from cxrlab.pipeline import read_predictions
+        from cxrlab.run import read_predictions
 
         return read_predictions(self.path / "val_predictions.csv", self.classes)
 

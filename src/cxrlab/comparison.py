@@ -10,7 +10,6 @@ evidence). Each run decides with its own threshold, as it would in use.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,7 @@ from cxrlab.evaluate import (
     resample_weights,
 )
 from cxrlab.inference import decide
-from cxrlab.pipeline import read_predictions
-from cxrlab.run import load_info
+from cxrlab.run import load_info, read_predictions, read_threshold
 
 LABELS = {"roc_auc": "ROC AUC", "pr_auc": "PR AUC", "accuracy": "accuracy",
           "recall": "sensitivity", "specificity": "specificity",
@@ -37,11 +35,9 @@ class _Run:
         self.dir = Path(run_dir)
         info = load_info(self.dir)
         self.classes, self.positive = info.classes, info.positive
-        try:
-            metrics = json.loads((self.dir / "metrics.json").read_text())
-        except FileNotFoundError:
-            raise CxrlabError(f"{self.dir}: no metrics.json (is the run complete?)") from None
-        self.threshold = metrics.get("threshold")
+        if not (self.dir / "metrics.json").is_file():
+            raise CxrlabError(f"{self.dir}: no metrics.json (is the run complete?)")
+        self.threshold = read_threshold(self.dir)
         self.paths, self.y, self.probs = read_predictions(self.dir / "val_predictions.csv",
                                                           self.classes)
         self.pred = decide(self.probs, self.positive, self.threshold)
@@ -88,7 +84,7 @@ def compare_runs(run_a: Path, run_b: Path, n_boot: int = 2000, seed: int = 0) ->
 
 def _patients(run_dir: Path, paths: list[str]) -> list[str] | None:
     """Patient key per validation image from the run's split.csv; None when it has none."""
-    from cxrlab.data.split import read_split_csv
+    from cxrlab.run import read_split_csv
 
     if not (run_dir / "split.csv").is_file():
         return None

@@ -26,7 +26,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 
 from cxrlab.config import RunConfig
 from cxrlab.errors import CxrlabError
-from cxrlab.run import load_info, move_aside, run_state, write_json
+from cxrlab.run import load_info, move_aside, read_threshold, run_state, write_json
 from cxrlab.stats import t_interval
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def _tell(on_fold, i: int, what: str) -> None:
 def pool(out: Path, folds: int) -> dict:
     """Per-fold figures with t-intervals, and pooled out-of-fold decisions over every image."""
     from cxrlab.inference import decide
-    from cxrlab.pipeline import read_predictions
+    from cxrlab.run import read_predictions
 
     per_fold, seen, predictions = [], {}, []
     classes = None
@@ -130,7 +130,7 @@ def pool(out: Path, folds: int) -> dict:
             seen[p] = i
         predictions.append((y, probs, info.positive))
         per_fold.append({"fold": i, "n": len(y), "accuracy": metrics.get("accuracy"),
-                         "roc_auc": metrics.get("roc_auc"), "threshold": metrics.get("threshold"),
+                         "roc_auc": metrics.get("roc_auc"), "threshold": read_threshold(run_dir),
                          "epochs": metrics.get("epochs")})
     pred_all = []
     for i, (_, probs, positive) in enumerate(predictions):

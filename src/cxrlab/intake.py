@@ -126,7 +126,7 @@ def load_reference(run) -> dict | None:
         except ValueError:
             log.warning("%s: not readable JSON; recomputing it", path)
     from cxrlab.data.cache import load_images
-    from cxrlab.data.split import read_split_csv
+    from cxrlab.run import read_split_csv
 
     try:
         rows = [r for r in read_split_csv(run.run_dir / "split.csv")
@@ -211,7 +211,7 @@ def check_intake(run, paths: list[Path], images: np.ndarray, probs: np.ndarray,
 
 
 def _validation_scores(run, positive: int | None) -> np.ndarray | None:
-    from cxrlab.pipeline import read_predictions
+    from cxrlab.run import read_predictions
 
     path = run.run_dir / "val_predictions.csv"
     if not path.is_file():

@@ -24,20 +24,23 @@ from cxrlab.data.sources import (
     load_source,
     require_trainable,
 )
-from cxrlab.data.split import assign_splits, patient_key, write_split_csv
+from cxrlab.data.split import assign_splits, patient_key
 from cxrlab.errors import CxrlabError
 from cxrlab.inference import complement_threshold, decide, predict_probs
 from cxrlab.run import (
     LoadedRun,
     RunInfo,
-    atomic_write_text,
     check_free_space,
     check_out_dir,
     load_run,
     prepare_out_dir,
+    read_history,
     run_lock,
     save_info,
     write_json,
+    write_predictions_csv,
+    write_split_csv,
+    write_threshold,
 )
 
 log = logging.getLogger("cxrlab")
@@ -310,7 +313,7 @@ def _train_and_report(model, config: RunConfig, data: PreparedData, positive: in
     from cxrlab.distributed import is_rank_zero
     from cxrlab.evaluate import choose_threshold, compute_metrics
     from cxrlab.tracking import log_final, make_loggers
-    from cxrlab.training import fit, read_history
+    from cxrlab.training import fit
 
     classes = data.source.classes
     tx, ty, _ = data.subset("train")
@@ -328,7 +331,7 @@ def _train_and_report(model, config: RunConfig, data: PreparedData, positive: in
     if positive is not None:
         threshold = choose_threshold((vy == positive).astype(int), vp[:, positive],
                                      config.threshold_rule, config.target_sensitivity)
-        atomic_write_text(out / "threshold", f"{float(threshold)!r}\n")
+        write_threshold(out, threshold)
     metrics = compute_metrics(vy, vp, classes, positive=positive, threshold=threshold,
                               seed=config.seed, groups=_patients(data, vidx))
     write_predictions_csv(out / "val_predictions.csv", [data.records[i].path for i in vidx],
@@ -374,39 +377,6 @@ def _patients(data: PreparedData, idx: np.ndarray) -> list[str] | None:
     if data.split_result is None or not data.split_result.grouped:
         return None
     return [data.groups[i] for i in idx]
-
-
-def write_predictions_csv(path: Path, paths: list, labels: list[str], probs: np.ndarray,
-                          classes: list[str]) -> None:
-    """path,label,p_<class>... per validation image: what the report's calibration and
-    gallery are computed from, without reloading the model."""
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "label", *[f"p_{c}" for c in classes]])
-    for p, lab, row in zip(paths, labels, probs, strict=True):
-        w.writerow([str(p), lab, *[f"{float(v):.6g}" for v in row]])
-    atomic_write_text(path, buf.getvalue())
-
-
-def read_predictions(path: Path, classes: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(paths, label indices, probabilities) of a predictions CSV, as written above."""
-    import csv
-
-    try:
-        with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise CxrlabError(f"{path}: cannot read ({e.strerror})") from None
-    cols = [f"p_{c}" for c in classes]
-    try:
-        y = np.array([classes.index(r["label"]) for r in rows], dtype=np.int64)
-        probs = np.array([[float(r[c]) for c in cols] for r in rows], dtype=np.float64)
-    except (KeyError, ValueError) as e:
-        raise CxrlabError(f"{path}: not a cxrlab predictions file ({e})") from None
-    return [r["path"] for r in rows], y, probs.reshape(len(rows), len(classes))
 
 
 # ---------------------------------------------------------------------------------------

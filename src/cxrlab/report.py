@@ -179,8 +179,7 @@ def recompute_val_predictions(run_dir: Path, split_rows: list[dict]):
 
 
 def load_run_data(run_dir: Path) -> RunData:
-    from cxrlab.data.split import read_split_csv
-    from cxrlab.training import read_history
+    from cxrlab.run import read_history, read_split_csv, read_threshold
 
     run_dir = Path(run_dir)
     info = json.loads((run_dir / "run.json").read_text())
@@ -193,13 +192,12 @@ def load_run_data(run_dir: Path) -> RunData:
     positive = None if pos is None else classes.index(pos)
     split_rows = read_split_csv(run_dir / "split.csv")
     if (run_dir / "val_predictions.csv").is_file():
-        from cxrlab.pipeline import read_predictions
+        from cxrlab.run import read_predictions
 
         paths, y, P = read_predictions(run_dir / "val_predictions.csv", classes)
     else:
         paths, y, P = recompute_val_predictions(run_dir, split_rows)
-    t = run_dir / "threshold"
-    threshold = float(t.read_text()) if t.is_file() else None
+    threshold = read_threshold(run_dir)
     return RunData(run_dir, config, info, metrics, read_history(run_dir / "history.csv"),
                    split_rows, classes, positive, threshold, paths, y, P)
 
@@ -438,7 +436,7 @@ def val_intervals(r: RunData) -> tuple[dict, str]:
     from cxrlab.evaluate import compute_metrics
 
     again = compute_metrics(r.val_y, r.val_probs, r.classes, positive=r.positive,
-                            threshold=m.get("threshold"), seed=int(r.config.get("seed", 0)),
+                            threshold=r.threshold, seed=int(r.config.get("seed", 0)),
                             groups=val_patients(r))
     return again["ci"], again["interval_method"] + ", recomputed for this report"
 
@@ -458,7 +456,7 @@ def metrics_html(r: RunData) -> str:
     if r.positive is not None:
         at05 = compute_metrics(r.val_y, r.val_probs, r.classes, positive=r.positive,
                                threshold=0.5, seed=seed, groups=val_patients(r))
-        t = m.get("threshold")
+        t = r.threshold
         header = ["metric", f"at threshold {t:.4g}" if t is not None else "at threshold",
                   "95% CI", "at 0.5", "95% CI"]
         rows = [[k, fmt(m.get(k)), fmt_ci(ci.get(k)), fmt(at05.get(k)),
@@ -583,7 +581,7 @@ def ablation_page(out: Path) -> str:
            f"{res['complete']} of {res['planned']} runs complete; seeds {res['seeds']}")
     first = next((out / "runs" / r["name"] for r in res["runs"]), None)
     if first is not None:
-        from cxrlab.data.split import read_split_csv
+        from cxrlab.run import read_split_csv
 
         cfg = yaml.safe_load((first / "config.yaml").read_text())
         data = ("<p>The split of the first run (each seed draws its own patient-grouped "
@@ -686,7 +684,7 @@ def effects_png(res: dict) -> bytes:
 
 
 def seed_curves_html(out: Path, res: dict) -> str:
-    from cxrlab.training import read_history
+    from cxrlab.run import read_history
 
     curves = {}
     for r in res["runs"]:
@@ -723,7 +721,7 @@ def seed_curves_png(curves: dict[str, list[tuple[int, list[dict]]]]) -> bytes:
 
 
 def convergence_ablation(out: Path, res: dict) -> str:
-    from cxrlab.training import read_history
+    from cxrlab.run import read_history
 
     rows = []
     for v in res["variants"]:

@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -26,13 +28,18 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import yaml
 
 from cxrlab.config import RunConfig
 from cxrlab.errors import CxrlabError
+
+if TYPE_CHECKING:
+    from cxrlab.data.sources import Source
+    from cxrlab.data.split import SplitResult
 
 RUN_FILES = ("config.yaml", "run.json")
 
@@ -159,9 +166,107 @@ def load_info(run_dir: Path) -> RunInfo:
     )
 
 
+def write_threshold(run_dir: Path, threshold: float) -> None:
+    """RUN_DIR/threshold: the decision threshold, repr'd so it reads back bit for bit."""
+    atomic_write_text(Path(run_dir) / "threshold", f"{float(threshold)!r}\n")
+
+
 def read_threshold(run_dir: Path) -> float | None:
+    """The run's threshold (None: not a 2-class run). The one source: metrics.json repeats
+    it for readers of that file, but every cxrlab command takes it from here."""
     path = Path(run_dir) / "threshold"
     return float(path.read_text()) if path.is_file() else None
+
+
+# -- split.csv --------------------------------------------------------------------------
+
+SPLIT_CSV_COLUMNS = ("path", "label", "split", "patient")
+
+
+def write_split_csv(path: Path | str, source: Source, result: SplitResult) -> None:
+    """path,label,split,patient per record: the run's split, readable without cxrlab."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    # surrogateescape: a file name that is not UTF-8 (bytes on Linux) round-trips unchanged
+    with tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        w = csv.writer(f)
+        w.writerow(SPLIT_CSV_COLUMNS)
+        for r, s, g in zip(source.records, result.splits, result.groups, strict=True):
+            w.writerow([str(r.path), r.label, s, g])
+    tmp.replace(path)
+
+
+def read_split_csv(path: Path | str) -> list[dict[str, str]]:
+    """Rows of a split.csv as dicts (keys path, label, split, patient)."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except OSError as e:
+        raise CxrlabError(f"{path}: cannot read split CSV ({e.strerror})") from None
+    missing = [c for c in SPLIT_CSV_COLUMNS if c not in columns]
+    if missing:
+        raise CxrlabError(f"{path}: not a split CSV (missing column {missing[0]!r})")
+    bad = next((r for r in rows if r["split"] not in ("train", "val", "test")), None)
+    if bad is not None:
+        raise CxrlabError(f"{path}: unknown split {bad['split']!r} for {bad['path']}")
+    return rows
+
+
+# -- history.csv ------------------------------------------------------------------------
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "train_acc", "val_acc", "train_precision",
+                   "val_precision", "train_recall", "val_recall", "val_auc", "lr", "seconds"]
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    """history.csv, one row per epoch (HISTORY_COLUMNS), replaced whole after each epoch."""
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in r.items()}
+                for r in csv.DictReader(f)]
+
+
+# -- val_predictions.csv ----------------------------------------------------------------
+
+def write_predictions_csv(path: Path, paths: list, labels: list[str], probs: np.ndarray,
+                          classes: list[str]) -> None:
+    """path,label,p_<class>... per validation image: what the report's calibration and
+    gallery are computed from, without reloading the model."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "label", *[f"p_{c}" for c in classes]])
+    for p, lab, row in zip(paths, labels, probs, strict=True):
+        w.writerow([str(p), lab, *[f"{float(v):.6g}" for v in row]])
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_predictions(path: Path, classes: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(paths, label indices, probabilities) of a predictions CSV, as written above."""
+    try:
+        with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise CxrlabError(f"{path}: cannot read ({e.strerror})") from None
+    cols = [f"p_{c}" for c in classes]
+    try:
+        y = np.array([classes.index(r["label"]) for r in rows], dtype=np.int64)
+        probs = np.array([[float(r[c]) for c in cols] for r in rows], dtype=np.float64)
+    except (KeyError, ValueError) as e:
+        raise CxrlabError(f"{path}: not a cxrlab predictions file ({e})") from None
+    return [r["path"] for r in rows], y, probs.reshape(len(rows), len(classes))
 
 
 @dataclass

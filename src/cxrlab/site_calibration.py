@@ -231,8 +231,7 @@ def _write_run(run, out: Path, cal: dict, threshold: float | None) -> None:
 def _calibrate_files(run, new: Path, cal: dict, threshold: float | None) -> None:
     from cxrlab import plots
     from cxrlab.evaluate import compute_metrics
-    from cxrlab.pipeline import read_predictions, write_predictions_csv
-    from cxrlab.run import atomic_write_text, write_json
+    from cxrlab.run import read_predictions, write_json, write_predictions_csv, write_threshold
 
     classes, pos = run.classes, run.info.positive
     state = torch.load(new / "model.pt", map_location="cpu", weights_only=True)
@@ -254,7 +253,7 @@ def _calibrate_files(run, new: Path, cal: dict, threshold: float | None) -> None
     state["fc.bias"] = bias.to(state["fc.bias"].dtype)
     torch.save(state, new / "model.pt")
     if threshold is not None:
-        atomic_write_text(new / "threshold", f"{float(threshold)!r}\n")
+        write_threshold(new, threshold)
 
     mfile = run.run_dir / "metrics.json"
     old = json.loads(mfile.read_text()) if mfile.is_file() else {}
@@ -263,8 +262,8 @@ def _calibrate_files(run, new: Path, cal: dict, threshold: float | None) -> None
         paths, vy, vp = read_predictions(vp_file, classes)
         vp = mapping(vp)
     else:  # a run from before val_predictions.csv: score its validation images again
-        from cxrlab.data.split import read_split_csv
         from cxrlab.report import recompute_val_predictions
+        from cxrlab.run import read_split_csv
 
         paths, vy, vp = recompute_val_predictions(new, read_split_csv(new / "split.csv"))
     write_predictions_csv(vp_file, paths, [classes[k] for k in vy], vp, classes)

@@ -7,7 +7,6 @@ loop, early stopping, checkpoints and the progress bar.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import time
@@ -25,6 +24,7 @@ from cxrlab.config import RunConfig
 from cxrlab.data.augment import augment_batch
 from cxrlab.errors import CxrlabError
 from cxrlab.inference import probabilities, use_bf16
+from cxrlab.run import HISTORY_COLUMNS, write_history
 
 log = logging.getLogger("cxrlab")
 
@@ -298,14 +298,14 @@ def quiet_lightning() -> None:
 
 
 class HistoryCSV:
-    """One row per epoch in RUN_DIR/history.csv, train and val side by side.
+    """Collects one row per epoch, train and val side by side, into RUN_DIR/history.csv
+    (its format: cxrlab.run.write_history).
 
     Written by the module after it logs the epoch's train metrics: a Callback's
     on_train_epoch_end runs before the module's and would see the previous epoch's values.
     """
 
-    COLUMNS = ["epoch", "train_loss", "val_loss", "train_acc", "val_acc", "train_precision",
-               "val_precision", "train_recall", "val_recall", "val_auc", "lr", "seconds"]
+    COLUMNS = HISTORY_COLUMNS
 
     def __init__(self, path: Path):
         self.path = path
@@ -314,7 +314,7 @@ class HistoryCSV:
     def replace(self, rows: list[dict]) -> None:
         """A resumed run's rows, as its checkpoint recorded them."""
         self.rows = [dict(r) for r in rows]
-        self._write()
+        write_history(self.path, self.rows)
 
     def add(self, trainer, seconds: float) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -325,15 +325,7 @@ class HistoryCSV:
         row["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
         row["seconds"] = round(seconds, 2)
         self.rows.append(row)
-        self._write()
-
-    def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.COLUMNS)
-            w.writeheader()
-            w.writerows(self.rows)
-        tmp.replace(self.path)
+        write_history(self.path, self.rows)
 
 
 def progress_bar(planned_end: float | None = None):
@@ -356,14 +348,6 @@ def in_jupyter() -> bool:
 
     shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
     return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
-
-
-def read_history(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return [{k: (float(v) if v not in ("", None) else None) for k, v in r.items()}
-                for r in csv.DictReader(f)]
 
 
 @dataclass

@@ -6,7 +6,6 @@ val and inflates validation scores. Source-given splits (train/val/test folders)
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 import warnings
@@ -24,7 +23,6 @@ from cxrlab.errors import CxrlabError
 # NORMAL2-IM-1427-0001.jpeg -> NORMAL2-IM-1427 (IM-0467-0001-0002.jpeg -> IM-0467)
 KERMANY_PATTERN = re.compile(r"^(person\d+)_|^((?:[A-Za-z0-9]+-)?IM-\d+)-\d+")
 NOT_GROUPED = "no patient key matched: split is not grouped by patient"
-SPLIT_CSV_COLUMNS = ("path", "label", "split", "patient")
 
 
 def patient_key(path: Path | str, regex: str | re.Pattern | None = None) -> str | None:
@@ -201,35 +199,3 @@ def _fold(source: Source, labels: np.ndarray, groups: list[str] | None, folds: i
         warnings.filterwarnings("ignore", "The least populated class", UserWarning)
         all_folds = list(kf.split(np.zeros(len(labels)), labels, groups))
     return all_folds[fold - 1][1]
-
-
-def write_split_csv(path: Path | str, source: Source, result: SplitResult) -> None:
-    """path,label,split,patient per record: the run's split, readable without cxrlab."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    # surrogateescape: a file name that is not UTF-8 (bytes on Linux) round-trips unchanged
-    with tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-        w = csv.writer(f)
-        w.writerow(SPLIT_CSV_COLUMNS)
-        for r, s, g in zip(source.records, result.splits, result.groups, strict=True):
-            w.writerow([str(r.path), r.label, s, g])
-    tmp.replace(path)
-
-
-def read_split_csv(path: Path | str) -> list[dict[str, str]]:
-    """Rows of a split.csv as dicts (keys path, label, split, patient)."""
-    path = Path(path)
-    try:
-        with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = reader.fieldnames or []
-    except OSError as e:
-        raise CxrlabError(f"{path}: cannot read split CSV ({e.strerror})") from None
-    missing = [c for c in SPLIT_CSV_COLUMNS if c not in columns]
-    if missing:
-        raise CxrlabError(f"{path}: not a split CSV (missing column {missing[0]!r})")
-    bad = next((r for r in rows if r["split"] not in ("train", "val", "test")), None)
-    if bad is not None:
-        raise CxrlabError(f"{path}: unknown split {bad['split']!r} for {bad['path']}")
-    return rows
