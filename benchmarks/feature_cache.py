@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch import seed_everything
 
 from cxrlab.config import RunConfig
+from cxrlab.data.prepared import prepare_data, resolve_positive
 from cxrlab.models import create_model
-from cxrlab.pipeline import prepare_data, resolve_positive, seed_everything
 from cxrlab.training import fit
 
 
@@ -53,7 +54,7 @@ def main() -> None:
     load0 = os.getloadavg()
     times, heads = {}, {}
     for cached in (True, False):
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed, workers=True, verbose=False)
         model = create_model(cfg.model, num_classes=1 if len(classes) == 2 else len(classes),
                              in_chans=int(tx.shape[1]), pretrained="imagenet",
                              image_size=cfg.image_size)

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from cxrlab import training as train
 from cxrlab.config import RunConfig
-from cxrlab.pipeline import train_run
+from cxrlab.lifecycle import train_run
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray" / "train"
 

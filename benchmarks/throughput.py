@@ -158,8 +158,8 @@ class Bench:
         """Cold: a fresh CXRLAB_CACHE, 2 epochs (the first holds the decode); warm: the cache
         on disk only (as for a new process), 1 epoch. prepare_data is inside the first epoch."""
         from cxrlab.data import cache
+        from cxrlab.data.prepared import prepare_data
         from cxrlab.models import create_model
-        from cxrlab.pipeline import prepare_data
         from cxrlab.training import ClassifierModule, fit
 
         # Epoch boundaries as wall-clock stamps, so every epoch is measured alike: from the
@@ -210,7 +210,7 @@ class Bench:
         """All images through prepare_data (decoded now unless (c) already did): the arrays
         (b) trains on, and the paths the naive pipeline decodes itself."""
         from cxrlab.data import cache
-        from cxrlab.pipeline import prepare_data
+        from cxrlab.data.prepared import prepare_data
 
         t0 = time.perf_counter()
         data = prepare_data(self.cfg)

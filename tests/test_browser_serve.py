@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from cxrlab.config import RunConfig
-from cxrlab.pipeline import predict_paths, train_run
+from cxrlab.lifecycle import train_run
+from cxrlab.scoring import predict_paths
 from tests.conftest import make_kermany_folder
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -13,8 +13,8 @@ from torch import nn
 from cxrlab.cam import GradCam, gradcam, overlay
 from cxrlab.config import RunConfig
 from cxrlab.errors import CxrlabError
+from cxrlab.lifecycle import train_run
 from cxrlab.models.base import ImageClassifier
-from cxrlab.pipeline import train_run
 from tests.conftest import make_kermany_folder
 
 SIDE, SQUARE = 32, 8

@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 from cxrlab.comparison import compare_runs
 from cxrlab.config import RunConfig
 from cxrlab.errors import CxrlabError
-from cxrlab.pipeline import train_run
+from cxrlab.lifecycle import train_run
 from cxrlab.run import (
     RunInfo,
     read_split_csv,

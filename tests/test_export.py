@@ -16,8 +16,9 @@ from cxrlab.data.cache import load_images
 from cxrlab.errors import CxrlabError
 from cxrlab.export import OnnxPredictor, export_onnx, make_predictor
 from cxrlab.inference import decide, predict_probs
-from cxrlab.pipeline import predict_paths, train_run
+from cxrlab.lifecycle import train_run
 from cxrlab.run import load_run, read_predictions
+from cxrlab.scoring import predict_paths
 from tests.conftest import SHARED_DATA
 
 

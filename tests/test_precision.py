@@ -15,7 +15,7 @@ from cxrlab import training as train
 from cxrlab.config import RunConfig
 from cxrlab.data.cache import load_images
 from cxrlab.inference import decide, predict_probs
-from cxrlab.pipeline import train_run
+from cxrlab.lifecycle import train_run
 from cxrlab.report import recompute_val_predictions
 from cxrlab.run import load_run, read_predictions, read_split_csv
 from cxrlab.serve import Inference

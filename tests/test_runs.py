@@ -18,7 +18,7 @@ def runs_root(tmp_path_factory) -> Path:
     """Two tiny real runs (one nested, as ablations and folds are), a corrupt one, a
     half-written one and one whose process died."""
     from cxrlab.config import RunConfig
-    from cxrlab.pipeline import train_run
+    from cxrlab.lifecycle import train_run
 
     root = tmp_path_factory.mktemp("runs")
     data = make_kermany_folder(root.parent / "runs-data", 10, 10, size=32)

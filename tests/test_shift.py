@@ -149,7 +149,7 @@ def site(tmp_path_factory):
     """A run that has learnt the synthetic task, and a new site's sample and held-out images
     (flat films: contrast x0.4) on which its threshold calls normals positive."""
     from cxrlab.config import RunConfig
-    from cxrlab.pipeline import train_run
+    from cxrlab.lifecycle import train_run
 
     root = tmp_path_factory.mktemp("site")
     data = make_kermany_folder(root / "data", 24, 24, size=48)
@@ -221,8 +221,8 @@ def balanced(m: dict) -> float:
 
 def test_calibrate_moves_the_threshold_for_the_new_site(site, tmp_path, capsys, monkeypatch):
     from cxrlab.inference import predict_probs
-    from cxrlab.pipeline import evaluate_run, predict_paths
     from cxrlab.run import load_run
+    from cxrlab.scoring import evaluate_run, predict_paths
     from cxrlab.site_calibration import apply_binary
 
     run, new_run = site["run"], tmp_path / "site_run"

@@ -288,7 +288,8 @@ def run_sweep(spec: AblationSpec, out: Path, shard: tuple[int, int] | None = Non
               on_event: Callable[[SweepEvent], None] | None = None) -> SweepResult:
     """Train this shard's runs that are not complete; evaluate each on `test` if given."""
     from cxrlab.data import cache
-    from cxrlab.pipeline import evaluate_run, train_run
+    from cxrlab.lifecycle import train_run
+    from cxrlab.scoring import evaluate_run
 
     out = Path(out)
     if spec.test is not None and not Path(spec.test).exists():

@@ -73,7 +73,7 @@ def run_training(data: PathLike | None, out: PathLike | None, *, progress: bool,
     (--image-size) in errors, else as keyword arguments (image_size); the CLI also requires
     `out`, where Python makes a new folder."""
     from cxrlab.crossval import CONFIG_FILE, is_crossval_dir, run_crossval
-    from cxrlab.pipeline import resume_run, train_run
+    from cxrlab.lifecycle import resume_run, train_run
 
     def name(key: str) -> str:
         if not cli:
@@ -263,7 +263,7 @@ class Run:
 
         `shift=True` also scores the run under graded synthetic intake shifts (under
         "shift"), and writes RUN/shift.json and RUN/shift.png, which the report shows."""
-        from cxrlab.pipeline import evaluate_run
+        from cxrlab.scoring import evaluate_run
 
         metrics = evaluate_run(self.path, Path(data), image_col, label_col, split, positive,
                                skip_bad, shift=shift)
@@ -285,7 +285,7 @@ class Run:
         `cam_dir`: write a Grad-CAM PNG per image file there (`cxrlab predict --cam`).
         """
         from cxrlab.export import make_predictor
-        from cxrlab.pipeline import predict_paths, prediction_rows
+        from cxrlab.scoring import predict_paths, prediction_rows
 
         items = _as_list(images)
         run = self.loaded

@@ -58,7 +58,7 @@ def run_crossval(config: RunConfig, out: Path, progress: bool = True,
     configuration: complete folds are kept, a killed fold resumes from its checkpoint (or is
     set aside as `fold-<i>.failed-<time>` when it has none) — nothing trained is redone or lost.
     """
-    from cxrlab.pipeline import resume_run, train_run
+    from cxrlab.lifecycle import resume_run, train_run
     from cxrlab.run import check_out_dir, prepare_out_dir
 
     if config.folds is None or config.fold is not None:
