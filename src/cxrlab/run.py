@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import yaml
 
 from cxrlab.config import RunConfig
 from cxrlab.errors import CxrlabError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where a model is loaded: `cxrlab runs` needs none
+    import torch
+
     from cxrlab.data.sources import Source
     from cxrlab.data.split import SplitResult
 
@@ -285,6 +286,8 @@ class LoadedRun:
 
 
 def load_run(run_dir: Path) -> LoadedRun:
+    import torch
+
     from cxrlab.models import create_model
 
     run_dir = Path(run_dir)

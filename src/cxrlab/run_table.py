@@ -7,7 +7,6 @@ and the reason, never an exception, so one broken folder does not hide the other
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import yaml
 
 from cxrlab.errors import CxrlabError
+from cxrlab.run import read_history, read_threshold
 
 SORTS = ("auc", "date", "name", "time")
 
@@ -53,15 +53,15 @@ def read_run(run_dir: Path, root: Path | None = None) -> dict[str, Any]:
         config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
         row.update(model=config["model"], image_size=config["image_size"],
                    epochs_planned=config["epochs"])
-        history = _history(run_dir / "history.csv")
+        history = read_history(run_dir / "history.csv")
         row["epochs_done"] = len(history)
-        seconds = [float(r["seconds"]) for r in history if r.get("seconds")]
+        seconds = [r["seconds"] for r in history if r.get("seconds") is not None]
         row["seconds"] = round(sum(seconds), 1) if seconds else None
         if state == "complete":
             m = _json(run_dir / "metrics.json")
             ci = (m.get("ci") or {}).get("roc_auc")
             row.update(auc=_num(m.get("roc_auc")), auc_ci=ci and [_num(x) for x in ci],
-                       accuracy=_num(m.get("accuracy")), threshold=_num(m.get("threshold")),
+                       accuracy=_num(m.get("accuracy")), threshold=read_threshold(run_dir),
                        epochs_done=m.get("epochs", row["epochs_done"]),
                        seconds=_num(m.get("train_seconds", row["seconds"])))
         elif state == "running" and not _lock_held(run_dir):
@@ -89,13 +89,6 @@ def _json(path: Path) -> dict:
     if not isinstance(d, dict):
         raise ValueError(f"{path.name}: not a JSON object")
     return d
-
-
-def _history(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _lock_held(run_dir: Path) -> bool:
