@@ -508,7 +508,7 @@ def say(msg: str) -> None:
 def table(results: list[dict], args, load: str, started: datetime, minutes: float):
     from rich.table import Table
 
-    from cxrlab.training import use_bf16
+    from cxrlab.inference import use_bf16
 
     bf16 = "bf16" if use_bf16("auto") else "no bf16 (fp32)"
     t = Table(title=f"cxrlab throughput - {args.data_label}, {args.device}, {cpu_name()}, "
