@@ -98,6 +98,25 @@ def _patients(data: PreparedData, idx: np.ndarray) -> list[str] | None:
 # evaluate
 
 
+def labelled_records(classes: list[str], data: Path, image_col: str | None,
+                     label_col: str | None, split: str | None,
+                     test_by_default: bool = False) -> list:
+    """The records of `data` a run is scored (or calibrated) on: `split` only when given
+    (else its test split, with `test_by_default`), refused when a class was not trained."""
+    records = load_source(Path(data), image_col, label_col).records
+    if split is not None:
+        records = [r for r in records if r.split == split]
+        if not records:
+            raise CxrlabError(f"--split {split}: no images in that split of {data}")
+    elif test_by_default and any(r.split == "test" for r in records):
+        records = [r for r in records if r.split == "test"]
+    unknown = sorted({r.label for r in records} - set(classes))
+    if unknown:
+        raise CxrlabError(f"{data}: class '{unknown[0]}' was not trained "
+                          f"(run classes: {', '.join(classes)})")
+    return records
+
+
 def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
                  label_col: str | None = None, split: str | None = None,
                  positive: str | None = None, skip_bad: bool = False,
@@ -112,18 +131,8 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
     from cxrlab.evaluate import compute_metrics
 
     run = load_run(run_dir)
-    source = load_source(Path(data), image_col, label_col)
-    records = source.records
-    if split is not None:
-        records = [r for r in records if r.split == split]
-        if not records:
-            raise CxrlabError(f"--split {split}: no images in that split of {data}")
-    elif any(r.split == "test" for r in records):
-        records = [r for r in records if r.split == "test"]
-    unknown = sorted({r.label for r in records} - set(run.classes))
-    if unknown:
-        raise CxrlabError(f"{data}: class '{unknown[0]}' was not trained "
-                          f"(run classes: {', '.join(run.classes)})")
+    records = labelled_records(run.classes, data, image_col, label_col, split,
+                               test_by_default=True)
     pos = run.info.positive
     if positive is not None:
         pos = resolve_positive(run.classes, positive)

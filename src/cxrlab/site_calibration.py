@@ -116,18 +116,9 @@ def _sample(run, data: Path, image_col, label_col, split, skip_bad):
     from collections import Counter
 
     from cxrlab.data.cache import load_images
-    from cxrlab.data.sources import load_source
+    from cxrlab.scoring import labelled_records
 
-    source = load_source(Path(data), image_col, label_col)
-    records = source.records
-    if split is not None:
-        records = [r for r in records if r.split == split]
-        if not records:
-            raise CxrlabError(f"--split {split}: no images in that split of {data}")
-    unknown = sorted({r.label for r in records} - set(run.classes))
-    if unknown:
-        raise CxrlabError(f"{data}: class '{unknown[0]}' was not trained "
-                          f"(run classes: {', '.join(run.classes)})")
+    records = labelled_records(run.classes, data, image_col, label_col, split)
 
     def check(recs) -> None:
         counts = Counter(r.label for r in recs)
