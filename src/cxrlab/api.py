@@ -291,18 +291,27 @@ class Run:
         run = self.loaded
         predictor = None
         out: list[dict] = []
+        paths: list[Path] = []  # consecutive paths go through predict_paths in one call
+
+        def flush() -> None:
+            if paths:
+                out.extend(predict_paths(run, list(paths), skip_bad=skip_bad, backend=backend,
+                                         onnx_file=None if onnx is None else Path(onnx),
+                                         cam_dir=None if cam_dir is None else Path(cam_dir),
+                                         layer=layer))
+                paths.clear()
+
         for i, item in enumerate(items):
             if isinstance(item, (str, Path)):
-                out += predict_paths(run, [Path(item)], skip_bad=skip_bad, backend=backend,
-                                     onnx_file=None if onnx is None else Path(onnx),
-                                     cam_dir=None if cam_dir is None else Path(cam_dir),
-                                     layer=layer)
+                paths.append(Path(item))
                 continue
+            flush()
             name = f"<{'array' if isinstance(item, np.ndarray) else 'PIL'} {i}>"
             x = self._pixels(item, name)
             predictor = predictor or make_predictor(run, backend,
                                                     None if onnx is None else Path(onnx))
             out += prediction_rows(run, [name], predictor(x[None]))
+        flush()
         return out
 
     def gradcam(self, image: Any, *, target: int | None = None,
