@@ -38,7 +38,7 @@ def test_none_is_exactly_the_input():
     assert augment_batch(x, "none", gen(0)) is x
 
 
-@pytest.mark.parametrize("policy", ["flip", "light", "notebook"])
+@pytest.mark.parametrize("policy", ["flip", "light", "intensity", "notebook"])
 def test_seeded_runs_repeat_and_other_seeds_differ(policy):
     x = smooth_batch(8)
     a = augment_batch(x, policy, gen(1))
@@ -127,5 +127,53 @@ def test_bf16_in_bf16_out():
 
 
 def test_unknown_policy_is_a_user_error():
-    with pytest.raises(CxrlabError, match="choose from none, flip, light, notebook"):
+    with pytest.raises(CxrlabError, match="choose from none, flip, light, intensity, notebook"):
         augment_batch(smooth_batch(), "heavy")
+
+
+def film(monkeypatch, x, gamma=aug.GAMMA, blur=0.0, noise=0.0, jpeg=0.0, seed=0):
+    """Only the intensity part of "intensity", with each of its parts switched on or off."""
+    monkeypatch.setattr(aug, "GAMMA", gamma)
+    monkeypatch.setattr(aug, "BLUR_P", blur)
+    monkeypatch.setattr(aug, "NOISE_P", noise)
+    monkeypatch.setattr(aug, "JPEG_P", jpeg)
+    return aug._film(x.clone(), gen(seed))
+
+
+def test_intensity_gamma_is_one_power_per_image_in_range(monkeypatch):
+    x = smooth_batch(32, h=32, w=32)
+    out = film(monkeypatch, x)
+    mid = (x > 0.2) & (x < 0.8)
+    g = (out.log() / x.log())[mid].view(-1)
+    per_image = [(out[i].log() / x[i].log())[mid[i]] for i in range(32)]
+    assert all(p.max() - p.min() < 1e-3 for p in per_image)  # one gamma per image
+    gs = torch.stack([p.mean() for p in per_image])
+    assert (gs > 1 / aug.GAMMA - 1e-3).all() and (gs < aug.GAMMA + 1e-3).all()
+    assert (gs < 0.95).any() and (gs > 1.05).any()  # lighter and darker mid-tones both occur
+    assert g.numel() > 0
+
+
+def test_intensity_blur_smooths_and_noise_adds_a_little(monkeypatch):
+    x = torch.zeros(4, 1, 32, 32)
+    x[..., :, 16:] = 1.0  # a sharp edge
+    x = x * 0.6 + 0.2
+    blurred = film(monkeypatch, x, gamma=1.0, blur=1.0)
+    edge = lambda t: (t[..., 1:] - t[..., :-1]).abs().amax(dim=(1, 2, 3))  # noqa: E731
+    assert (edge(blurred) < 0.9 * edge(x)).all()  # every image blurred (sigma >= 0.3 px)
+    assert torch.allclose(blurred.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=1e-3)
+    noisy = film(monkeypatch, x, gamma=1.0, noise=1.0)
+    sd = (noisy - x).std(dim=(1, 2, 3))
+    assert (sd <= aug.NOISE_MAX * 1.1).all() and (sd > 0).any()
+    assert torch.equal(film(monkeypatch, x, gamma=1.0), x)  # every part off: untouched
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_intensity_jpeg_recompresses_every_picked_image(monkeypatch, c):
+    x = smooth_batch(4, c=c, h=48, w=48)
+    x = x + 0.1 * torch.rand(x.shape, generator=gen(3))  # fine detail JPEG must lose
+    x = x.clamp(0, 1)
+    out = film(monkeypatch, x, gamma=1.0, jpeg=1.0)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.equal(out, (out * 255).round() / 255)  # decoded 8-bit images
+    err = (out - x).abs().mean(dim=(1, 2, 3))
+    assert (err > 2 / 255).all() and (err < 0.1).all()  # every image changed, none ruined

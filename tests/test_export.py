@@ -25,7 +25,8 @@ from tests.conftest import SHARED_DATA
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory) -> tuple[Path, list[Path]]:
     """A tiny resnet18 trained on 16 real Kermany X-rays (symlinked), 64 px, one epoch, in bf16
-    autocast (emulated where the CPU has no bf16): inference must still decide in fp32."""
+    autocast (emulated where the CPU has no bf16): inference must still decide in fp32. Each
+    image is standardised in the model (intensity="image"): the ONNX file must do it too."""
     train = SHARED_DATA / "chest_xray" / "train"
     if not train.is_dir():
         pytest.skip("../shared/data is not present")
@@ -38,7 +39,7 @@ def real_run(tmp_path_factory) -> tuple[Path, list[Path]]:
             (root / "data" / cls / f.name).symlink_to(f)
             picked.append(root / "data" / cls / f.name)
     cfg = RunConfig(data=str(root / "data"), model="resnet18", image_size=64, epochs=1,
-                    batch_size=8, precision="bf16")
+                    batch_size=8, precision="bf16", intensity="image")
     train_run(cfg, root / "run", progress=False)
     return root / "run", picked
 

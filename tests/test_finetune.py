@@ -149,3 +149,28 @@ def test_unfreeze_applies_to_a_run_resumed_after_the_unfreeze_epoch():
                                              module)
     assert not module.backbone_frozen
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_wise_ft_ends_halfway_between_the_unfreeze_and_the_best_epoch(tmp_path):
+    opts = dict(freeze_backbone=False, unfreeze_after=1, backbone_lr_mult=0.1, augment="none",
+                schedule="none", lr=1e-2, wise_ft=0.5)
+    before, res = run_fit(tmp_path, "wise", epochs=2, **opts)
+    start = torch.load(tmp_path / "wise" / "checkpoints" / "head_trained.pt", weights_only=True)
+    best = torch.load(res.best_path, map_location="cpu", weights_only=False)["state_dict"]
+    best = {k.removeprefix("model."): v for k, v in best.items() if k.startswith("model.")}
+    final = res.module.model.state_dict()
+    # at the unfreeze the backbone was still the starting one; the head had trained an epoch
+    assert torch.equal(start["conv1.weight"], before["conv1.weight"])
+    assert not torch.equal(start["fc.weight"], before["fc.weight"])
+    assert not torch.equal(best["conv1.weight"], start["conv1.weight"])  # fine-tuned
+    for k in ("conv1.weight", "bn1.running_mean", "layer4.1.conv2.weight", "fc.weight", "fc.bias"):
+        assert torch.allclose(final[k], 0.5 * best[k] + 0.5 * start[k], atol=1e-6), k
+
+
+def test_wise_ft_needs_a_head_only_phase():
+    from cxrlab.errors import CxrlabError
+
+    with pytest.raises(CxrlabError, match="--wise-ft .*--unfreeze-after"):
+        RunConfig.build(dict(data="x", model="resnet18", wise_ft=0.5))
+    assert RunConfig.build(dict(data="x", wise_ft=0.5)).unfreeze_after == 1  # the default recipe
+

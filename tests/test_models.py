@@ -100,6 +100,24 @@ def test_scratch_models_normalise_with_xray_stats():
     assert {"pixel_mean", "pixel_std"} <= set(m.state_dict())  # saved with the weights
 
 
+def test_per_image_intensity_ignores_exposure_and_contrast():
+    """intensity="image": a brighter or flatter copy of a film gives the same output; the fixed
+    normalisation does not (and an unknown mode is a user error)."""
+    x = torch.rand(3, 1, SMALL, SMALL) * 0.6 + 0.2
+    shifted = x * 0.7 + 0.2  # flatter and brighter, still inside [0, 1]
+    torch.manual_seed(0)
+    m = create_model("resnet18", num_classes=1, in_chans=1, intensity="image").eval()
+    fixed = create_model("resnet18", num_classes=1, in_chans=1).eval()
+    fixed.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(m(x), m(shifted), atol=1e-4)
+        assert not torch.allclose(fixed(x), fixed(shifted), atol=1e-2)
+        blank = m(torch.full((1, 1, SMALL, SMALL), 0.3))
+    assert torch.isfinite(blank).all()
+    with pytest.raises(CxrlabError, match="intensity 'auto': choose from fixed, image"):
+        create_model("resnet18", num_classes=1, intensity="auto")
+
+
 @pytest.mark.parametrize("name", ["cnn", "resnet18"])
 def test_adam_steps_lower_the_loss(name):
     torch.manual_seed(0)

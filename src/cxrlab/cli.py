@@ -67,7 +67,12 @@ def train(
     class_weights: Annotated[bool | None, typer.Option(
         "--class-weights/--no-class-weights", help="n_total / (n_classes * n_c)")] = None,
     sampler: Annotated[str | None, typer.Option(help="none | balanced")] = None,
-    augment: Annotated[str | None, typer.Option(help="none | flip | light | notebook")] = None,
+    augment: Annotated[str | None, typer.Option(
+        help="none | flip | light | intensity | notebook")] = None,
+    intensity: Annotated[str | None, typer.Option(
+        help="fixed | image (standardise each image's intensity in the model)")] = None,
+    wise_ft: Annotated[float | None, typer.Option(
+        help="weight of the fine-tuned weights against those at the unfreeze (WiSE-FT)")] = None,
     label_smoothing: Annotated[float | None, typer.Option(
         help="targets pulled towards uniform by this much (0 = none)")] = None,
     dropout: Annotated[float | None, typer.Option(help="dropout before the head")] = None,
@@ -375,7 +380,8 @@ def runs_cmd(
 def data_summary(
     data: Annotated[Path, typer.Argument(help="class folders, train/val/test folders, or CSV")],
     grid: Annotated[Path | None, typer.Option(help="write a PNG of samples per class")] = None,
-    augment: Annotated[str, typer.Option(help="augmentation shown in the grid")] = "light",
+    augment: Annotated[str, typer.Option(
+        help="augmentation shown in the grid (default: the recipe's)")] = "intensity",
     image_col: ImageCol = None,
     label_col: LabelCol = None,
     group_regex: Annotated[str | None, typer.Option(help="patient key regex")] = None,

@@ -21,7 +21,7 @@ from pydantic import (
 
 from cxrlab.errors import CxrlabError
 
-Augment = Literal["none", "flip", "light", "notebook"]
+Augment = Literal["none", "flip", "light", "intensity", "notebook"]
 LOGGERS = ("tensorboard", "csv", "mlflow")  # experiment trackers (cxrlab.tracking)
 
 
@@ -60,6 +60,10 @@ class RunConfig(BaseModel):
         "http(s) URL (torchvision layout; URLs go through the torch hub cache)"
     )
     head: Literal["linear", "mlp-bn", "vgg"] = "linear"
+    intensity: Literal["fixed", "image"] = Field(
+        "fixed", description="image = each image standardised by its own mean and spread inside "
+        "the model (exposure and contrast of a new intake stop mattering)"
+    )
 
     # -- fine-tuning ----------------------------------------------------------------------
     # Left out, these follow the recipe for where the weights start (see cxrlab.recipe).
@@ -71,6 +75,12 @@ class RunConfig(BaseModel):
     backbone_lr_mult: float = Field(
         1.0, gt=0, le=1, description="backbone learning rate = lr * this, when it trains; "
         "left out: 0.1 for pretrained weights, 1 from scratch"
+    )
+
+    wise_ft: float = Field(
+        1.0, gt=0, le=1, description="WiSE-FT: final weights = this x fine-tuned + (1 - this) x "
+        "the weights at the unfreeze (head trained, backbone as pretrained); 1 = fine-tuned "
+        "only (the default: measured, it did not help on top of intensity augmentation)"
     )
 
     # -- optimisation -------------------------------------------------------------------
@@ -90,7 +100,7 @@ class RunConfig(BaseModel):
     )
     class_weights: bool = True
     sampler: Literal["none", "balanced"] = "none"
-    augment: Augment = "light"
+    augment: Augment = "intensity"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
 
     # -- decision threshold (2 classes) -------------------------------------------------
@@ -153,6 +163,9 @@ class RunConfig(BaseModel):
             object.__setattr__(self, "class_weights", False)
         if self.unfreeze_after is not None and not self.freeze_backbone:
             object.__setattr__(self, "freeze_backbone", True)
+        if self.wise_ft < 1 and self.unfreeze_after is None:
+            raise ValueError("--wise-ft interpolates towards the weights at the unfreeze: it "
+                             "needs --unfreeze-after (a head-only phase first)")
         if self.fold is not None and (self.folds is None or self.fold > self.folds):
             raise ValueError(f"fold {self.fold} needs folds >= {self.fold}")
         if (self.image_col is None) != (self.label_col is None):

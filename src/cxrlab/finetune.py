@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -94,12 +95,44 @@ class UnfreezeBackbone(Callback):
     both groups alike. Under DDP the wrapper is rebuilt so the backbone's gradients are
     averaged across processes too."""
 
-    def __init__(self, epoch: int):
+    def __init__(self, epoch: int, keep: Path | None = None):
         self.epoch = epoch
+        self.keep = keep  # where the weights at the unfreeze go (WiSE-FT interpolates to them)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch >= self.epoch and pl_module.backbone_frozen:  # >=: resumed runs
+            if (self.keep is not None and trainer.current_epoch == self.epoch
+                    and trainer.is_global_zero):
+                save_weights(pl_module.model, self.keep)
             pl_module.set_backbone_frozen(False)
             rewrap_after_unfreeze(trainer)
             log.info("epoch %d: backbone unfrozen (lr x %g)", self.epoch + 1,
                      pl_module.cfg.backbone_lr_mult)
+
+
+HEAD_TRAINED = "head_trained.pt"  # checkpoints/: the weights at the unfreeze
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """The model's state dict, written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, tmp)
+    tmp.replace(path)
+
+
+def wise_ft(model: nn.Module, start: Path, alpha: float) -> bool:
+    """WiSE-FT (Wortsman et al., CVPR 2022): every float weight and BatchNorm statistic becomes
+    alpha x fine-tuned + (1 - alpha) x its value at the unfreeze (ImageNet backbone, trained
+    head). Fine-tuning on one intake bends features that transfer; the interpolation keeps
+    most of what fine-tuning gained in distribution and much of the pretrained robustness.
+    False (and nothing changed) when the run never reached the unfreeze."""
+    if not start.is_file():
+        return False
+    before = torch.load(start, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    with torch.no_grad():
+        for key, value in own.items():
+            if value.is_floating_point():
+                value.mul_(alpha).add_(before[key].to(value.dtype), alpha=1 - alpha)
+    return True

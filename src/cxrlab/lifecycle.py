@@ -87,7 +87,7 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
         return create_model(config.model, num_classes=n_out, in_chans=in_chans,
                             dropout=config.dropout, batchnorm=config.batchnorm,
                             pretrained=pretrained, image_size=config.image_size,
-                            head=config.head)
+                            intensity=config.intensity, head=config.head)
 
     model = make_model(config)
     planned = None
@@ -204,7 +204,7 @@ def _resume(run_dir: Path, info: RunInfo, rank0: bool, progress: bool,
     model = create_model(config.model, num_classes=n_out, in_chans=info.in_chans,
                          dropout=config.dropout, batchnorm=config.batchnorm,
                          pretrained=resolve_pretrained(config.model, config.pretrained),
-                         image_size=config.image_size, head=config.head)
+                         image_size=config.image_size, intensity=config.intensity, head=config.head)
     ckpt = run_dir / "checkpoints" / LAST
     if not ckpt.is_file():
         log.info("%s: no checkpoint yet; training starts from the first epoch", run_dir)

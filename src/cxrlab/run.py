@@ -303,7 +303,7 @@ def load_run(run_dir: Path) -> LoadedRun:
         in_chans=info.in_chans,
         dropout=config.dropout,
         batchnorm=config.batchnorm,
-        image_size=config.image_size,
+        image_size=config.image_size, intensity=config.intensity,
         head=config.head,
     )
     state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)

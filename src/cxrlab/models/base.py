@@ -20,6 +20,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Scratch models: X-rays in [0, 1] sit roughly around 0.5 with a spread of ~0.25.
 SCRATCH_MEAN = 0.5
 SCRATCH_STD = 0.25
+# intensity="image": each image is first mapped to this mean and spread (a typical film of the
+# Kermany training set: grey level ~122/255, spread ~58/255), so what the pretrained
+# normalisation then sees is a film of ordinary exposure whatever the intake's was.
+FILM_MEAN = 0.48
+FILM_STD = 0.23
+INTENSITY_MODES = ("fixed", "image")
 
 _REGISTRY: dict[str, Callable[..., ImageClassifier]] = {}
 
@@ -79,7 +85,22 @@ class ImageClassifier(nn.Module):
                 raise CxrlabError(f"pixel stats: {t.numel()} values for {self.in_chans} channels")
             buf.copy_(t.view(1, -1, 1, 1))
 
+    per_image: bool = False  # set_intensity("image")
+
+    def set_intensity(self, mode: str) -> None:
+        """"image": standardise each image by its own mean and spread before the fixed
+        normalisation, so a brighter, darker, flatter or harsher film (another site's exposure,
+        processing or window) reaches the backbone as the same input. In the model, not the
+        data path: evaluate, predict, serve and the ONNX file inherit it."""
+        if mode not in INTENSITY_MODES:
+            raise CxrlabError(f"intensity {mode!r}: choose from {', '.join(INTENSITY_MODES)}")
+        self.per_image = mode == "image"
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_image:
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)  # a blank image stays blank
+            x = (x - mean) / std * FILM_STD + FILM_MEAN
         return (x - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)
 
     def forward_backbone(self, x: torch.Tensor) -> torch.Tensor:
