@@ -4,7 +4,8 @@
     python benchmarks/throughput.py --quick               # smoke check (~2 min)
     python benchmarks/throughput.py --models resnet18 --steps 30 --repeats 5 --device cuda
 
-For each model (cnn at 180 px batch 16, resnet18 at 224 px batch 32, on
+For each model (cnn at 180 px batch 16, resnet18 at 224 px batch 32, the default
+efficientnet_lite0 at 192 px batch 32 with every layer training, on
 ../shared/data/chest_xray/train) one child process measures, and this process prints one table:
 
 (a) ceiling   training steps on random tensors already in memory: the same ClassifierModule,
@@ -12,8 +13,9 @@ For each model (cnn at 180 px batch 16, resnet18 at 224 px batch 32, on
 (b) end to end  the real data path: cxrlab's cache -> ArrayDataset -> make_loader -> a
               Lightning Trainer built as `train.fit` builds it (bf16-mixed, deterministic,
               RichProgressBar rendering to /dev/null) -> ClassifierModule with augment
-              "notebook" (uint8 batch -> float -> batched augmentation in
-              on_after_batch_transfer). b/a is the share of time the model does not wait.
+              "notebook" ("intensity", the recipe's, for efficientnet_lite0) (uint8 batch ->
+              float -> batched augmentation in on_after_batch_transfer). b/a is the share of
+              time the model does not wait.
 (c) epochs    `train.fit` itself for whole epochs (train + validation + checkpoint writes, from
               the start of one epoch to the start of the next): the first epoch with a cold
               cache (fresh CXRLAB_CACHE: decode + cache build inside it, and the Trainer's
@@ -60,7 +62,11 @@ from pathlib import Path
 
 import numpy as np
 
-MODELS = {"cnn": (180, 16), "resnet18": (224, 32)}  # name -> (image size, batch size)
+# name -> (image size, batch size, augmentation): the notebooks' models with the notebook's
+# augmentation, and the default recipe's model as it trains (192 px, `intensity`, every layer
+# training: the full-model epochs that are most of its time)
+MODELS = {"cnn": (180, 16, "notebook"), "resnet18": (224, 32, "notebook"),
+          "efficientnet_lite0": (192, 32, "intensity")}
 # Timed steps per measurement: windows of >= ~10 s of the ceiling, since a 2-s window on a
 # 2-vCPU VM is mostly scheduling noise (the CNN's 20 steps once gave b/a 0.78, then 0.91).
 STEPS = {"cnn": 100, "resnet18": 20}
@@ -131,11 +137,12 @@ class Bench:
         self.torch = torch
         self.args = args
         self.name = name
-        self.size, self.bs = MODELS[name]
+        self.size, self.bs, policy = MODELS[name]
         self.device = torch.device(args.device)
         self.cfg = RunConfig.build({"data": str(args.data), "model": name,
                                     "image_size": self.size, "batch_size": self.bs,
-                                    "augment": "notebook", "epochs": 2})
+                                    "augment": policy, "epochs": 2,
+                                    "freeze_backbone": False})
         from cxrlab.inference import use_bf16
 
         self.bf16 = use_bf16(self.cfg.precision)
@@ -544,7 +551,8 @@ def table(results: list[dict], args, load: str, started: datetime, minutes: floa
     row("(d) naive: PIL + per-sample aug, 2 workers, fp32, img/s", lambda r: f"{r['naive']:.1f}")
     row("    speedup b / d", lambda r: f"{r['b'] / r['naive']:.2f}x", ">= 2.5x (resnet18)")
     row("    vs notebooks' Keras (img/s), b / keras",
-        lambda r: f"{r['b'] / KERAS_IMG_S[r['model']]:.2f}x ({KERAS_IMG_S[r['model']]})",
+        lambda r: (f"{r['b'] / KERAS_IMG_S[r['model']]:.2f}x ({KERAS_IMG_S[r['model']]})"
+                   if r["model"] in KERAS_IMG_S else "–"),
         ">= 1.8x")
     row("(e) ceiling fp32 contiguous, img/s", lambda r: f"{r['a_fp32']:.1f}")
     row("    bf16 + channels_last speedup a / a_fp32", lambda r: f"{r['a'] / r['a_fp32']:.2f}x")
@@ -562,7 +570,8 @@ def table(results: list[dict], args, load: str, started: datetime, minutes: floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of class folders")
-    ap.add_argument("--models", default="cnn,resnet18", help="comma-separated: cnn,resnet18")
+    ap.add_argument("--models", default="cnn,resnet18,efficientnet_lite0",
+                    help="comma-separated: cnn,resnet18,efficientnet_lite0")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds, best kept")
     ap.add_argument("--images", type=int, default=0, help="use only ~N images (smoke checks)")
