@@ -10,7 +10,6 @@ the run's own threshold, beside the unshifted baseline.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -21,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+
+from cxrlab.data.images import recompress_jpeg
 
 log = logging.getLogger("cxrlab")
 
@@ -94,14 +94,7 @@ def noise(images: np.ndarray, level: float, seed: int = 0) -> np.ndarray:
 
 def jpeg(images: np.ndarray, level: float, seed: int = 0) -> np.ndarray:
     """JPEG re-compression at quality `level` (PACS exports, screenshots)."""
-    out = np.empty_like(images)
-    for i, img in enumerate(images):
-        arr = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="JPEG", quality=int(level))
-        dec = np.asarray(Image.open(buf))
-        out[i] = dec[None] if img.shape[0] == 1 else dec.transpose(2, 0, 1)
-    return out
+    return recompress_jpeg(images, [int(level)] * len(images))
 
 
 def zoom(images: np.ndarray, level: float, seed: int = 0) -> np.ndarray:

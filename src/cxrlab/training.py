@@ -444,7 +444,7 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
         raise CxrlabError("training produced no checkpoint (no validation epoch completed)")
     best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
     module.load_state_dict(best["state_dict"])
-    if config.wise_ft < 1 and config.unfreeze_after is not None:
+    if config.wise_ft < 1:  # config validation: only with a head-only phase
         if finetune.wise_ft(module.model, run_dir / "checkpoints" / finetune.HEAD_TRAINED,
                             config.wise_ft):
             log.info("WiSE-FT: final weights = %g x fine-tuned + %g x those at the unfreeze",

@@ -136,7 +136,7 @@ JPEG_P, JPEG_QUALITY = 1 / 3, (30, 90)  # share of images re-compressed; quality
 
 
 def _film(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Gamma, blur and noise of "intensity" on a float batch in [0, 1] (drawn after the
+    """Gamma, blur, noise and JPEG of "intensity" on a float batch in [0, 1] (drawn after the
     affine draws, so "light" keeps its random stream)."""
     b, c, h, w = out.shape
     dev = out.device
@@ -173,24 +173,13 @@ def _film(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
 def _jpeg(x: torch.Tensor, qualities: list[int]) -> torch.Tensor:
     """Each image re-compressed as JPEG at its quality, through PIL on the CPU (a few ms a
     batch: there is no batched JPEG codec in torch)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
+    from cxrlab.data.images import recompress_jpeg
 
     u8 = (x.float() * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-    out = np.empty_like(u8)
-    for i, q in enumerate(qualities):
-        img = u8[i, 0] if u8.shape[1] == 1 else u8[i].transpose(1, 2, 0)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=int(q))
-        dec = np.asarray(Image.open(buf))
-        out[i] = dec[None] if u8.shape[1] == 1 else dec.transpose(2, 0, 1)
-    return torch.from_numpy(out).to(x.device, x.dtype) / 255
+    return torch.from_numpy(recompress_jpeg(u8, qualities)).to(x.device, x.dtype) / 255
 
 
 def _mat(a, b, c, d, e, f) -> torch.Tensor:
     """Batch of 3x3 homogeneous matrices [[a, b, c], [d, e, f], [0, 0, 1]] from (B,) tensors."""
     zero, one = torch.zeros_like(a), torch.ones_like(a)
     return torch.stack([a, b, c, d, e, f, zero, zero, one], dim=1).view(-1, 3, 3)
-

@@ -335,3 +335,17 @@ def guess_channels(paths: list[Path], sample: int = 24) -> int:
     votes = [_is_grey(Path(p)) for p in paths[::step][:sample]]
     votes = [v for v in votes if v is not None]
     return 1 if not votes or all(votes) else 3
+
+
+def recompress_jpeg(images: np.ndarray, qualities: list[int]) -> np.ndarray:
+    """uint8 (N, C, H, W) images, each JPEG-encoded at its quality and decoded again (what a
+    PACS export or a screenshot does to a film): the stress test's `jpeg` shift and the
+    `intensity` augmentation both go through here."""
+    out = np.empty_like(images)
+    for i, (img, q) in enumerate(zip(images, qualities, strict=True)):
+        arr = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=int(q))
+        dec = np.asarray(Image.open(buf))
+        out[i] = dec[None] if img.shape[0] == 1 else dec.transpose(2, 0, 1)
+    return out
