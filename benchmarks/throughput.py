@@ -23,7 +23,10 @@ efficientnet_lite0 at 192 px batch 32 with every layer training, on
               (second) epoch.
 (d) naive     the usual recipe: PIL decode + per-sample notebook augmentation in a DataLoader
               with 2 workers, fp32, contiguous, in a plain loop; speedup = b / d.
-(e) precision the ceiling in fp32 contiguous vs (a).
+(e) precision the ceiling in fp32 contiguous vs (a); where bf16 is used, also fp32 channels-last,
+              so bf16's own share of the speedup shows (it differs a lot between models).
+(k) Keras     with --keras JSON (benchmarks/keras_baseline.py, run on this machine under a
+              Python with TensorFlow): (b) over the notebooks' Keras `fit` for cnn and resnet18.
 (f) inference images/s at batch 64: `predict_probs` (fp32, what cxrlab uses) and the same under
               bf16 autocast for comparison, ONNX Runtime (exported here).
 (g) memory    peak RSS of the model's process after (c) (the real training path, all 5216
@@ -70,7 +73,6 @@ MODELS = {"cnn": (180, 16, "notebook"), "resnet18": (224, 32, "notebook"),
 # Timed steps per measurement: windows of >= ~10 s of the ceiling, since a 2-s window on a
 # 2-vCPU VM is mostly scheduling noise (the CNN's 20 steps once gave b/a 0.78, then 0.91).
 STEPS = {"cnn": 100, "resnet18": 20, "efficientnet_lite0": 20}
-KERAS_IMG_S = {"cnn": 73.8, "resnet18": 12.9}  # the notebooks' TF/Keras training on this machine
 INFER_BATCH = 64
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray" / "train"
 
@@ -495,6 +497,8 @@ def measure_one(args) -> dict:
         say(f"{args.one}: (a) (b) (d) (e) interleaved, {args.steps} steps x {args.repeats}")
         runs = {"a": b.ceiling(b.bf16, b.cfg.channels_last), "b": e2e,
                 "a_fp32": b.ceiling(False, False), "naive": b.naive()}
+        if b.bf16:  # what bf16 adds on top of channels-last
+            runs["a_fp32_cl"] = b.ceiling(False, True)
         res.update(interleave(runs, args.steps, args.repeats))
     say(f"{args.one}: (f) inference, batch {INFER_BATCH}")
     res.update(b.inference())
@@ -502,6 +506,22 @@ def measure_one(args) -> dict:
     res["rss_workers_mb"] = peak_rss_mb(resource.RUSAGE_CHILDREN)
     say(f"{args.one}: done")
     return res
+
+
+def read_keras(path: Path) -> dict:
+    """keras_baseline.py's figures, refused when they come from another kind of CPU: a ratio
+    across machines is not a measurement."""
+    try:
+        k = json.loads(path.read_text())
+        cpu, bf16, results = k["cpu"], k["bf16_cpu"], k["results"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        sys.exit(f"throughput.py: error: --keras {path}: not keras_baseline.py's JSON ({e})")
+    here = "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    if cpu != cpu_name() or bf16 != here:
+        sys.exit(f"throughput.py: error: --keras {path}: measured on {cpu} "
+                 f"({'with' if bf16 else 'without'} bf16), this is {cpu_name()} "
+                 f"({'with' if here else 'without'} bf16)")
+    return results
 
 
 def say(msg: str) -> None:
@@ -550,13 +570,20 @@ def table(results: list[dict], args, load: str, started: datetime, minutes: floa
         lambda r: f"{r['full_load_s']:.1f} ({r['full_event']}, {r['n_images']} img)")
     row("(d) naive: PIL + per-sample aug, 2 workers, fp32, img/s", lambda r: f"{r['naive']:.1f}")
     row("    speedup b / d", lambda r: f"{r['b'] / r['naive']:.2f}x", ">= 2.5x (resnet18)")
-    row("    vs notebooks' Keras (img/s), b / keras",
-        lambda r: (f"{r['b'] / KERAS_IMG_S[r['model']]:.2f}x ({KERAS_IMG_S[r['model']]})"
-                   if r["model"] in KERAS_IMG_S else "–"),
-        ">= 1.8x")
+    keras = args.keras_figures
+
+    def vs_keras(r) -> str:
+        k = keras.get(r["model"])
+        return f"{r['b'] / k['img_s']:.2f}x ({k['img_s']:.1f})" if k else "–"
+
+    row("(k) vs notebooks' Keras fit (its img/s), b / keras", vs_keras, ">= 2.5x")
     row("(e) ceiling fp32 contiguous, img/s", lambda r: f"{r['a_fp32']:.1f}")
     row("    speedup a / a_fp32 (channels_last, + bf16 if used)",
         lambda r: f"{r['a'] / r['a_fp32']:.2f}x")
+    if any("a_fp32_cl" in r for r in results):
+        row("    ceiling fp32 channels-last, img/s; bf16's share a / it",
+            lambda r: (f"{r['a_fp32_cl']:.1f}; {r['a'] / r['a_fp32_cl']:.2f}x"
+                       if "a_fp32_cl" in r else "–"))
     row(f"(f) inference b{INFER_BATCH}: torch fp32, img/s", lambda r: f"{r['infer_fp32']:.1f}")
     row("    torch bf16, img/s", lambda r: f"{r['infer_bf16']:.1f}",
         ">= 80 (resnet18)")
@@ -582,6 +609,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="few steps, ~200 images: smoke check")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
+    ap.add_argument("--keras", type=Path,
+                    help="keras_baseline.py's JSON from this machine: the (k) row")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child: measure this model
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -607,6 +636,7 @@ def main() -> None:
         sys.exit(f"throughput.py: error: --models {unknown[0]}: choose from {', '.join(MODELS)}")
     if not args.data.is_dir():
         sys.exit(f"throughput.py: error: --data {args.data}: not a folder")
+    args.keras_figures = read_keras(args.keras) if args.keras else {}
     started = datetime.now(UTC)
     load = LoadSampler()
     t0 = time.perf_counter()
@@ -631,8 +661,12 @@ def main() -> None:
     Console(width=160).print(table(results, args, load.stop(), started,
                                    (time.perf_counter() - t0) / 60))
     if args.json:
+        from cxrlab.inference import use_bf16
+
         args.json.write_text(json.dumps({"results": results, "load": load.samples,
-                                         "started": started.isoformat()}, indent=1))
+                                         "started": started.isoformat(), "cpu": cpu_name(),
+                                         "bf16": use_bf16("auto"), "keras": args.keras_figures},
+                                        indent=1))
 
 
 if __name__ == "__main__":
