@@ -22,25 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from throughput import cpu_has_bf16, cpu_name  # stdlib + NumPy only at import
+
 # name -> (image size, batch size): throughput.py's MODELS for the same two models
 MODELS = {"cnn": (180, 16), "resnet18": (224, 32)}
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray" / "train"
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def has_bf16() -> bool:
-    return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
 
 
 def notebook_cnn(keras, size: int):
@@ -141,7 +131,7 @@ def main() -> None:
         r = measure(name, args.data, args.steps, args.warmup)
         print(f"{name}: {r['img_s']:.1f} img/s (Keras fit, {args.steps} steps)", flush=True)
         results.append(r)
-    out = {"cpu": cpu_name(), "bf16_cpu": has_bf16(), "cores": os.cpu_count(),
+    out = {"cpu": cpu_name(), "bf16_cpu": cpu_has_bf16(), "cores": os.cpu_count(),
            "tensorflow": tf.__version__, "started": started.isoformat(timespec="seconds"),
            "data": str(args.data), "results": {r["model"]: r for r in results}}
     args.out.write_text(json.dumps(out, indent=2) + "\n")

@@ -91,6 +91,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_has_bf16() -> bool:
+    """AVX-512 bf16 in the CPU's flags (what the machine is, whatever torch decides)."""
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # Linux: kilobytes
 
@@ -516,7 +524,7 @@ def read_keras(path: Path) -> dict:
         cpu, bf16, results = k["cpu"], k["bf16_cpu"], k["results"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         sys.exit(f"throughput.py: error: --keras {path}: not keras_baseline.py's JSON ({e})")
-    here = "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    here = cpu_has_bf16()
     if cpu != cpu_name() or bf16 != here:
         sys.exit(f"throughput.py: error: --keras {path}: measured on {cpu} "
                  f"({'with' if bf16 else 'without'} bf16), this is {cpu_name()} "
