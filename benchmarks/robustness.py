@@ -20,12 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+from throughput import cpu_name
+
+from cxrlab.data.split import patient_key
 
 VARIANTS = {  # name -> train options (on top of the proxy's)
     "light": ["--augment", "light", "--wise-ft", "1"],  # the recipe before 2026-12-01
@@ -36,22 +39,21 @@ VARIANTS = {  # name -> train options (on top of the proxy's)
     "intensity+wise+image": ["--augment", "intensity", "--wise-ft", "0.5",
                              "--intensity", "image"],
 }
-PATIENT = re.compile(r"(NORMAL2-IM-\d+|IM-\d+|person\d+)")
 
 
 def half(data: Path, out: Path) -> Path:
-    """Every second patient (sorted keys) of each class folder, as symlinks."""
+    """Every second patient (sorted keys; a file without one is its own) of each class
+    folder, as symlinks."""
     dst = out / "proxy"
     if dst.is_dir():
         return dst
     for cls in sorted(p for p in data.iterdir() if p.is_dir()):
         files = sorted(cls.iterdir())
-        keys = sorted({(PATIENT.match(f.name) or re.match(r"(.*)", f.stem)).group(1)
-                       for f in files})
-        keep = set(keys[::2])
+        key = {f: patient_key(f) or f.stem for f in files}
+        keep = set(sorted(set(key.values()))[::2])
         (dst / cls.name).mkdir(parents=True)
         for f in files:
-            if (PATIENT.match(f.name) or re.match(r"(.*)", f.stem)).group(1) in keep:
+            if key[f] in keep:
                 (dst / cls.name / f.name).symlink_to(f.resolve())
     return dst
 
@@ -97,8 +99,6 @@ def main() -> None:
     for name in args.variants:
         run = args.out / name
         if not (run / "metrics.json").is_file():
-            import time
-
             t0 = time.time()
             subprocess.run(["cxrlab", "train", str(proxy), "--out", str(run), "--image-size",
                             "128", "--epochs", "5", "--time-budget", "none", "-q",
@@ -114,10 +114,8 @@ def main() -> None:
     for r in results:
         print("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v)
                                 for v in r.values()) + " |")
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                if ln.startswith("model name")), "?") if os.path.exists("/proc/cpuinfo") else "?"
     (args.out / "robustness.json").write_text(json.dumps(
-        {"cpu": cpu, "cores": os.cpu_count(), "python": sys.version.split()[0],
+        {"cpu": cpu_name(), "cores": os.cpu_count(), "python": sys.version.split()[0],
          "rows": results}, indent=2) + "\n")
 
 
