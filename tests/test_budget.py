@@ -121,6 +121,11 @@ def test_remaining_seconds():
     assert remaining_seconds([], 0, 9, planned_epoch=10.0) == 90.0
     assert remaining_seconds([100.0, 300.0], 2, 5) == 900.0  # the latest (full) epoch's time
     assert remaining_seconds([100.0], 1, 5, current_fraction=0.5) == 350.0
+    # a head-only epoch is no guide to the full ones: the plan's, then the first full one's
+    assert remaining_seconds([20.0], 1, 5, planned_epoch=100.0, head_epochs=1) == 400.0
+    assert remaining_seconds([20.0], 1, 5, head_epochs=1) is None
+    assert remaining_seconds([20.0, 90.0], 2, 5, planned_epoch=100.0, head_epochs=1) == 270.0
+    assert remaining_seconds([20.0], 1, 3, head_epochs=3) == 40.0  # frozen throughout
 
 
 def test_progress_bar_eta():
@@ -140,6 +145,13 @@ def test_progress_bar_eta():
     assert bar.run_end(trainer) == pytest.approx(now + 50, abs=1)
     bar.durations, trainer.current_epoch, bar._t0 = [100.0], 1, now  # then the latest epoch
     assert bar.run_end(trainer) == pytest.approx(now + 200, abs=1)
+    # after a head-only epoch (20 s): the plan's full epoch (100 s), not 20 s an epoch
+    bar = RunProgressBar(planned_end=now + 300, planned_epoch=100.0, head_epochs=1)
+    bar.durations, bar._t0 = [20.0], now
+    assert bar.run_end(trainer) == pytest.approx(now + 200, abs=1)
+    bar = RunProgressBar(head_epochs=1)  # no plan: the first full epoch's own pace
+    bar.durations, bar._t0 = [20.0], now - 10  # half its batches in 10 s
+    assert bar.run_end(trainer) == pytest.approx(now + 30, abs=1)
 
 
 # -- real tiny runs -----------------------------------------------------------------------

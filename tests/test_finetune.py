@@ -174,3 +174,51 @@ def test_wise_ft_needs_a_head_only_phase():
         RunConfig.build(dict(data="x", model="resnet18", wise_ft=0.5))
     assert RunConfig.build(dict(data="x", wise_ft=0.5)).unfreeze_after == 1  # the default recipe
 
+
+
+# -- frozen stages ---------------------------------------------------------------------------
+
+
+def test_frozen_stages_keep_weights_and_bn_statistics_through_the_unfreeze(tmp_path):
+    """resnet18's stages: conv1+bn1, layer1..4. Two frozen: the stem and layer1 end the run
+    as they started (weights and BN statistics), through the head-only epoch and the
+    unfreeze; layer2 on trains; the optimizer never holds a frozen parameter."""
+    opts = dict(freeze_backbone=False, unfreeze_after=1, backbone_lr_mult=0.1,
+                augment="light", frozen_stages=2)
+    before, res = run_fit(tmp_path, "frozen2", epochs=2, **opts)
+    model = res.module.model
+    after = model.state_dict()
+    frozen = [k for k in after if k.startswith(("conv1.", "bn1.", "layer1."))]
+    assert any("running_mean" in k for k in frozen)
+    for k in frozen:
+        assert torch.equal(before[k], after[k]), k
+    for k in ("layer2.0.conv1.weight", "layer2.0.bn1.running_mean", "fc.weight"):
+        assert not torch.equal(before[k], after[k]), k
+    opt = res.module.trainer.optimizers[0]
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    frozen_ids = {id(p) for n, p in model.named_parameters()
+                  if n.startswith(("conv1.", "bn1.", "layer1."))}
+    assert frozen_ids and not held & frozen_ids
+    # after the run the model is whole again: every parameter takes gradients (Grad-CAM)
+    assert all(p.requires_grad for p in model.parameters()) and model.frozen_stages == 0
+
+
+def test_frozen_stages_without_a_head_only_phase(tmp_path):
+    """Everything but the frozen stem trains from the first step."""
+    before, res = run_fit(tmp_path, "plain", epochs=1, freeze_backbone=False,
+                          unfreeze_after=None, augment="none", frozen_stages=1)
+    after = res.module.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in after if k.startswith(("conv1.", "bn1.")))
+    assert not torch.equal(before["layer1.0.conv1.weight"], after["layer1.0.conv1.weight"])
+
+
+def test_too_many_frozen_stages_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    from tests.conftest import make_kermany_folder
+    from tests.test_cli import assert_user_error
+
+    data = make_kermany_folder(tmp_path / "xray", 4, 4, size=32)
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", data, "--out", out, "--model", "resnet18",
+                            "--frozen-stages", "6", "--quiet"], capsys, monkeypatch)
+    assert_user_error(code, err, "--frozen-stages 6", "resnet18 has 5 stages", "layer4")
+    assert not out.exists()

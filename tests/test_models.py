@@ -93,6 +93,26 @@ def test_feature_layer_is_the_last_feature_map(name):
     assert torch.equal(seen["o"], feats)
 
 
+@pytest.mark.parametrize("name", list_models())
+def test_stages_split_the_backbone_in_order(name):
+    """`stage_names()` (what --frozen-stages counts) covers every backbone parameter once,
+    input end first: the output stride never falls, and the last stage ends where
+    forward_features does."""
+    from cxrlab.finetune import stage_strides
+
+    model = create_model(name, num_classes=1, in_chans=1)
+    stages = model.stage_names()
+    params = [p for stage in stages for n in stage for p in model.get_submodule(n).parameters()]
+    head = [p for n in model.trainable_head_names() for p in model.get_submodule(n).parameters()]
+    assert len({id(p) for p in params}) == len(params)  # no parameter in two stages
+    assert {id(p) for p in params + head} == {id(p) for p in model.parameters()}
+    strides = stage_strides(model)
+    assert strides == sorted(strides) and strides[0] == 2
+    with torch.no_grad():
+        side = model.eval().forward_features(torch.zeros(1, 1, 64, 64)).shape[-1]
+    assert strides[-1] == 64 // side
+
+
 def test_scratch_models_normalise_with_xray_stats():
     m = small("resnet18")
     assert torch.allclose(m.pixel_mean, torch.tensor(0.5))

@@ -113,6 +113,7 @@ class Timings:
     val_image: float  # validation forward, per image
     epoch_overhead: float = 0.0  # checkpoints written every epoch
     fixed: float = 0.0  # final evaluation, plots, metrics
+    bf16: bool = False  # the precision timed
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class Plan:
     fits: bool
     asked_epochs: int
     asked_image_size: int
+    full_epoch_s: float | None = None  # predicted, at image_size (the ETA before one ran)
 
 
 def _epoch_seconds(t: Timings, steps: int, n_val: int, size: int) -> tuple[float, float]:
@@ -162,7 +164,8 @@ def plan_run(budget_s: float, t: Timings, *, epochs: int, n_head: int, image_siz
         return spent + predict_seconds(t, e, n_head, steps, n_val, s)
 
     def make(e: int, s: int, fits: bool) -> Plan:
-        return Plan(e, s, min(n_head, e), total(e, s), budget_s, fits, epochs, image_size)
+        return Plan(e, s, min(n_head, e), total(e, s), budget_s, fits, epochs, image_size,
+                    _epoch_seconds(t, steps, n_val, s)[1])
 
     for s in sizes:
         fitting = [e for e in range(least, epochs + 1) if total(e, s) <= budget_s]
@@ -198,7 +201,14 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
     Works on a deep copy inside `fork_rng`: the run's weights and random streams are exactly
     as if this never ran."""
     from cxrlab.data.augment import augment_batch
-    from cxrlab.finetune import backbone_bn_eval, head_parameters, set_backbone_trainable
+    from cxrlab.finetune import (
+        backbone_bn_eval,
+        freeze_stages,
+        frozen_bn_eval,
+        frozen_parameters,
+        head_parameters,
+        set_backbone_trainable,
+    )
     from cxrlab.inference import use_bf16
     from cxrlab.training import make_optimizer
 
@@ -207,6 +217,7 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
     cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         m = copy.deepcopy(model).to(device)
+        freeze_stages(m, config.frozen_stages)
         fmt = torch.channels_last if config.channels_last else torch.contiguous_format
         m.to(memory_format=fmt)
         gen = torch.Generator(device=device).manual_seed(config.seed + 1)
@@ -229,6 +240,11 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+        m.train()
+        frozen_bn_eval(m)
+        frozen = {id(p) for p in frozen_parameters(m)}
+        opt = make_optimizer([p for p in m.parameters() if id(p) not in frozen], config, device)
+        full = _time(lambda: step(opt, False), device, repeats)
         head = 0.0
         if n_head:
             set_backbone_trainable(m, False)
@@ -237,9 +253,6 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
             opt = make_optimizer(head_parameters(m), config, device)
             head = _time(lambda: step(opt, True), device, repeats)
             set_backbone_trainable(m, True)
-        m.train()
-        opt = make_optimizer(m.parameters(), config, device)
-        full = _time(lambda: step(opt, False), device, repeats)
 
         @torch.no_grad()
         def validate():
@@ -256,7 +269,7 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
         ckpt = 2 * _time(checkpoint, device, 1)
     # final evaluation (validation and test forward) is counted by the caller; plots, metrics
     # with bootstrap intervals and model.pt: a few seconds on a CPU
-    return Timings(int(xb.shape[-1]), full, head, val, ckpt, 10.0 + ckpt)
+    return Timings(int(xb.shape[-1]), full, head, val, ckpt, 10.0 + ckpt, bf16)
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -315,6 +328,7 @@ def describe(plan: Plan, t: Timings, started: float) -> str:
     size = f"{plan.image_size} px"
     if plan.image_size != plan.asked_image_size:
         size = f"{plan.image_size} px (not {plan.asked_image_size})"
+    size += " in bf16" if t.bf16 else " in fp32"
     return (f"time budget {format_seconds(plan.budget_s)}: {what} at {size}, predicted "
             f"{plan.predicted_s / 60:.1f} min, ending about {end} (warm-up: step "
             f"{t.full_step:.2f} s" + (f", head-only step {t.head_step:.2f} s" if t.head_step
@@ -333,12 +347,13 @@ def plan_record(plan: Plan, t: Timings, budget: str, started: float) -> dict:
 
 
 def remaining_seconds(epoch_seconds: list[float], done: int, total: int,
-                      current_fraction: float = 0.0, planned_epoch: float | None = None
-                      ) -> float | None:
-    """Seconds left: the last finished epoch's time for each epoch to come (after a head-only
-    epoch the next ones are full ones, so the latest is the best guess); before any epoch
-    finished, the plan's epoch time or the current epoch extrapolated."""
-    per = epoch_seconds[-1] if epoch_seconds else planned_epoch
+                      current_fraction: float = 0.0, planned_epoch: float | None = None,
+                      head_epochs: int = 0) -> float | None:
+    """Seconds left at the latest full epoch's pace (a head-only epoch is much faster than
+    the full ones after it, so it does not count while full epochs remain); before a full
+    epoch finished, the plan's full epoch time or, without a plan, None."""
+    full = epoch_seconds[head_epochs:] if head_epochs < total else epoch_seconds
+    per = full[-1] if full else planned_epoch
     if per is None:
         return None
     return max(0.0, (total - done - current_fraction) * per)
@@ -359,7 +374,9 @@ class BudgetWatch(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.durations.append(time.time() - self._t0)
-        left = remaining_seconds(self.durations, trainer.current_epoch + 1, trainer.max_epochs)
+        left = remaining_seconds(self.durations, trainer.current_epoch + 1, trainer.max_epochs,
+                                 planned_epoch=self.plan.full_epoch_s,
+                                 head_epochs=self.plan.head_epochs)
         total = time.time() - self.started + (left or 0.0) + self.fixed
         if not self.warned and total > 1.1 * self.plan.budget_s:
             self.warned = True
@@ -371,12 +388,14 @@ class BudgetWatch(Callback):
 
 class RunProgressBar(RichProgressBar):
     """Lightning's Rich bar, plus the predicted end of the whole run ('run ETA 12:34'): from
-    the latest epoch's time once one finished, before that from the plan (or the current
-    epoch's pace)."""
+    the latest full epoch's time once one finished, before that from the plan (or the
+    current epoch's pace)."""
 
-    def __init__(self, *args, planned_end: float | None = None, fixed: float = 0.0, **kwargs):
+    def __init__(self, *args, planned_end: float | None = None, fixed: float = 0.0,
+                 planned_epoch: float | None = None, head_epochs: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.planned_end, self.fixed = planned_end, fixed
+        self.planned_epoch, self.head_epochs = planned_epoch, head_epochs
         self.durations: list[float] = []
         self._t0: float | None = None
 
@@ -398,17 +417,17 @@ class RunProgressBar(RichProgressBar):
 
     def run_end(self, trainer) -> float | None:
         now = time.time()
+        if not self.durations and self.planned_end is not None:
+            return self.planned_end
         in_epoch = now - self._t0 if self._t0 is not None else 0.0
-        per = None
-        if not self.durations:
-            if self.planned_end is not None:
-                return self.planned_end
+        left = remaining_seconds(self.durations, trainer.current_epoch, trainer.max_epochs,
+                                 planned_epoch=self.planned_epoch, head_epochs=self.head_epochs)
+        if left is None:  # no full epoch finished, no plan: the current epoch's pace
             done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
             total = trainer.num_training_batches
-            if self._t0 is not None and done and isinstance(total, int) and total > 0:
-                per = in_epoch * total / done  # validation not yet counted
-        left = remaining_seconds(self.durations, trainer.current_epoch, trainer.max_epochs,
-                                 planned_epoch=per)
-        if left is None:
-            return None
+            if self._t0 is None or not done or not isinstance(total, int) or total <= 0:
+                return None
+            per = in_epoch * total / done  # validation not yet counted
+            left = remaining_seconds([], trainer.current_epoch, trainer.max_epochs,
+                                     planned_epoch=per)
         return now + max(0.0, left - in_epoch) + self.fixed

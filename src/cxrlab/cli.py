@@ -89,6 +89,8 @@ def train(
         help="then train everything after N epochs")] = None,
     backbone_lr_mult: Annotated[float | None, typer.Option(
         help="backbone lr = lr * this (e.g. 0.1)")] = None,
+    frozen_stages: Annotated[int | None, typer.Option(
+        help="keep the stem and the next stages, N in all, as pretrained (0 = none)")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     val_fraction: Annotated[float | None, typer.Option()] = None,
     folds: Annotated[int | None, typer.Option(

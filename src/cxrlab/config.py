@@ -77,6 +77,12 @@ class RunConfig(BaseModel):
         "left out: 0.1 for pretrained weights, 1 from scratch"
     )
 
+    frozen_stages: int = Field(
+        0, ge=0, description="the first N stages of the backbone (the stem first) keep their "
+        "pretrained weights for the whole run: no backward through the largest feature maps; left "
+        "out: those at 1/8 of the image's side or finer for pretrained weights (4 of "
+        "EfficientNet-Lite's 9, 3 of ResNet's 5), none from scratch"
+    )
     wise_ft: float = Field(
         1.0, gt=0, le=1, description="WiSE-FT: final weights = this x fine-tuned + (1 - this) x "
         "the weights at the unfreeze (head trained, backbone as pretrained); 1 = fine-tuned "

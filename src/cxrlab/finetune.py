@@ -1,5 +1,6 @@
-"""Transfer learning: freeze the backbone, unfreeze it later at a lower learning rate, and
-train a frozen backbone's head on cached pooled features.
+"""Transfer learning: freeze the backbone, unfreeze it later at a lower learning rate, keep
+its first stages frozen for the whole run, and train a frozen backbone's head on cached
+pooled features.
 
 The backbone is everything but the model's head (`trainable_head_names()`). A frozen backbone
 keeps its batch-norm layers in eval mode: their running statistics are the pretrained ones
@@ -10,10 +11,19 @@ Feature cache: with a frozen backbone (in eval mode, so deterministic) and no au
 every epoch would recompute the same features (the notebook ran its frozen ResNet50 on every
 batch of every epoch). They are computed once here and the head trains on them; the model is
 unchanged, so the saved model.pt is the whole network.
+
+Frozen stages (`--frozen-stages N`): the stem and the stages after it, up to N in all (the
+model's `stage_names()`), keep their pretrained weights and batch-norm statistics for the whole
+run. Their parameters do not require gradients and their input does not either, so autograd
+keeps no activations for them and runs no backward through them: on a CPU that is the costly,
+memory-bound part of a step (the largest feature maps). They hold generic edge and texture
+filters, and the fewer pretrained weights one intake bends, the less there is to overfit.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -24,6 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from cxrlab.distributed import rewrap_after_unfreeze
+from cxrlab.errors import CxrlabError
 
 log = logging.getLogger("cxrlab")
 
@@ -34,8 +45,10 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
-    head = {id(p) for p in head_parameters(model)}
-    return [p for p in model.parameters() if id(p) not in head]
+    """The backbone's parameters that train at some point: all but the head's and the
+    frozen stages'."""
+    skip = {id(p) for p in (*head_parameters(model), *frozen_parameters(model))}
+    return [p for p in model.parameters() if id(p) not in skip]
 
 
 def backbone_modules(model: nn.Module) -> list[nn.Module]:
@@ -44,16 +57,103 @@ def backbone_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    """The backbone trains or not; frozen stages stay frozen either way."""
     for p in backbone_parameters(model):
         p.requires_grad_(trainable)
 
 
-def backbone_bn_eval(model: nn.Module) -> None:
-    """Batch norm of the backbone in eval mode: running stats used, never updated."""
-    for part in backbone_modules(model):
+def _bn_eval(parts) -> None:
+    for part in parts:
         for m in part.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
+
+
+def backbone_bn_eval(model: nn.Module) -> None:
+    """Batch norm of the backbone in eval mode: running stats used, never updated."""
+    _bn_eval(backbone_modules(model))
+
+
+# -- frozen stages ------------------------------------------------------------------------
+
+def frozen_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of the stages `freeze_stages` froze (none before it ran)."""
+    n = getattr(model, "frozen_stages", 0)
+    if not n:  # also any nn.Module without stage_names
+        return []
+    return [model.get_submodule(name) for stage in model.stage_names()[:n] for name in stage]
+
+
+def frozen_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in frozen_modules(model) for p in m.parameters()]
+
+
+def freeze_stages(model: nn.Module, n: int, option: str = "--frozen-stages") -> None:
+    """Keep the first `n` stages (`model.stage_names()`, the stem first) as they are for the
+    whole run: no gradients; `frozen_bn_eval` keeps their batch norm in eval mode. The model
+    remembers `n` (`frozen_stages`), so set_backbone_trainable never thaws them."""
+    if n == 0 and not hasattr(model, "stage_names"):  # any nn.Module trains whole
+        return
+    stages = model.stage_names()
+    if not 0 <= n <= len(stages):
+        raise CxrlabError(f"{option} {n}: {type(model).__name__} has {len(stages)} stages "
+                          f"({', '.join('+'.join(s) for s in stages)})")
+    model.frozen_stages = n
+    for p in frozen_parameters(model):
+        p.requires_grad_(False)
+
+
+@functools.cache
+def model_stages(name: str) -> tuple[tuple[tuple[str, ...], ...], tuple[int, ...]]:
+    """A registered model's stages and their output strides (built once, small, on CPU)."""
+    from cxrlab.models import create_model
+
+    model = create_model(name, num_classes=1, in_chans=1)
+    return tuple(model.stage_names()), tuple(stage_strides(model))
+
+
+def check_frozen_stages(config) -> None:
+    """`--frozen-stages` fits the model: refused before any data is read."""
+    stages, _ = model_stages(config.model)
+    if config.frozen_stages > len(stages):
+        raise CxrlabError(f"--frozen-stages {config.frozen_stages}: {config.model} has "
+                          f"{len(stages)} stages ({', '.join('+'.join(s) for s in stages)})")
+
+
+def early_stages(name: str, max_stride: int = 8) -> int:
+    """How many leading stages work at 1/`max_stride` of the input's side or finer."""
+    _, strides = model_stages(name)
+    return sum(1 for _ in itertools.takewhile(lambda s: s <= max_stride, strides))
+
+
+def thaw(model: nn.Module) -> None:
+    """After training: every parameter requires gradients again (Grad-CAM, further use), and
+    nothing counts as frozen."""
+    model.frozen_stages = 0
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def frozen_bn_eval(model: nn.Module) -> None:
+    """Batch norm of the frozen stages in eval mode (after every model.train())."""
+    _bn_eval(frozen_modules(model))
+
+
+def stage_strides(model: nn.Module, side: int = 64) -> list[int]:
+    """Each stage's output stride (input side / output side), from one small forward."""
+    sides: list[int] = []
+    hooks = [model.get_submodule(stage[-1]).register_forward_hook(
+        lambda _m, _i, out: sides.append(out.shape[-1])) for stage in model.stage_names()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model.forward_features(torch.zeros(1, model.in_chans, side, side))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return [max(1, round(side / s)) for s in sides]
 
 
 def can_cache_features(model: nn.Module, config) -> bool:

@@ -54,6 +54,7 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
     """
     from cxrlab import budget
     from cxrlab.distributed import is_rank_zero
+    from cxrlab.finetune import check_frozen_stages, freeze_stages
     from cxrlab.models import create_model, list_models, resolve_pretrained
 
     started = time.time()
@@ -67,6 +68,7 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
     from cxrlab.tracking import check_available
 
     check_available(config.loggers)
+    check_frozen_stages(config)
     budget_s = budget.resolve_budget(config)
     if rank0:
         check_out_dir(out)  # refuse before the slow part
@@ -84,10 +86,12 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
         # the initial weights are part of the run; Lightning's seeding (python, NumPy,
         # torch) is the one fit() repeats before training
         seed_everything(config.seed, workers=True, verbose=False)
-        return create_model(config.model, num_classes=n_out, in_chans=in_chans,
-                            dropout=config.dropout, batchnorm=config.batchnorm,
-                            pretrained=pretrained, image_size=config.image_size,
-                            intensity=config.intensity, head=config.head)
+        model = create_model(config.model, num_classes=n_out, in_chans=in_chans,
+                             dropout=config.dropout, batchnorm=config.batchnorm,
+                             pretrained=pretrained, image_size=config.image_size,
+                             intensity=config.intensity, head=config.head)
+        freeze_stages(model, config.frozen_stages)
+        return model
 
     model = make_model(config)
     planned = None

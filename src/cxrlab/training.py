@@ -100,8 +100,12 @@ class ClassifierModule(L.LightningModule):
         # Fine-tuning (see finetune.py): batches are pooled features when they are cached.
         self.features_cached = False
         self.backbone_frozen = False
+        from cxrlab.finetune import freeze_stages
+
+        freeze_stages(model, config.frozen_stages)
         if config.freeze_backbone:
             self.set_backbone_frozen(True)
+        self.train(self.training)
 
     def set_backbone_frozen(self, frozen: bool) -> None:
         from cxrlab.finetune import set_backbone_trainable
@@ -111,12 +115,15 @@ class ClassifierModule(L.LightningModule):
         self.train(self.training)
 
     def train(self, mode: bool = True):
-        """Lightning calls train() every epoch: a frozen backbone's BN stays in eval mode."""
+        """Lightning calls train() every epoch: a frozen backbone's BN stays in eval mode, and
+        so does that of the frozen stages."""
         super().train(mode)
-        if mode and getattr(self, "backbone_frozen", False):
-            from cxrlab.finetune import backbone_bn_eval
+        if mode and hasattr(self, "backbone_frozen"):  # not while nn.Module.__init__ runs
+            from cxrlab.finetune import backbone_bn_eval, frozen_bn_eval
 
-            backbone_bn_eval(self.model)
+            if self.backbone_frozen:
+                backbone_bn_eval(self.model)
+            frozen_bn_eval(self.model)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,10 +223,11 @@ class ClassifierModule(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------
     def configure_optimizers(self):
-        from cxrlab.finetune import backbone_parameters, head_parameters
+        from cxrlab.finetune import backbone_parameters, frozen_parameters, head_parameters
 
         c = self.cfg
-        params = self.model.parameters()
+        frozen = {id(p) for p in frozen_parameters(self.model)}
+        params = [p for p in self.model.parameters() if id(p) not in frozen]
         if c.freeze_backbone and c.unfreeze_after is None:
             params = head_parameters(self.model)
         elif c.unfreeze_after is not None or c.backbone_lr_mult != 1.0:
@@ -328,7 +336,7 @@ class HistoryCSV:
         write_history(self.path, self.rows)
 
 
-def progress_bar(planned_end: float | None = None):
+def progress_bar(budgeted=None, head_epochs: int = 0):
     """Rich's bar in a terminal, with the whole run's ETA (cxrlab.budget); in a Jupyter kernel
     Lightning's tqdm bar, which updates in place there with its ETA (tqdm.auto widgets when
     ipywidgets is installed, else carriage returns on stderr), where Rich's live display needs
@@ -339,7 +347,10 @@ def progress_bar(planned_end: float | None = None):
 
     if in_jupyter():
         return TQDMProgressBar()
-    return RunProgressBar(leave=True, planned_end=planned_end)
+    if budgeted is None:
+        return RunProgressBar(leave=True, head_epochs=head_epochs)
+    return RunProgressBar(leave=True, planned_end=budgeted.started + budgeted.plan.predicted_s,
+                          planned_epoch=budgeted.plan.full_epoch_s, head_epochs=head_epochs)
 
 
 def in_jupyter() -> bool:
@@ -418,8 +429,9 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
     if budgeted is not None:
         callbacks.append(BudgetWatch(budgeted.plan, budgeted.started, budgeted.timings.fixed))
     if progress:
-        callbacks.append(progress_bar(
-            budgeted and budgeted.started + budgeted.plan.predicted_s))
+        from cxrlab.budget import head_epochs
+
+        callbacks.append(progress_bar(budgeted, head_epochs(config)))
     trainer = L.Trainer(
         max_epochs=config.epochs,
         accelerator=config.accelerator,
@@ -451,6 +463,6 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
                      config.wise_ft, 1 - config.wise_ft)
         else:
             log.info("WiSE-FT: the best epoch came before the unfreeze; its weights are kept")
-    finetune.set_backbone_trainable(module.model, True)
+    finetune.thaw(module.model)
     module.model.to(memory_format=torch.contiguous_format)
     return FitResult(module, ckpt.best_model_path, trainer.current_epoch, seconds)

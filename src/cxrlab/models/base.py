@@ -126,6 +126,14 @@ class ImageClassifier(nn.Module):
         """What `--freeze-backbone` leaves trainable (the head, plus any dense blocks)."""
         return self.head_names()
 
+    def stage_names(self) -> list[tuple[str, ...]]:
+        """The backbone's stages, input end first (the stem is the first), each as the dotted
+        names of its modules: what `--frozen-stages N` counts. Default: each top-level
+        backbone module is a stage; architectures with a finer natural split override it."""
+        head = set(self.trainable_head_names())
+        return [(n,) for n, m in self.named_children()
+                if n not in head and any(True for _ in m.parameters())]
+
     def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global average pool, dropout, the head (see heads.py) -> logits (B, num_classes).
         Also accepts already pooled features (B, C): what feature caching feeds it."""

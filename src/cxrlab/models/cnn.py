@@ -98,6 +98,9 @@ class NotebookCNN(ImageClassifier):
     def forward_backbone(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.stem(x))
 
+    def stage_names(self) -> list[tuple[str, ...]]:
+        return [("stem",), *((f"blocks.{i}",) for i in range(len(self.blocks)))]
+
     def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Flatten (not pool, as in the notebook) + dense blocks + output Linear."""
         if feats.shape[-2:] != (self.feature_side, self.feature_side):

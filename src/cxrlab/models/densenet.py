@@ -49,6 +49,13 @@ class DenseNet121(ImageClassifier):
     def forward_backbone(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_act(self.features(x))
 
+    def stage_names(self) -> list[tuple[str, ...]]:
+        """The stem, then each dense block with the transition (or final norm) after it."""
+        f = "features."
+        return [(f + "conv0", f + "norm0"),
+                *((f"{f}denseblock{i}", f"{f}transition{i}") for i in (1, 2, 3)),
+                (f + "denseblock4", f + "norm5")]
+
     def load_source_state_dict(self, state_dict: Mapping[str, torch.Tensor],
                                source: str) -> None:
         load_matching_state_dict(

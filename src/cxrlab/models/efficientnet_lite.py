@@ -178,6 +178,9 @@ class EfficientNetLite(ImageClassifier):
     def forward_backbone(self, x: torch.Tensor) -> torch.Tensor:
         return self.top(self.stages(self.stem(x)))
 
+    def stage_names(self) -> list[tuple[str, ...]]:
+        return [("stem",), *((f"stages.{i}",) for i in range(len(self.stages))), ("top",)]
+
     def load_source_state_dict(self, state_dict, source: str) -> None:
         if "_conv_stem.weight" in state_dict:
             self.load_lite_weights(dict(state_dict), source)

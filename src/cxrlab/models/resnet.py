@@ -139,6 +139,9 @@ class ResNet(ImageClassifier):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
+    def stage_names(self) -> list[tuple[str, ...]]:
+        return [("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",)]
+
 
 def load_torchvision_state_dict(model: ResNet, state_dict: Mapping[str, torch.Tensor],
                                 source: str = "torchvision weights") -> None:

@@ -50,6 +50,17 @@ class VGG(ImageClassifier):
     def forward_backbone(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
+    def stage_names(self) -> list[tuple[str, ...]]:
+        """The five conv blocks, each ending at its max-pool."""
+        stages: list[tuple[str, ...]] = []
+        block: list[str] = []
+        for name, m in self.features.named_children():
+            block.append(f"features.{name}")
+            if isinstance(m, nn.MaxPool2d):
+                stages.append(tuple(block))
+                block = []
+        return stages + ([tuple(block)] if block else [])
+
 
 @register_model("vgg19")
 def vgg19(batchnorm: bool = True, **kwargs) -> VGG:
