@@ -51,18 +51,21 @@ def test_load_errors(tmp_path):
 
 
 @pytest.mark.parametrize("given, expect", [
-    # (epochs, freeze_backbone, unfreeze_after, backbone_lr_mult)
-    ({}, (9, True, 1, 0.1)),  # the default: packaged ImageNet weights, fine-tuned
-    ({"model": "resnet18"}, (14, False, None, 1.0)),  # from scratch
-    ({"pretrained": "none"}, (14, False, None, 1.0)),
-    ({"model": "resnet18", "pretrained": "w.pth"}, (9, True, 1, 0.1)),
-    ({"freeze_backbone": True}, (9, True, None, 0.1)),  # frozen throughout
-    ({"freeze_backbone": False}, (9, False, None, 0.1)),  # everything from epoch 1
-    ({"unfreeze_after": 3, "backbone_lr_mult": 0.5, "epochs": 4}, (4, True, 3, 0.5)),
+    # (epochs, freeze_backbone, unfreeze_after, backbone_lr_mult, frozen_stages)
+    ({}, (9, True, 1, 0.1, 4)),  # the default: packaged ImageNet weights, early stages kept
+    ({"model": "resnet18"}, (14, False, None, 1.0, 0)),  # from scratch: everything trains
+    ({"pretrained": "none"}, (14, False, None, 1.0, 0)),
+    ({"model": "resnet18", "pretrained": "w.pth"}, (9, True, 1, 0.1, 3)),  # stem, layer1, 2
+    ({"model": "vgg19", "pretrained": "w.pth"}, (9, True, 1, 0.1, 3)),
+    ({"freeze_backbone": True}, (9, True, None, 0.1, 4)),  # frozen throughout
+    ({"freeze_backbone": False}, (9, False, None, 0.1, 4)),  # everything from epoch 1
+    ({"frozen_stages": 0}, (9, True, 1, 0.1, 0)),  # the user's word wins
+    ({"unfreeze_after": 3, "backbone_lr_mult": 0.5, "epochs": 4}, (4, True, 3, 0.5, 4)),
 ])
 def test_left_out_values_follow_where_the_weights_start(given, expect, tmp_path):
     c = RunConfig.build({"data": "x", **given})
-    assert (c.epochs, c.freeze_backbone, c.unfreeze_after, c.backbone_lr_mult) == expect
+    got = (c.epochs, c.freeze_backbone, c.unfreeze_after, c.backbone_lr_mult, c.frozen_stages)
+    assert got == expect
     c.save(tmp_path / "config.yaml")  # a saved run names every value: it reloads unchanged
     assert RunConfig.load(tmp_path / "config.yaml") == c
     assert RunConfig.build({**c.model_dump(), "model": c.model}) == c

