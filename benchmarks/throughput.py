@@ -5,7 +5,8 @@
     python benchmarks/throughput.py --models resnet18 --steps 30 --repeats 5 --device cuda
 
 For each model (cnn at 180 px batch 16, resnet18 at 224 px batch 32, the default
-efficientnet_lite0 at 192 px batch 32 with every layer training, on
+efficientnet_lite0 at 192 px batch 32 as its full epochs train it (the recipe's first 4 stages
+frozen, the rest training; --frozen-stages 0: every layer), on
 ../shared/data/chest_xray/train) one child process measures, and this process prints one table:
 
 (a) ceiling   training steps on random tensors already in memory: the same ClassifierModule,
@@ -66,8 +67,8 @@ from pathlib import Path
 import numpy as np
 
 # name -> (image size, batch size, augmentation): the notebooks' models with the notebook's
-# augmentation, and the default recipe's model as it trains (192 px, `intensity`, every layer
-# training: the full-model epochs that are most of its time)
+# augmentation, and the default recipe's model as it trains (192 px, `intensity`, the backbone
+# training but for its frozen early stages: the full epochs that are most of its time)
 MODELS = {"cnn": (180, 16, "notebook"), "resnet18": (224, 32, "notebook"),
           "efficientnet_lite0": (192, 32, "intensity")}
 # Timed steps per measurement: windows of >= ~10 s of the ceiling, since a 2-s window on a
@@ -152,7 +153,9 @@ class Bench:
         self.cfg = RunConfig.build({"data": str(args.data), "model": name,
                                     "image_size": self.size, "batch_size": self.bs,
                                     "augment": policy, "epochs": 2,
-                                    "freeze_backbone": False})
+                                    "freeze_backbone": False,
+                                    **({} if args.frozen_stages is None
+                                       else {"frozen_stages": args.frozen_stages})})
         from cxrlab.inference import use_bf16
 
         self.bf16 = use_bf16(self.cfg.precision)
@@ -221,6 +224,7 @@ class Bench:
         ClassifierModule.on_train_epoch_start, ClassifierModule.on_train_end = start_hook, end_hook
         cache._memory.clear()
         out["precision"] = "bf16-mixed" if self.bf16 else "32-true"
+        out["frozen_stages"] = self.cfg.frozen_stages
         return out
 
     def load_full(self) -> dict:
@@ -600,6 +604,7 @@ def table(results: list[dict], args, load: str, started: datetime, minutes: floa
     row("    peak RSS at the end / naive worker, MB",
         lambda r: f"{r['rss_end_mb']:.0f} / {r['rss_workers_mb']:.0f}")
     row("precision in (a) (b) (c)", lambda r: r["precision"])
+    row("frozen stages in (a) (b) (c)", lambda r: str(r.get("frozen_stages", 0)))
     return t
 
 
@@ -616,6 +621,8 @@ def main() -> None:
                          "change (decode and epoch both scale with N); fixed costs weigh more")
     ap.add_argument("--quick", action="store_true", help="few steps, ~200 images: smoke check")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--frozen-stages", type=int, default=None,
+                    help="as `cxrlab train`'s; left out: the recipe's (efficientnet_lite0 4)")
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
     ap.add_argument("--keras", type=Path,
                     help="keras_baseline.py's JSON from this machine: the (k) row")
@@ -662,6 +669,8 @@ def main() -> None:
                    "--repeats", str(args.repeats),
                    "--device", args.device, "--epoch-images", str(args.epoch_images)]
             cmd += ["--quick"] if args.quick else []
+            if args.frozen_stages is not None:
+                cmd += ["--frozen-stages", str(args.frozen_stages)]
             subprocess.run(cmd, check=True)
             results.append(json.loads(out.read_text()))
     from rich.console import Console
