@@ -205,9 +205,9 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
         backbone_bn_eval,
         freeze_stages,
         frozen_bn_eval,
-        frozen_parameters,
         head_parameters,
         set_backbone_trainable,
+        trainable_parameters,
     )
     from cxrlab.inference import use_bf16
     from cxrlab.training import make_optimizer
@@ -242,8 +242,7 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
 
         m.train()
         frozen_bn_eval(m)
-        frozen = {id(p) for p in frozen_parameters(m)}
-        opt = make_optimizer([p for p in m.parameters() if id(p) not in frozen], config, device)
+        opt = make_optimizer(trainable_parameters(m), config, device)
         full = _time(lambda: step(opt, False), device, repeats)
         head = 0.0
         if n_head:

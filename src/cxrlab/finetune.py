@@ -88,7 +88,19 @@ def frozen_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in frozen_modules(model) for p in m.parameters()]
 
 
-def freeze_stages(model: nn.Module, n: int, option: str = "--frozen-stages") -> None:
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter but the frozen stages': what the optimizer holds (a frozen backbone's
+    parameters included; they get no gradient until it is unfrozen)."""
+    frozen = {id(p) for p in frozen_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in frozen]
+
+
+def _too_many_stages(n: int, owner: str, stages) -> CxrlabError:
+    return CxrlabError(f"--frozen-stages {n}: {owner} has {len(stages)} stages "
+                       f"({', '.join('+'.join(s) for s in stages)})")
+
+
+def freeze_stages(model: nn.Module, n: int) -> None:
     """Keep the first `n` stages (`model.stage_names()`, the stem first) as they are for the
     whole run: no gradients; `frozen_bn_eval` keeps their batch norm in eval mode. The model
     remembers `n` (`frozen_stages`), so set_backbone_trainable never thaws them."""
@@ -96,8 +108,7 @@ def freeze_stages(model: nn.Module, n: int, option: str = "--frozen-stages") -> 
         return
     stages = model.stage_names()
     if not 0 <= n <= len(stages):
-        raise CxrlabError(f"{option} {n}: {type(model).__name__} has {len(stages)} stages "
-                          f"({', '.join('+'.join(s) for s in stages)})")
+        raise _too_many_stages(n, type(model).__name__, stages)
     model.frozen_stages = n
     for p in frozen_parameters(model):
         p.requires_grad_(False)
@@ -116,8 +127,7 @@ def check_frozen_stages(config) -> None:
     """`--frozen-stages` fits the model: refused before any data is read."""
     stages, _ = model_stages(config.model)
     if config.frozen_stages > len(stages):
-        raise CxrlabError(f"--frozen-stages {config.frozen_stages}: {config.model} has "
-                          f"{len(stages)} stages ({', '.join('+'.join(s) for s in stages)})")
+        raise _too_many_stages(config.frozen_stages, config.model, stages)
 
 
 def early_stages(name: str, max_stride: int = 8) -> int:

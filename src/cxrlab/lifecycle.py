@@ -54,7 +54,7 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
     """
     from cxrlab import budget
     from cxrlab.distributed import is_rank_zero
-    from cxrlab.finetune import check_frozen_stages, freeze_stages
+    from cxrlab.finetune import check_frozen_stages
     from cxrlab.models import create_model, list_models, resolve_pretrained
 
     started = time.time()
@@ -86,12 +86,10 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
         # the initial weights are part of the run; Lightning's seeding (python, NumPy,
         # torch) is the one fit() repeats before training
         seed_everything(config.seed, workers=True, verbose=False)
-        model = create_model(config.model, num_classes=n_out, in_chans=in_chans,
-                             dropout=config.dropout, batchnorm=config.batchnorm,
-                             pretrained=pretrained, image_size=config.image_size,
-                             intensity=config.intensity, head=config.head)
-        freeze_stages(model, config.frozen_stages)
-        return model
+        return create_model(config.model, num_classes=n_out, in_chans=in_chans,
+                            dropout=config.dropout, batchnorm=config.batchnorm,
+                            pretrained=pretrained, image_size=config.image_size,
+                            intensity=config.intensity, head=config.head)
 
     model = make_model(config)
     planned = None

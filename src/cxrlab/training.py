@@ -223,11 +223,10 @@ class ClassifierModule(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------
     def configure_optimizers(self):
-        from cxrlab.finetune import backbone_parameters, frozen_parameters, head_parameters
+        from cxrlab.finetune import backbone_parameters, head_parameters, trainable_parameters
 
         c = self.cfg
-        frozen = {id(p) for p in frozen_parameters(self.model)}
-        params = [p for p in self.model.parameters() if id(p) not in frozen]
+        params = trainable_parameters(self.model)
         if c.freeze_backbone and c.unfreeze_after is None:
             params = head_parameters(self.model)
         elif c.unfreeze_after is not None or c.backbone_lr_mult != 1.0:
