@@ -167,6 +167,26 @@ def test_intensity_blur_smooths_and_noise_adds_a_little(monkeypatch):
     assert torch.equal(film(monkeypatch, x, gamma=1.0), x)  # every part off: untouched
 
 
+@pytest.mark.parametrize("part", ["blur", "noise"])
+def test_blur_and_noise_touch_only_the_images_drawn_for_them(monkeypatch, part):
+    x = torch.zeros(16, 2, 24, 24)
+    x[..., :, 12:] = 1.0
+    x = x * 0.6 + 0.2
+    out = film(monkeypatch, x, gamma=1.0, **{part: 0.5})
+    kept = [torch.equal(o, xi) for o, xi in zip(out, x, strict=True)]
+    assert 0 < sum(kept) < 16  # some drawn, some not
+    changed = ~torch.tensor(kept)
+    assert ((out[changed] - x[changed]).abs().amax(dim=(1, 2, 3)) > 1e-3).all()
+
+
+@pytest.mark.parametrize("shape", [(5, 24, 40), (1, 7, 3)])
+def test_affine_grid_is_torchs(shape):
+    b, h, w = shape
+    m = torch.randn(b, 3, 3, generator=gen(4))
+    ref = torch.nn.functional.affine_grid(m[:, :2], [b, 1, h, w], align_corners=False)
+    assert torch.allclose(aug._affine_grid(m, h, w), ref, atol=1e-6)
+
+
 @pytest.mark.parametrize("c", [1, 3])
 def test_intensity_jpeg_recompresses_every_picked_image(monkeypatch, c):
     x = smooth_batch(4, c=c, h=48, w=48)

@@ -113,7 +113,7 @@ def _affine_policy(x: torch.Tensor, p: _Affine, generator: torch.Generator | Non
     m = (m / s.view(1, 3, 1)) * s.view(1, 1, 3)  # S^-1 @ m @ S with S = diag(w/2, h/2, 1)
 
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    grid = F.affine_grid(m[:, :2, :].to(work.dtype), [b, 1, h, w], align_corners=False)
+    grid = _affine_grid(m.to(work.dtype), h, w)
     out = F.grid_sample(work, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     if p.jitter:
@@ -143,29 +143,29 @@ def _film(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     r = _uniform(7 * b, generator, dev).view(7, b)
     g = torch.exp((r[0] * 2 - 1) * math.log(GAMMA)).view(b, 1, 1, 1).to(out.dtype)
     out = out.clamp_min(1e-6).pow(g)
-    blur = r[1] < BLUR_P
-    if bool(blur.any()):
-        # One sigma per blurred image: a separable Gaussian per image as a grouped conv.
-        sigma = BLUR_SIGMA[0] + r[2] * (BLUR_SIGMA[1] - BLUR_SIGMA[0])
+    blur = torch.nonzero(r[1] < BLUR_P).flatten()
+    if blur.numel():
+        # Only the drawn images, one sigma each: a separable Gaussian as a grouped conv.
+        n = blur.numel()
+        sigma = BLUR_SIGMA[0] + r[2][blur] * (BLUR_SIGMA[1] - BLUR_SIGMA[0])
         radius = math.ceil(3 * BLUR_SIGMA[1])
         t = torch.arange(-radius, radius + 1, device=dev, dtype=out.dtype)
         k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1).to(out.dtype)) ** 2)
-        k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (b*c, taps)
-        y = out.reshape(1, b * c, h, w)
+        k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n*c, taps)
+        y = out[blur].reshape(1, n * c, h, w)
         y = F.pad(y, (radius, radius, radius, radius), mode="reflect")
-        y = F.conv2d(y, k.view(b * c, 1, 1, -1), groups=b * c)
-        y = F.conv2d(y, k.view(b * c, 1, -1, 1), groups=b * c).view(b, c, h, w)
-        out = torch.where(blur.view(b, 1, 1, 1), y, out)
-    sd = torch.where(r[3] < NOISE_P, r[4] * NOISE_MAX, torch.zeros_like(r[4]))
-    if bool((sd > 0).any()):
+        y = F.conv2d(y, k.view(n * c, 1, 1, -1), groups=n * c)
+        out[blur] = F.conv2d(y, k.view(n * c, 1, -1, 1), groups=n * c).view(n, c, h, w)
+    noisy = torch.nonzero(r[3] < NOISE_P).flatten()
+    if noisy.numel():
         gen_device = generator.device if generator is not None else dev
-        z = torch.randn(out.shape, generator=generator, device=gen_device, dtype=torch.float32)
-        out = out + z.to(dev, out.dtype) * sd.view(b, 1, 1, 1).to(out.dtype)
+        z = torch.randn((noisy.numel(), c, h, w), generator=generator, device=gen_device,
+                        dtype=torch.float32).to(dev, out.dtype)
+        out[noisy] += z * (r[4][noisy] * NOISE_MAX).view(-1, 1, 1, 1).to(out.dtype)
     out = out.clamp_(0.0, 1.0)
     quality = JPEG_QUALITY[0] + r[6] * (JPEG_QUALITY[1] - JPEG_QUALITY[0])
     pick = torch.nonzero(r[5] < JPEG_P).flatten().tolist()
     if pick:
-        out = out.clone()
         out[pick] = _jpeg(out[pick], quality[pick].round().int().tolist())
     return out
 
@@ -177,6 +177,18 @@ def _jpeg(x: torch.Tensor, qualities: list[int]) -> torch.Tensor:
 
     u8 = (x.float() * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
     return torch.from_numpy(recompress_jpeg(u8, qualities)).to(x.device, x.dtype) / 255
+
+
+def _affine_grid(m: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """F.affine_grid(m[:, :2], align_corners=False) as two broadcast multiply-adds: on the CPU
+    affine_grid's batched matmul over a (B, H*W, 3) base grid costs more than the
+    grid_sample it feeds."""
+    xs = (torch.arange(w, device=m.device, dtype=m.dtype) * 2 + 1) / w - 1
+    ys = (torch.arange(h, device=m.device, dtype=m.dtype) * 2 + 1) / h - 1
+    xs, ys = xs.view(1, 1, w), ys.view(1, h, 1)
+    row = lambda i: m[:, i, 0, None, None] * xs + (m[:, i, 1, None, None] * ys  # noqa: E731
+                                                    + m[:, i, 2, None, None])
+    return torch.stack([row(0), row(1)], dim=-1)
 
 
 def _mat(a, b, c, d, e, f) -> torch.Tensor:
