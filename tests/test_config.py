@@ -69,3 +69,17 @@ def test_left_out_values_follow_where_the_weights_start(given, expect, tmp_path)
     c.save(tmp_path / "config.yaml")  # a saved run names every value: it reloads unchanged
     assert RunConfig.load(tmp_path / "config.yaml") == c
     assert RunConfig.build({**c.model_dump(), "model": c.model}) == c
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--frozen-stages", "-1"], "--frozen-stages -1: Input should be greater than or equal to 0"),
+    (["--val-fraction", "0.9"], "--val-fraction 0.9: Input should be less than or equal to 0.5"),
+])
+def test_a_bad_flag_is_named_as_typed(tmp_path, capsys, monkeypatch, args, needle):
+    from tests.test_cli import assert_user_error, run_cli
+
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", tmp_path, "--out", out, *args, "--quiet"], capsys,
+                           monkeypatch)
+    assert_user_error(code, err, needle)
+    assert not out.exists()

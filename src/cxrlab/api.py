@@ -111,7 +111,7 @@ def run_training(data: PathLike | None, out: PathLike | None, *, progress: bool,
     if out is None and cli:
         raise CxrlabError("--out: give a new run directory (or --resume RUN_DIR)")
     values.update(hardware)
-    cfg = RunConfig.build(values, source="option")
+    cfg = RunConfig.build(values, source="option", name=name)
     out = Path(out) if out is not None else _new_run_dir(Path(cfg.data))
     if cfg.folds is not None:
         if mlflow_uri is not None:

@@ -203,11 +203,16 @@ class RunConfig(BaseModel):
         return cls.build(raw, source=str(path))
 
     @classmethod
-    def build(cls, values: dict, source: str = "options") -> RunConfig:
-        """Validate user values; any problem becomes one CxrlabError naming the option."""
+    def build(cls, values: dict, source: str = "options", name=None) -> RunConfig:
+        """Validate user values; any problem becomes one CxrlabError naming the option
+        (as `name` spells a field: `--frozen-stages` on the command line)."""
         try:
             return cls(**values)
         except ValidationError as e:
             err = e.errors()[0]
             where = ".".join(str(p) for p in err["loc"]) or "config"
+            if name is not None and len(err["loc"]) == 1:
+                given = err.get("input")
+                shown = f" {given}" if isinstance(given, (str, int, float)) else ""
+                raise CxrlabError(f"{name(where)}{shown}: {err['msg']}") from None
             raise CxrlabError(f"{source}: {where}: {err['msg']}") from None

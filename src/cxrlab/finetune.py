@@ -125,9 +125,15 @@ def model_stages(name: str) -> tuple[tuple[tuple[str, ...], ...], tuple[int, ...
 
 def check_frozen_stages(config) -> None:
     """`--frozen-stages` fits the model: refused before any data is read."""
+    from cxrlab.models import starts_pretrained
+
     stages, _ = model_stages(config.model)
     if config.frozen_stages > len(stages):
         raise _too_many_stages(config.frozen_stages, config.model, stages)
+    if config.frozen_stages and not starts_pretrained(config.model, config.pretrained):
+        raise CxrlabError(f"--frozen-stages {config.frozen_stages}: {config.model} starts from "
+                          f"random weights here (no --pretrained), and frozen stages would stay "
+                          f"random; give --pretrained or --frozen-stages 0")
 
 
 def early_stages(name: str, max_stride: int = 8) -> int:
