@@ -209,7 +209,7 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
         set_backbone_trainable,
         trainable_parameters,
     )
-    from cxrlab.inference import use_bf16
+    from cxrlab.inference import folded, use_bf16
     from cxrlab.training import make_optimizer
 
     device = train_device(config)
@@ -257,7 +257,7 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
         def validate():
             x = vb.to(device).float().div_(255.0).contiguous(memory_format=fmt)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                m(x)
+                folded(m, x)(x)  # as validation_step (the untimed first call folds)
 
         m.eval()
         val = _time(validate, device, 1) / max(len(vb), 1)  # 64 images: one timed pass

@@ -126,16 +126,16 @@ def folded(model: nn.Module, x: torch.Tensor) -> nn.Module:
     if hit is not None and hit[0] == state:
         return hit[1]
     convs: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> conv name (output kept alive)
-    pairs: list[tuple[str, str]] = []
+    pairs: dict[str, str] = {}  # BN name -> the conv whose output it reads
     names = {m: n for n, m in model.named_modules()}
 
     def conv_out(m, _inputs, y):
         convs[id(y)] = (names[m], y)
 
     def bn_in(m, inputs):
-        hit = convs.pop(id(inputs[0]), None)
-        if hit is not None:
-            pairs.append((hit[0], names[m]))
+        conv = convs.pop(id(inputs[0]), None)
+        if conv is not None:
+            pairs[names[m]] = conv[0]
 
     hooks = [m.register_forward_hook(conv_out) for m in model.modules()
              if isinstance(m, nn.Conv2d)]
@@ -150,7 +150,7 @@ def folded(model: nn.Module, x: torch.Tensor) -> nn.Module:
     fused = model
     if pairs:
         fused = copy.deepcopy(model)
-        for conv, bn in pairs:
+        for bn, conv in pairs.items():
             new = fuse_conv_bn_eval(fused.get_submodule(conv), fused.get_submodule(bn))
             fused.set_submodule(conv, new.to(memory_format=torch.channels_last)
                                 if x.is_contiguous(memory_format=torch.channels_last) else new)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from cxrlab.config import RunConfig
 from cxrlab.data.augment import augment_batch
 from cxrlab.errors import CxrlabError
-from cxrlab.inference import probabilities, use_bf16
+from cxrlab.inference import folded, probabilities, use_bf16
 from cxrlab.run import HISTORY_COLUMNS, write_history
 
 log = logging.getLogger("cxrlab")
@@ -167,9 +167,9 @@ class ClassifierModule(L.LightningModule):
             return per.mean()
         return F.cross_entropy(logits, y, weight=w, label_smoothing=self.cfg.label_smoothing)
 
-    def _step(self, batch, stage: str) -> torch.Tensor:
+    def _step(self, batch, stage: str, forward=None) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
+        logits = (forward or self)(x)
         loss = self.loss(logits, y)
         self._outputs[stage].append((logits.detach().float().cpu(), y.cpu()))
         return loss
@@ -178,7 +178,10 @@ class ClassifierModule(L.LightningModule):
         return self._step(batch, "train")
 
     def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
+        # BatchNorm folded into the convolutions, as every later score (predict_probs): the
+        # same logits, 1.2-1.5x faster on a CPU; refolded once an epoch (the weights changed).
+        forward = self if self.features_cached else folded(self.model, batch[0])
+        self._step(batch, "val", forward)
 
     def _epoch_metrics(self, stage: str) -> dict[str, float]:
         """The epoch's curve values over all its samples (gathered from every process)."""
