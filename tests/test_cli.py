@@ -317,4 +317,4 @@ def test_new_train_flags_reach_the_run_config(kermany_folder, tmp_path, capsys, 
     assert_user_error(code, err, "--target-sensitivity", "--threshold-rule youden")
     code, _, err = run_cli(["train", kermany_folder, "--out", tmp_path / "r",
                             "--threshold-rule", "f1"], capsys, monkeypatch)
-    assert_user_error(code, err, "threshold_rule")
+    assert_user_error(code, err, "--threshold-rule f1")
