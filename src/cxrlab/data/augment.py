@@ -181,14 +181,16 @@ def _jpeg(x: torch.Tensor, qualities: list[int]) -> torch.Tensor:
 
 def _affine_grid(m: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """F.affine_grid(m[:, :2], align_corners=False) as two broadcast multiply-adds: on the CPU
-    affine_grid's batched matmul over a (B, H*W, 3) base grid costs more than the
-    grid_sample it feeds."""
-    xs = (torch.arange(w, device=m.device, dtype=m.dtype) * 2 + 1) / w - 1
-    ys = (torch.arange(h, device=m.device, dtype=m.dtype) * 2 + 1) / h - 1
-    xs, ys = xs.view(1, 1, w), ys.view(1, h, 1)
-    row = lambda i: m[:, i, 0, None, None] * xs + (m[:, i, 1, None, None] * ys  # noqa: E731
-                                                    + m[:, i, 2, None, None])
-    return torch.stack([row(0), row(1)], dim=-1)
+    affine_grid's batched matmul over a (B, H*W, 3) base grid cost about as much as the
+    grid_sample it feeds (docs/performance.md)."""
+    xs = ((torch.arange(w, device=m.device, dtype=m.dtype) * 2 + 1) / w - 1).view(1, 1, w)
+    ys = ((torch.arange(h, device=m.device, dtype=m.dtype) * 2 + 1) / h - 1).view(1, h, 1)
+
+    def coordinate(i: int) -> torch.Tensor:  # (B, H, W): row i of m applied to (x, y, 1)
+        a, b, c = (m[:, i, j, None, None] for j in range(3))
+        return a * xs + (b * ys + c)
+
+    return torch.stack([coordinate(0), coordinate(1)], dim=-1)
 
 
 def _mat(a, b, c, d, e, f) -> torch.Tensor:
