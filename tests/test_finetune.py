@@ -212,26 +212,19 @@ def test_frozen_stages_without_a_head_only_phase(tmp_path):
     assert not torch.equal(before["layer1.0.conv1.weight"], after["layer1.0.conv1.weight"])
 
 
-def test_too_many_frozen_stages_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("n, needles", [
+    ("6", ("--frozen-stages 6", "resnet18 has 5 stages", "layer4")),
+    # frozen random weights are noise the rest must learn around: a mistake, said at once
+    ("2", ("--frozen-stages 2", "random weights", "--pretrained")),
+])
+def test_frozen_stages_refused_in_one_line_writing_nothing(tmp_path, capsys, monkeypatch, n,
+                                                          needles):
     from tests.conftest import make_kermany_folder
     from tests.test_cli import assert_user_error
 
     data = make_kermany_folder(tmp_path / "xray", 4, 4, size=32)
     out = tmp_path / "run"
     code, _, err = run_cli(["train", data, "--out", out, "--model", "resnet18",
-                            "--frozen-stages", "6", "--quiet"], capsys, monkeypatch)
-    assert_user_error(code, err, "--frozen-stages 6", "resnet18 has 5 stages", "layer4")
-    assert not out.exists()
-
-
-def test_frozen_stages_from_scratch_is_refused(tmp_path, capsys, monkeypatch):
-    """Frozen random weights are noise the rest must learn around: a mistake, said at once."""
-    from tests.conftest import make_kermany_folder
-    from tests.test_cli import assert_user_error
-
-    data = make_kermany_folder(tmp_path / "xray", 4, 4, size=32)
-    out = tmp_path / "run"
-    code, _, err = run_cli(["train", data, "--out", out, "--model", "resnet18",
-                            "--frozen-stages", "2", "--quiet"], capsys, monkeypatch)
-    assert_user_error(code, err, "--frozen-stages 2", "random weights", "--pretrained")
+                            "--frozen-stages", n, "--quiet"], capsys, monkeypatch)
+    assert_user_error(code, err, *needles)
     assert not out.exists()
