@@ -169,7 +169,7 @@ class ClassifierModule(L.LightningModule):
 
     def _step(self, batch, stage: str, forward=None) -> torch.Tensor:
         x, y = batch
-        logits = (forward or self)(x)
+        logits = (self if forward is None else forward)(x)
         loss = self.loss(logits, y)
         self._outputs[stage].append((logits.detach().float().cpu(), y.cpu()))
         return loss
