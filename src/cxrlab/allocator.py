@@ -1,0 +1,67 @@
+"""Keep freed tensor memory in the process instead of handing it back to the kernel.
+
+glibc serves every block over its mmap threshold (at most 32 MB) with a fresh mmap and unmaps
+it on free, so each training step and each inference batch faults its activations back in,
+page by page, and the kernel zeroes every page first. On a 2-core AMD EPYC that was half of
+an fp32 EfficientNet-Lite0 step (user 21.8 s, system 20.6 s for 12 steps; 16.5 -> 43.2 img/s
+with this) and a fifth of a bf16 ResNet-18 step (35.1 -> 43.9 img/s). PyTorch's CPU guide
+answers this with jemalloc or tcmalloc through LD_PRELOAD, which has to be set before Python
+starts and is not on PyPI; glibc's own `mallopt` does the same from inside the process, with
+no dependency. The price: memory freed at the peak stays with the process (resident memory
+stays near its high-water mark rather than falling between steps).
+
+Applied on import of `cxrlab` (Linux with glibc only). `CXRLAB_MALLOC=system` leaves the
+allocator as it was; so does a `GLIBC_TUNABLES` that already sets a malloc tunable, or an
+LD_PRELOADed jemalloc/tcmalloc (mallopt would not reach them anyway).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+# mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_NEVER_TRIM = 2**31 - 1  # mallopt takes an int: trim only when 2 GB lie free at the top
+
+_applied: bool | None = None
+
+
+def user_chose_allocator() -> str | None:
+    """Why the allocator is left alone, or None."""
+    if os.environ.get("CXRLAB_MALLOC", "").lower() == "system":
+        return "CXRLAB_MALLOC=system"
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return "GLIBC_TUNABLES sets malloc"
+    preload = os.environ.get("LD_PRELOAD", "")
+    if "jemalloc" in preload or "tcmalloc" in preload:
+        return "LD_PRELOAD allocator"
+    return None
+
+
+def on_glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+def keep_freed_memory() -> bool:
+    """Serve large blocks from the heap and never trim it; True if in effect. Idempotent."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
+    if not sys.platform.startswith("linux") or not on_glibc():
+        return False
+    if user_chose_allocator():
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        _applied = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
+    except (OSError, AttributeError):
+        _applied = False
+    return _applied
