@@ -1,14 +1,14 @@
 """Keep freed tensor memory in the process instead of handing it back to the kernel.
 
-glibc serves every block over its mmap threshold (at most 32 MB) with a fresh mmap and unmaps
-it on free, so each training step and each inference batch faults its activations back in,
-page by page, and the kernel zeroes every page first. On a 2-core AMD EPYC that was half of
-an fp32 EfficientNet-Lite0 step (user 21.8 s, system 20.6 s for 12 steps; 16.5 -> 43.2 img/s
-with this) and a fifth of a bf16 ResNet-18 step (35.1 -> 43.9 img/s). PyTorch's CPU guide
-answers this with jemalloc or tcmalloc through LD_PRELOAD, which has to be set before Python
-starts and is not on PyPI; glibc's own `mallopt` does the same from inside the process, with
-no dependency. The price: memory freed at the peak stays with the process (resident memory
-stays near its high-water mark rather than falling between steps).
+glibc serves every block over its mmap threshold (128 KB, rising to at most 32 MB) with a
+fresh mmap and unmaps it on free, so each training step and each inference batch faults its
+activations back in, page by page, and the kernel zeroes every page first. On a 2-core AMD
+EPYC (`benchmarks/allocator.py`, docs/performance.md) that cost an fp32 EfficientNet-Lite0
+step more than half its time (2.2x faster without it) and a bf16 ResNet-18 step 1.4x.
+PyTorch's CPU guide answers this with jemalloc or tcmalloc through LD_PRELOAD, which has to
+be set before Python starts and is not on PyPI; glibc's own `mallopt` does the same from
+inside the process, with no dependency. The price: memory freed at the peak stays with the
+process (resident memory stays near its high-water mark rather than falling between steps).
 
 Applied on import of `cxrlab` (Linux with glibc only). `CXRLAB_MALLOC=system` leaves the
 allocator as it was; so does a `GLIBC_TUNABLES` that already sets a malloc tunable, or an
