@@ -157,8 +157,11 @@ class Bench:
                                     **({} if args.frozen_stages is None
                                        else {"frozen_stages": args.frozen_stages})})
         from cxrlab.inference import use_bf16
+        from cxrlab.models import create_model
 
-        self.bf16 = use_bf16(self.cfg.precision)
+        # as a run decides: per model (EfficientNet-Lite trains in fp32 on a CPU)
+        self.bf16 = use_bf16(self.cfg.precision, create_model(name, num_classes=1, in_chans=1,
+                                                              image_size=self.size))
 
     def sync(self) -> None:
         if self.device.type == "cuda":

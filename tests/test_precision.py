@@ -32,7 +32,7 @@ def bf16_run(tmp_path_factory) -> Path:
     cfg = RunConfig(data=str(data), image_size=32, epochs=1, batch_size=32, lr=0.01)
     assert cfg.precision == "auto"
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(train, "use_bf16", lambda precision: precision != "fp32")
+        m.setattr(train, "use_bf16", lambda precision, model=None: precision != "fp32")
         res = train_run(cfg, root / "run", progress=False)
     assert res.epochs == 1
     return root / "run"
@@ -41,7 +41,7 @@ def bf16_run(tmp_path_factory) -> Path:
 @pytest.fixture
 def other_machine(monkeypatch):
     """A CPU without bf16: `auto` resolves to fp32 here."""
-    monkeypatch.setattr(train, "use_bf16", lambda precision: precision == "bf16")
+    monkeypatch.setattr(train, "use_bf16", lambda precision, model=None: precision == "bf16")
 
 
 def val_images(run: Path) -> tuple[list[Path], np.ndarray]:
@@ -99,3 +99,19 @@ def test_predict_serve_and_report_give_the_runs_own_scores(bf16_run, other_machi
     assert np.abs(np.stack([served.probabilities(im) for im in images]) - probs).max() < 1e-6
     _, _, reported = recompute_val_predictions(run, read_split_csv(run / "split.csv"))
     assert np.abs(reported - probs).max() < 1e-6
+
+
+def test_auto_trains_efficientnet_in_fp32_on_a_bf16_cpu_and_resnet_in_bf16(monkeypatch):
+    """Measured: EfficientNet-Lite's depthwise steps ran faster in fp32 on a bf16 CPU."""
+    from cxrlab.inference import use_bf16
+    from cxrlab.models import create_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    lite, resnet = create_model("efficientnet_lite0", 2), create_model("resnet18", 2)
+    assert not use_bf16("auto", lite)
+    assert use_bf16("auto", resnet)
+    assert use_bf16("auto")  # no model: the CPU decides
+    assert use_bf16("bf16", lite) and not use_bf16("fp32", resnet)  # asked for: as asked
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert not use_bf16("auto", resnet)

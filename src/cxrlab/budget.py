@@ -213,7 +213,7 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
     from cxrlab.training import make_optimizer
 
     device = train_device(config)
-    bf16 = use_bf16(config.precision)
+    bf16 = use_bf16(config.precision, model)
     cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         m = copy.deepcopy(model).to(device)

@@ -103,7 +103,9 @@ def train(
         help="youden | sensitivity (2 classes; see --target-sensitivity)")] = None,
     target_sensitivity: Annotated[float | None, typer.Option(
         help="choose the threshold for this sensitivity instead of Youden's J")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto | bf16 | fp32")] = None,
+    precision: Annotated[str | None, typer.Option(
+        help="auto (bf16 where the CPU or GPU has it and the model gains from it) | bf16 | "
+             "fp32")] = None,
     channels_last: Annotated[bool | None, typer.Option(
         "--channels-last/--no-channels-last", help="channels-last memory layout")] = None,
     deterministic: Annotated[bool | None, typer.Option(

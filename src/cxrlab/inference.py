@@ -18,14 +18,19 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
-def use_bf16(precision: str) -> bool:
-    """Whether training runs in bf16 autocast (config `precision`); never used to predict."""
+def use_bf16(precision: str, model: torch.nn.Module | None = None) -> bool:
+    """Whether training runs in bf16 autocast (config `precision`); never used to predict.
+
+    `auto`: on a GPU, wherever it supports bf16; on a CPU, where it has bf16 instructions
+    and the model gains from them (`ImageClassifier.cpu_bf16`; None: assume it does)."""
     if precision == "bf16":
         return True
     if precision == "fp32":
         return False
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
+    if not getattr(model, "cpu_bf16", True):
+        return False
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

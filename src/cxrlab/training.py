@@ -396,7 +396,7 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
         module.model.to(memory_format=torch.channels_last)
     if cache_features and finetune.can_cache_features(model, config):
         train_x, val_x = finetune.cache_features(model, [train_x, val_x],
-                                                 use_bf16(config.precision),
+                                                 use_bf16(config.precision, model),
                                                  config.channels_last)
         module.features_cached = True
     train_dl = make_loader(ArrayDataset(train_x, train_y), config.batch_size, train=True,
@@ -441,7 +441,7 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
         num_nodes=config.num_nodes,
         strategy=config.strategy,
         plugins=[AtomicCheckpointIO()],
-        precision="bf16-mixed" if use_bf16(config.precision) else "32-true",
+        precision="bf16-mixed" if use_bf16(config.precision, model) else "32-true",
         deterministic=config.deterministic,
         callbacks=callbacks,
         logger=loggers or False,

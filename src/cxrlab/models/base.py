@@ -60,6 +60,9 @@ class ImageClassifier(nn.Module):
     # True when forward_head starts with global average pooling (every heads.py head): then
     # a frozen backbone's pooled features can be cached. The notebook CNN flattens instead.
     pooled_head: bool = True
+    # Whether `precision: auto` trains in bf16 on a CPU that has it: False where fp32 ran
+    # faster there (memory-bound depthwise convolutions gain nothing and pay for the casts).
+    cpu_bf16: bool = True
 
     def __init__(self, num_classes: int, in_chans: int, num_features: int,
                  mean: float | Sequence[float] = SCRATCH_MEAN,

@@ -144,6 +144,10 @@ class EfficientNetLite(ImageClassifier):
     first_conv = "stem.conv"
     classifier = "fc"
     source_classifier = "_fc"
+    # Zen 4 with AVX-512 bf16, the recipe's steps (4 stages frozen): fp32 channels-last 85.2
+    # img/s vs bf16 80.9 (benchmarks/throughput.py, docs/performance.md); the whole default
+    # run 8.7 vs 10.4 min, paired validation within noise.
+    cpu_bf16 = False
 
     def __init__(self, variant: str, num_classes: int = 1, in_chans: int = 1, *,
                  dropout: float | None = None, batchnorm: bool = True,
