@@ -116,6 +116,17 @@ def test_plan_never_more_epochs_than_asked(epochs, n_head):
         assert p.head_epochs == min(n_head, p.epochs)
 
 
+def test_warmup_timing_ignores_one_slow_call():
+    """A step slowed by something else on the machine must not stretch the whole plan."""
+    import torch
+
+    from cxrlab.budget import _time
+
+    delays = iter([0.0, 0.001, 0.001, 0.3, 0.001, 0.001])  # untimed first call, then 5
+    seconds = _time(lambda: time.sleep(next(delays)), torch.device("cpu"), 5)
+    assert seconds < 0.05  # the mean would be 0.06
+
+
 def test_remaining_seconds():
     assert remaining_seconds([], 0, 9) is None
     assert remaining_seconds([], 0, 9, planned_epoch=10.0) == 90.0

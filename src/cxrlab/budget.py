@@ -15,6 +15,7 @@ import io
 import logging
 import math
 import re
+import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -184,17 +185,22 @@ def _sync(device: torch.device) -> None:
 
 
 def _time(fn, device: torch.device, repeats: int) -> float:
+    """The median of `repeats` timed calls: one slow call (another process, a page-in) must
+    not stretch a plan of thousands of steps; the same validation pass timed once varied
+    2.9-10.6 ms an image between runs on one machine."""
     fn()  # untimed: first calls pay for allocation and kernel selection
-    _sync(device)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
         fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / repeats
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
-            repeats: int = 3) -> Timings:
+            repeats: int = 5) -> Timings:
     """Time training steps (head-only when the recipe has such epochs, and full) and a
     validation forward on the real images, model, precision, batch size and layout.
 
@@ -260,7 +266,7 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
                 folded(m, x)(x)  # as validation_step (the untimed first call folds)
 
         m.eval()
-        val = _time(validate, device, 1) / max(len(vb), 1)  # 64 images: one timed pass
+        val = _time(validate, device, 3) / max(len(vb), 1)  # 64 images a pass
 
         def checkpoint():  # best.ckpt and last.ckpt: weights + optimizer state, twice
             torch.save({"model": m.state_dict(), "opt": opt.state_dict()}, io.BytesIO())
