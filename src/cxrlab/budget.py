@@ -186,8 +186,8 @@ def _sync(device: torch.device) -> None:
 
 def _time(fn, device: torch.device, repeats: int) -> float:
     """The median of `repeats` timed calls: one slow call (another process, a page-in) must
-    not stretch a plan of thousands of steps; the same validation pass timed once varied
-    2.9-10.6 ms an image between runs on one machine."""
+    not stretch a plan of thousands of steps; one validation pass timed once gave 6.9 and
+    10.6 ms an image in two bf16 runs of one recipe on one machine (2.9 and 4.4 in fp32)."""
     fn()  # untimed: first calls pay for allocation and kernel selection
     times = []
     for _ in range(repeats):
