@@ -3,7 +3,7 @@
 From Python or a notebook: `cxrlab.train(...)`, `cxrlab.load(run_dir)`, `cxrlab.compare(a, b)`,
 `cxrlab.ablate(spec, out)`, `cxrlab.data_summary(data)` (see `cxrlab.api`). The API is imported
 on first use (PEP 562), so `import cxrlab.errors` and the `cxrlab` command stay fast.
-Importing cxrlab keeps freed tensor memory in the process (`cxrlab.allocator`: up to 2.6x
+Importing cxrlab keeps freed tensor memory in the process (`cxrlab.allocator`: up to 2.2x
 faster CPU steps; `CXRLAB_MALLOC=system` opts out).
 """
 
