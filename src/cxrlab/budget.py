@@ -15,7 +15,6 @@ import io
 import logging
 import math
 import re
-import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -185,18 +184,16 @@ def _sync(device: torch.device) -> None:
 
 
 def _time(fn, device: torch.device, repeats: int) -> float:
-    """The median of `repeats` timed calls: one slow call (another process, a page-in) must
-    not stretch a plan of thousands of steps; one validation pass timed once gave 6.9 and
-    10.6 ms an image in two bf16 runs of one recipe on one machine (2.9 and 4.4 in fp32)."""
+    """The mean of `repeats` timed calls: a run's time is the sum of its steps, slow ones
+    included (the median of 5 predicted 7.0 min for a 9.2-minute run; the mean of 3, 8.4 and
+    9.9 min for runs of 8.7 and 8.5; one validation pass timed alone, 2.9-4.4 ms an image)."""
     fn()  # untimed: first calls pay for allocation and kernel selection
-    times = []
+    _sync(device)
+    t0 = time.perf_counter()
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    _sync(device)
+    return (time.perf_counter() - t0) / repeats
 
 
 def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
