@@ -185,8 +185,9 @@ def _sync(device: torch.device) -> None:
 
 def _time(fn, device: torch.device, repeats: int) -> float:
     """The mean of `repeats` timed calls: a run's time is the sum of its steps, slow ones
-    included (the median of 5 predicted 7.0 min for a 9.2-minute run; the mean of 3, 8.4 and
-    9.9 min for runs of 8.7 and 8.5; one validation pass timed alone, 2.9-4.4 ms an image)."""
+    included. Tried on one Zen 4 machine, the landed default (8.2-9.2 min): the median of 5
+    steps predicted 7.0 min (ran 9.2), the mean of 5 7.3 (8.2), the mean of 3 8.4 and 9.9
+    (8.7, 8.5): no better than 3, so 3 it stays."""
     fn()  # untimed: first calls pay for allocation and kernel selection
     _sync(device)
     t0 = time.perf_counter()
@@ -197,7 +198,7 @@ def _time(fn, device: torch.device, repeats: int) -> float:
 
 
 def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
-            repeats: int = 5) -> Timings:
+            repeats: int = 3) -> Timings:
     """Time training steps (head-only when the recipe has such epochs, and full) and a
     validation forward on the real images, model, precision, batch size and layout.
 
@@ -263,7 +264,7 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
                 folded(m, x)(x)  # as validation_step (the untimed first call folds)
 
         m.eval()
-        val = _time(validate, device, 3) / max(len(vb), 1)  # 64 images a pass
+        val = _time(validate, device, 1) / max(len(vb), 1)  # 64 images: one timed pass
 
         def checkpoint():  # best.ckpt and last.ckpt: weights + optimizer state, twice
             torch.save({"model": m.state_dict(), "opt": opt.state_dict()}, io.BytesIO())
