@@ -55,6 +55,7 @@ def test_evaluate_on_the_validation_images_reproduces_metrics_json(
         bf16_run, other_machine, tmp_path, capsys, monkeypatch):
     run = bf16_run
     saved = json.loads((run / "metrics.json").read_text())
+    assert saved["train_precision"] == "bf16"  # what `auto` resolved to, on record
     loaded = load_run(run)
     _, y, probs = read_predictions(run / "val_predictions.csv", loaded.classes)
     # decisions are rounding-proof: no validation score sits within rounding of the threshold

@@ -241,7 +241,8 @@ def _train_and_report(model, config: RunConfig, data: PreparedData, positive: in
     model = fitted.module.model
     torch.save(model.state_dict(), out / "model.pt")
     metrics, test_metrics = score_training(model, config, data, positive, out,
-                                           fitted.epochs_run, fitted.seconds)
+                                           fitted.epochs_run, fitted.seconds,
+                                           fitted.precision)
     log_final(loggers, out, metrics, fitted.epochs_run)
     return TrainResult(out, metrics, test_metrics, fitted.epochs_run, fitted.seconds,
                        len(ty), len(vy))

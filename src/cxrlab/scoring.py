@@ -34,7 +34,7 @@ from cxrlab.run import (
 
 def score_training(model: torch.nn.Module, config: RunConfig, data: PreparedData,
                    positive: int | None, out: Path, epochs: int,
-                   seconds: float) -> tuple[dict, dict | None]:
+                   seconds: float, precision: str) -> tuple[dict, dict | None]:
     """A just-trained run's evaluation, written into its directory: the threshold chosen on
     validation, metrics.json (+ metrics_test.json), val_predictions.csv, intake.json and the
     plots. Returns (validation metrics, test metrics or None)."""
@@ -59,6 +59,7 @@ def score_training(model: torch.nn.Module, config: RunConfig, data: PreparedData
                                    else "the epoch was chosen on these images")
     metrics["epochs"] = epochs
     metrics["train_seconds"] = round(seconds, 1)
+    metrics["train_precision"] = precision  # `auto` resolved: differs between machines
     write_json(out / "metrics.json", metrics)
     from cxrlab.intake import write_reference
 

@@ -369,6 +369,7 @@ class FitResult:
     best_path: str
     epochs_run: int
     seconds: float
+    precision: str  # what training ran in: "bf16" or "fp32" (`precision: auto` resolved)
 
 
 def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_y,
@@ -392,11 +393,12 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
     L.seed_everything(config.seed, workers=True, verbose=False)
     weights = class_weights(np.asarray(train_y), n_classes) if config.class_weights else None
     module = ClassifierModule(model, config, n_classes, weights, positive)
+    precision = "bf16" if use_bf16(config.precision, model) else "fp32"
     if config.channels_last:
         module.model.to(memory_format=torch.channels_last)
     if cache_features and finetune.can_cache_features(model, config):
         train_x, val_x = finetune.cache_features(model, [train_x, val_x],
-                                                 use_bf16(config.precision, model),
+                                                 precision == "bf16",
                                                  config.channels_last)
         module.features_cached = True
     train_dl = make_loader(ArrayDataset(train_x, train_y), config.batch_size, train=True,
@@ -441,7 +443,7 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
         num_nodes=config.num_nodes,
         strategy=config.strategy,
         plugins=[AtomicCheckpointIO()],
-        precision="bf16-mixed" if use_bf16(config.precision, model) else "32-true",
+        precision="bf16-mixed" if precision == "bf16" else "32-true",
         deterministic=config.deterministic,
         callbacks=callbacks,
         logger=loggers or False,
@@ -453,7 +455,8 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
     trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
     seconds = state.seconds
     if not trainer.is_global_zero:  # rank 0 alone writes and evaluates the run
-        return FitResult(module, ckpt.best_model_path, trainer.current_epoch, seconds)
+        return FitResult(module, ckpt.best_model_path, trainer.current_epoch, seconds,
+                         precision)
     if not ckpt.best_model_path:
         raise CxrlabError("training produced no checkpoint (no validation epoch completed)")
     best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
@@ -467,4 +470,4 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
             log.info("WiSE-FT: the best epoch came before the unfreeze; its weights are kept")
     finetune.thaw(module.model)
     module.model.to(memory_format=torch.contiguous_format)
-    return FitResult(module, ckpt.best_model_path, trainer.current_epoch, seconds)
+    return FitResult(module, ckpt.best_model_path, trainer.current_epoch, seconds, precision)
