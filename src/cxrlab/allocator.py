@@ -8,7 +8,9 @@ step more than half its time (2.2x faster without it) and a bf16 ResNet-18 step 
 PyTorch's CPU guide answers this with jemalloc or tcmalloc through LD_PRELOAD, which has to
 be set before Python starts and is not on PyPI; glibc's own `mallopt` does the same from
 inside the process, with no dependency. The price: memory freed at the peak stays with the
-process (resident memory stays near its high-water mark rather than falling between steps).
+process (resident memory stays near its high-water mark rather than falling between steps),
+and a freed block is not reused for a request a few bytes larger (posix_memalign's slack),
+so the heap can grow by such a block before the pattern settles.
 
 Applied on import of `cxrlab` (Linux with glibc only). `CXRLAB_MALLOC=system` leaves the
 allocator as it was; so does a `GLIBC_TUNABLES` that already sets a malloc tunable, or an
