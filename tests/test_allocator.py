@@ -22,8 +22,7 @@ print(a._applied, f1 - f0)
 """
 PAGES = 60 * 2**20 // os.sysconf("SC_PAGE_SIZE")
 
-GLIBC = sys.platform.startswith("linux") and on_glibc()
-glibc_linux = pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+glibc_linux = pytest.mark.skipif(not on_glibc(), reason="mallopt is glibc's")
 
 
 def second_allocation(**env: str) -> tuple[str, int]:

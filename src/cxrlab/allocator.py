@@ -44,6 +44,9 @@ def user_chose_allocator() -> str | None:
 
 
 def on_glibc() -> bool:
+    """Linux with glibc: where mallopt exists and means what this module asks of it."""
+    if not sys.platform.startswith("linux"):
+        return False
     try:
         return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
     except (ValueError, OSError, AttributeError):
@@ -53,17 +56,15 @@ def on_glibc() -> bool:
 def keep_freed_memory() -> bool:
     """Serve large blocks from the heap and never trim it; True if in effect. Idempotent."""
     global _applied
-    if _applied is not None:
-        return _applied
-    _applied = False
-    if not sys.platform.startswith("linux") or not on_glibc():
-        return False
-    if user_chose_allocator():
-        return False
+    if _applied is None:
+        _applied = on_glibc() and not user_chose_allocator() and _mallopt()
+    return _applied
+
+
+def _mallopt() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
-        _applied = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
-    except (OSError, AttributeError):
-        _applied = False
-    return _applied
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD,
+                                                                    _NEVER_TRIM))
