@@ -73,13 +73,17 @@ def test_pooled_figures_by_hand(three_folds):
                                      [int((y & ~pred).sum()), int((y & pred).sum())]]
     assert p["recall"]["PNEUMONIA"] == pytest.approx((y & pred).sum() / y.sum())
     assert p["accuracy_ci"][0] <= p["accuracy"] <= p["accuracy_ci"][1]
+    n_patients = len({r["patient"] for k in (1, 2, 3) for r in _val_rows(fold_dir(out, k))})
+    assert p["accuracy_ci_method"] == f"patient bootstrap ({n_patients} patients)"
     mean = result["fold_mean"]["accuracy"]
     assert mean["n"] == 3 and mean["mean"] == pytest.approx(np.mean(accs))
     assert 0.0 <= mean["ci_low"] <= mean["mean"] <= mean["ci_high"] <= 1.0
 
 
-def _fold(out: Path, k: int, y: list[int], p: list[float], threshold: float) -> None:
-    """A finished fold's files as the pipeline writes them (predictions chosen by the test)."""
+def _fold(out: Path, k: int, y: list[int], p: list[float], threshold: float,
+          patients: list[str] | None = None) -> None:
+    """A finished fold's files as the pipeline writes them (predictions chosen by the test;
+    with `patients`, a split.csv naming each validation image's patient)."""
     from cxrlab.run import RunInfo, save_info, write_predictions_csv, write_threshold
 
     run = fold_dir(out, k)
@@ -91,6 +95,12 @@ def _fold(out: Path, k: int, y: list[int], p: list[float], threshold: float) -> 
     write_predictions_csv(run / "val_predictions.csv", [f"f{k}-{i}.png" for i in range(len(y))],
                           [["NORMAL", "PNEUMONIA"][c] for c in y],
                           np.c_[1 - np.array(p), p], ["NORMAL", "PNEUMONIA"])
+    if patients is not None:
+        with (run / "split.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "label", "split", "patient"])
+            w.writerows([f"f{k}-{i}.png", ["NORMAL", "PNEUMONIA"][c], "val", patients[i]]
+                        for i, c in enumerate(y))
 
 
 def test_pooled_decisions_use_thresholds_not_chosen_on_the_fold(tmp_path, capsys):
@@ -112,6 +122,29 @@ def test_pooled_decisions_use_thresholds_not_chosen_on_the_fold(tmp_path, capsys
     render(result, console)
     text = console.export_text()
     assert "pooled at" in text and "0.650" in text and "median of the other folds'" in text
+
+
+def test_pooled_accuracy_interval_resamples_patients_not_images(tmp_path):
+    # 4 patients of 10 films each, 2 folds: each patient's films all right or all wrong. The
+    # 40 films are 4 observations, not 40: a Wilson interval over images would be far too
+    # narrow; the patient bootstrap can only land on 0, 1/4, .., 1.
+    from scipy.stats import binomtest
+
+    right, wrong = [0.1] * 5 + [0.9] * 5, [0.9] * 5 + [0.1] * 5
+    y = [0] * 5 + [1] * 5
+    for k, probs in ((1, right + wrong), (2, right + wrong)):
+        _fold(tmp_path / "patients", k, y + y, probs, threshold=0.5,
+              patients=[f"p{k}a"] * 10 + [f"p{k}b"] * 10)
+        _fold(tmp_path / "images", k, y + y, probs, threshold=0.5)
+    grouped, flat = pool(tmp_path / "patients", 2), pool(tmp_path / "images", 2)
+    assert grouped["pooled"]["accuracy"] == flat["pooled"]["accuracy"] == 0.5
+    assert grouped["pooled"]["accuracy_ci_method"] == "patient bootstrap (4 patients)"
+    lo, hi = grouped["pooled"]["accuracy_ci"]
+    assert lo in (0.0, 0.25) and hi in (0.75, 1.0)
+    wilson = binomtest(20, 40).proportion_ci(0.95, method="wilson")
+    assert flat["pooled"]["accuracy_ci"] == pytest.approx([wilson.low, wilson.high])
+    assert "Wilson" in flat["pooled"]["accuracy_ci_method"]
+    assert hi - lo > 2 * (wilson.high - wilson.low)
 
 
 def test_continuing_keeps_finished_folds_and_sets_aside_a_killed_one(three_folds, tmp_path):

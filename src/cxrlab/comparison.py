@@ -23,7 +23,7 @@ from cxrlab.evaluate import (
     resample_weights,
 )
 from cxrlab.inference import decide
-from cxrlab.run import load_info, read_predictions, read_threshold
+from cxrlab.run import load_info, patient_keys, read_predictions, read_threshold
 
 LABELS = {"roc_auc": "ROC AUC", "pr_auc": "PR AUC", "accuracy": "accuracy",
           "recall": "sensitivity", "specificity": "specificity",
@@ -61,7 +61,7 @@ def compare_runs(run_a: Path, run_b: Path, n_boot: int = 2000, seed: int = 0) ->
     stats_b = _stats(a.y, b_probs, b_pred, a.positive, len(a.classes))
     observed_a = stats_a(np.ones((1, len(a.y))))
     observed_b = stats_b(np.ones((1, len(a.y))))
-    codes = group_codes(_patients(a.dir, a.paths), len(a.y))
+    codes = group_codes(patient_keys(a.dir, a.paths), len(a.y))
     diffs: dict[str, list[np.ndarray]] = {k: [] for k in observed_a}
     for w in resample_weights(len(a.y), n_boot, seed, codes):
         sa, sb = stats_a(w), stats_b(w)
@@ -80,17 +80,6 @@ def compare_runs(run_a: Path, run_b: Path, n_boot: int = 2000, seed: int = 0) ->
     return {"a": str(a.dir), "b": str(b.dir), "n": int(len(a.y)), "n_boot": n_boot,
             "interval_method": "paired " + interval_method(codes), "classes": a.classes,
             "rows": rows}
-
-
-def _patients(run_dir: Path, paths: list[str]) -> list[str] | None:
-    """Patient key per validation image from the run's split.csv; None when it has none."""
-    from cxrlab.run import read_split_csv
-
-    if not (run_dir / "split.csv").is_file():
-        return None
-    patient = {r["path"]: r["patient"] for r in read_split_csv(run_dir / "split.csv")}
-    keys = [patient.get(p, "") for p in paths]
-    return keys if any(keys) else None
 
 
 def _stats(y: np.ndarray, probs: np.ndarray, pred: np.ndarray, positive: int | None, k: int):

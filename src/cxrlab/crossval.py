@@ -26,7 +26,15 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 
 from cxrlab.config import RunConfig
 from cxrlab.errors import CxrlabError
-from cxrlab.run import load_info, move_aside, read_threshold, run_state, write_json
+from cxrlab.evaluate import group_codes, interval_method, resample_weights
+from cxrlab.run import (
+    load_info,
+    move_aside,
+    patient_keys,
+    read_threshold,
+    run_state,
+    write_json,
+)
 from cxrlab.stats import t_interval
 
 log = logging.getLogger(__name__)
@@ -112,7 +120,7 @@ def pool(out: Path, folds: int) -> dict:
     from cxrlab.inference import decide
     from cxrlab.run import read_predictions
 
-    per_fold, seen, predictions = [], {}, []
+    per_fold, seen, predictions, patients = [], {}, [], []
     classes = None
     for i in range(1, folds + 1):
         run_dir = fold_dir(out, i)
@@ -129,6 +137,7 @@ def pool(out: Path, folds: int) -> dict:
                                   "overlap (were they made with different seeds or data?)")
             seen[p] = i
         predictions.append((y, probs, info.positive))
+        patients.append(patient_keys(run_dir, paths))
         per_fold.append({"fold": i, "n": len(y), "accuracy": metrics.get("accuracy"),
                          "roc_auc": metrics.get("roc_auc"), "threshold": read_threshold(run_dir),
                          "epochs": metrics.get("epochs")})
@@ -144,7 +153,7 @@ def pool(out: Path, folds: int) -> dict:
     binary = predictions[0][2] is not None
     y, pred = np.concatenate([p[0] for p in predictions]), np.concatenate(pred_all)
     correct = int((y == pred).sum())
-    ci = binomtest(correct, len(y)).proportion_ci(0.95, method="wilson")
+    ci, ci_method = accuracy_interval(y == pred, patients)
     cm = confusion_matrix(y, pred, labels=list(range(len(classes))))
     recall = [float(cm[k, k] / cm[k].sum()) if cm[k].sum() else None for k in range(len(classes))]
     bounds = (0.0, 1.0)
@@ -156,11 +165,27 @@ def pool(out: Path, folds: int) -> dict:
                       for k in ("accuracy", "roc_auc")},
         "pooled": {"decisions": POOLED_BINARY if binary else POOLED_ARGMAX,
                    "n": int(len(y)), "correct": correct, "accuracy": correct / len(y),
-                   "accuracy_ci": [float(ci.low), float(ci.high)],
+                   "accuracy_ci": ci, "accuracy_ci_method": ci_method,
                    "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
                    "recall": dict(zip(classes, recall, strict=True)),
                    "confusion_matrix": cm.tolist()},
     }
+
+
+def accuracy_interval(correct: np.ndarray, patients: list[list[str] | None],
+                      n_boot: int = 2000) -> tuple[list[float], str]:
+    """95% interval of the pooled accuracy, and how it was drawn. A patient's images are not
+    independent (one patient's films tend to be all right or all wrong), so where every fold's
+    split.csv knows its patients, whole patients are resampled; Wilson's binomial interval
+    over images only where none does."""
+    if patients and all(keys is not None for keys in patients):
+        codes = group_codes([k for keys in patients for k in keys], len(correct))
+        hits = correct.astype(float)
+        accs = np.concatenate([w @ hits / w.sum(1) for w in resample_weights(
+            len(correct), n_boot, 0, codes)])
+        return [float(x) for x in np.percentile(accs, [2.5, 97.5])], interval_method(codes)
+    ci = binomtest(int(correct.sum()), len(correct)).proportion_ci(0.95, method="wilson")
+    return [float(ci.low), float(ci.high)], "Wilson over images (no patient keys)"
 
 
 def render(result: dict, console) -> None:
@@ -188,8 +213,9 @@ def render(result: dict, console) -> None:
     console.print(table)
     p = result["pooled"]
     lo, hi = p["accuracy_ci"]
+    method = p.get("accuracy_ci_method", "Wilson")  # crossval.json written before it said
     console.print(f"Pooled out-of-fold: {p['correct']}/{p['n']} correct, accuracy "
-                  f"{p['accuracy']:.4f} [{lo:.4f}, {hi:.4f}] (95% Wilson), balanced accuracy "
+                  f"{p['accuracy']:.4f} [{lo:.4f}, {hi:.4f}] (95%, {method}), balanced accuracy "
                   f"{p['balanced_accuracy']:.4f}")
     if p.get("decisions"):
         console.print(f"Pooled decisions: {p['decisions']}.")

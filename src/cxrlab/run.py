@@ -216,6 +216,16 @@ def read_split_csv(path: Path | str) -> list[dict[str, str]]:
     return rows
 
 
+def patient_keys(run_dir: Path, paths: list[str]) -> list[str] | None:
+    """Patient key per image from the run's split.csv, for a patient bootstrap; None when it
+    has none (then every image counts as independent)."""
+    if not (Path(run_dir) / "split.csv").is_file():
+        return None
+    patient = {r["path"]: r["patient"] for r in read_split_csv(Path(run_dir) / "split.csv")}
+    keys = [patient.get(p, "") for p in paths]
+    return keys if any(keys) else None
+
+
 # -- history.csv ------------------------------------------------------------------------
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "train_acc", "val_acc", "train_precision",
