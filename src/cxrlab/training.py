@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -372,6 +373,30 @@ class FitResult:
     precision: str  # what training ran in: "bf16" or "fp32" (`precision: auto` resolved)
 
 
+@contextmanager
+def deterministic_without_nan_fill():
+    """While training: no NaN fill of new tensors; after it, the process's flags as they were.
+
+    Lightning's `deterministic=True` turns on `torch.use_deterministic_algorithms` for the
+    whole process, and with it PyTorch fills every new tensor with NaN
+    (`torch.utils.deterministic.fill_uninitialized_memory`: a debugging aid that makes reads
+    of memory no kernel wrote visible). No kernel a run uses reads such memory: the default
+    recipe's predictions are byte for byte the same without the fill, and a seeded run still
+    repeats itself (tests/test_training.py). The fill cost 14% of a full epoch of the default
+    recipe (docs/performance.md). The flags are restored so that scoring after training, and
+    a notebook's own code, run as before."""
+    import torch.utils.deterministic as tud
+
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), tud.fill_uninitialized_memory)
+    tud.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        tud.fill_uninitialized_memory = saved[2]
+
+
 def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_y,
         n_classes: int, positive: int | None, run_dir: Path,
         progress: bool = True, ckpt_path: Path | None = None,
@@ -436,23 +461,24 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
         from cxrlab.budget import head_epochs
 
         callbacks.append(progress_bar(budgeted, head_epochs(config)))
-    trainer = L.Trainer(
-        max_epochs=config.epochs,
-        accelerator=config.accelerator,
-        devices=config.devices,
-        num_nodes=config.num_nodes,
-        strategy=config.strategy,
-        plugins=[AtomicCheckpointIO()],
-        precision="bf16-mixed" if precision == "bf16" else "32-true",
-        deterministic=config.deterministic,
-        callbacks=callbacks,
-        logger=loggers or False,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=str(run_dir),
-    )
-    trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
+    with deterministic_without_nan_fill():
+        trainer = L.Trainer(
+            max_epochs=config.epochs,
+            accelerator=config.accelerator,
+            devices=config.devices,
+            num_nodes=config.num_nodes,
+            strategy=config.strategy,
+            plugins=[AtomicCheckpointIO()],
+            precision="bf16-mixed" if precision == "bf16" else "32-true",
+            deterministic=config.deterministic,
+            callbacks=callbacks,
+            logger=loggers or False,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=str(run_dir),
+        )
+        trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
     seconds = state.seconds
     if not trainer.is_global_zero:  # rank 0 alone writes and evaluates the run
         return FitResult(module, ckpt.best_model_path, trainer.current_epoch, seconds,
