@@ -25,7 +25,7 @@ def test_two_runs_with_one_seed_are_identical(tmp_path, capsys, monkeypatch):
 def test_training_is_deterministic_without_the_nan_fill_and_restores_the_flags(
         tmp_path, capsys, monkeypatch):
     # Lightning's deterministic=True switches on deterministic algorithms for the whole
-    # process, which also fills every new tensor with NaN (14% of a default epoch). cxrlab
+    # process, which also fills every new tensor with NaN (a sixth of a default epoch). cxrlab
     # trains deterministically without the fill and leaves the flags as they were.
     import torch
     import torch.utils.deterministic as tud
