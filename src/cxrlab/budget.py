@@ -187,7 +187,11 @@ def _time(fn, device: torch.device, repeats: int) -> float:
     """The mean of `repeats` timed calls: a run's time is the sum of its steps, slow ones
     included. Tried on one Zen 4 machine, the landed default (8.2-9.2 min): the median of 5
     steps predicted 7.0 min (ran 9.2), the mean of 5 7.3 (8.2), the mean of 3 8.4 and 9.9
-    (8.7, 8.5): no better than 3, so 3 it stays."""
+    (8.7, 8.5): no better than 3, so 3 it stays. Those runs still paid PyTorch's NaN fill of
+    new tensors, which the warm-up never did (a sixth of an epoch; gone since
+    `training.deterministic_without_nan_fill`). The validation forward is timed over 3
+    passes too: one pass of 64 images read 4.2-10.0 ms an image in fresh processes on one
+    machine, 3 passes 4.1-5.6."""
     fn()  # untimed: first calls pay for allocation and kernel selection
     _sync(device)
     t0 = time.perf_counter()
@@ -264,7 +268,7 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
                 folded(m, x)(x)  # as validation_step (the untimed first call folds)
 
         m.eval()
-        val = _time(validate, device, 1) / max(len(vb), 1)  # 64 images: one timed pass
+        val = _time(validate, device, repeats) / max(len(vb), 1)  # 64 images a pass
 
         def checkpoint():  # best.ckpt and last.ckpt: weights + optimizer state, twice
             torch.save({"model": m.state_dict(), "opt": opt.state_dict()}, io.BytesIO())
