@@ -422,9 +422,9 @@ def reliability_png(cal: dict) -> bytes:
 
 def val_patients(r: RunData) -> list[str] | None:
     """Patient key per validation image from split.csv; None when the split found none."""
-    patient = {row["path"]: row["patient"] for row in r.split_rows}
-    keys = [patient.get(p, "") for p in r.val_paths]
-    return keys if any(keys) else None
+    from cxrlab.run import patients_of
+
+    return patients_of(r.split_rows, r.val_paths)
 
 
 def val_intervals(r: RunData) -> tuple[dict, str]:

@@ -221,7 +221,12 @@ def patient_keys(run_dir: Path, paths: list[str]) -> list[str] | None:
     has none (then every image counts as independent)."""
     if not (Path(run_dir) / "split.csv").is_file():
         return None
-    patient = {r["path"]: r["patient"] for r in read_split_csv(Path(run_dir) / "split.csv")}
+    return patients_of(read_split_csv(Path(run_dir) / "split.csv"), paths)
+
+
+def patients_of(split_rows: list[dict[str, str]], paths: list[str]) -> list[str] | None:
+    """`patient_keys` from split.csv rows already read."""
+    patient = {r["path"]: r["patient"] for r in split_rows}
     keys = [patient.get(p, "") for p in paths]
     return keys if any(keys) else None
 
