@@ -149,3 +149,151 @@ def test_onnx_errors(real_run, exported, tmp_path, monkeypatch, capsys):
     onnx.save(proto, tmp_path / "foreign.onnx")
     with pytest.raises(CxrlabError, match="exported for"):
         make_predictor(load_run(run), "onnx", tmp_path / "foreign.onnx")
+
+
+# -- int8 ---------------------------------------------------------------------------------
+
+
+def int8_weights(proto) -> list[np.ndarray]:
+    """The quantized weights: int8 initializers feeding a DequantizeLinear."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    names = {n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    return [numpy_helper.to_array(inits[n]) for n in names
+            if n in inits and inits[n].data_type == onnx.TensorProto.INT8]
+
+
+@pytest.fixture(scope="module")
+def int8_file(real_run, tmp_path_factory) -> Path:
+    from cxrlab.quantize import export_int8
+
+    return export_int8(real_run[0], tmp_path_factory.mktemp("int8") / "q.onnx")[0]
+
+
+def test_int8_export_is_quantized_and_its_check_is_true(real_run, int8_file):
+    run, _ = real_run
+    proto = onnx.load(int8_file)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    weights = int8_weights(proto)
+    assert len(weights) >= 20  # every conv of resnet18 and its head
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["precision"] == "int8" and meta["model"] == "resnet18"
+    check = json.loads(meta["int8_check"])
+    # the check is what the file does to the run's own validation scores
+    loaded = load_run(run)
+    paths, y, fp32 = read_predictions(run / "val_predictions.csv", loaded.classes)
+    images, _ = load_images([Path(p) for p in paths], 64, 1, cache_dir=None)
+    q = OnnxPredictor(int8_file)
+    int8 = q(images)
+    assert q.precision == "int8" and q.int8_check == check
+    assert check["images"] == len(paths)
+    changed = (decide(int8, 1, loaded.threshold) != decide(fp32, 1, loaded.threshold)).sum()
+    assert check["changed_decisions"] == changed
+    assert check["max_probability_change"] == pytest.approx(np.abs(int8 - fp32).max(), abs=1e-6)
+    assert 0 < check["max_probability_change"] < 0.1  # changed, but not by much
+    assert check["accuracy"]["fp32"] == pytest.approx((decide(fp32, 1, loaded.threshold) == y)
+                                                      .mean())
+    assert check["calibration_images"] == sum(
+        1 for r in csv_rows(run / "split.csv") if r["split"] == "train")
+    # the same run, images and ranges: the same file
+    from cxrlab.quantize import export_int8
+
+    again = export_int8(run, int8_file.parent / "again.onnx")[0]
+    assert again.read_bytes() == int8_file.read_bytes()
+
+
+def csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_int8_weights_have_7_bits_where_the_cpu_has_no_vnni(real_run, int8_file, tmp_path,
+                                                            monkeypatch):
+    import cxrlab.export
+    import cxrlab.quantize
+
+    monkeypatch.setattr(cxrlab.quantize, "cpu_has_vnni", lambda: False)
+    path, check = cxrlab.quantize.export_int8(real_run[0], tmp_path / "novnni.onnx")
+    assert check["reduce_range"] and not check["vnni"]
+    assert max(np.abs(w).max() for w in int8_weights(onnx.load(path))) <= 64
+    # with VNNI each output channel's largest weight uses the full 8 bits
+    assert max(np.abs(w).max() for w in int8_weights(onnx.load(int8_file))) == 127
+    # a file made for VNNI, opened where there is none, says so
+    monkeypatch.setattr(cxrlab.export, "cpu_has_vnni", lambda: False)
+    with pytest.warns(UserWarning, match="VNNI"):
+        OnnxPredictor(int8_file)
+
+
+def test_int8_cli_and_predict(real_run, int8_file, tmp_path, monkeypatch, capsys):
+    run, files = real_run
+    out = tmp_path / "cli.onnx"
+    code, stdout, err = cli(["export", run, "--onnx", out, "--int8", "--calibration-images", 4],
+                            monkeypatch, capsys)
+    assert code == 0, err
+    check = OnnxPredictor(out).int8_check
+    assert check["calibration_images"] == 4
+    said = " ".join(stdout.split())
+    assert f"{check['changed_decisions']} of {check['images']} decisions changed" in said
+    assert "int8 ONNX model written" in said and "Increased scale" not in stdout + err
+    code, stdout, err = cli(["predict", run, files[0], "--backend", "onnx", "--onnx", int8_file,
+                             "--json"], monkeypatch, capsys)
+    assert code == 0, err
+    row = json.loads(stdout)
+    want = OnnxPredictor(int8_file)(load_images(files[:1], 64, 1, cache_dir=None)[0])[0]
+    assert row["probabilities"]["PNEUMONIA"] == pytest.approx(float(want[1]), abs=1e-6)
+
+
+def test_int8_errors_leave_nothing(real_run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    run, _ = real_run
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved)
+    split = (moved / "split.csv").read_text()
+    first_train = next(r["path"] for r in csv_rows(moved / "split.csv") if r["split"] == "train")
+    (moved / "split.csv").write_text(split.replace(first_train, "/nowhere/x.jpeg"))
+    out = tmp_path / "out" / "q.onnx"
+    out.parent.mkdir()
+    code, _, err = cli(["export", moved, "--onnx", out, "--int8"], monkeypatch, capsys)
+    assert code == 2 and "/nowhere/x.jpeg" in err and "calibration" in err
+    assert len(err.strip().splitlines()) == 1 and not any(out.parent.iterdir())
+    code, _, err = cli(["export", run, "--onnx", out, "--int8", "--calibration-images", 0],
+                       monkeypatch, capsys)
+    assert code == 2 and "--calibration-images" in err and not any(out.parent.iterdir())
+
+
+def test_int8_agreement_for_three_classes():
+    from types import SimpleNamespace
+
+    from cxrlab.quantize import agreement
+
+    run = SimpleNamespace(info=SimpleNamespace(positive=None), threshold=None)
+    y = np.array([0, 1, 2, 2])
+    fp32 = np.array([[.8, .1, .1], [.2, .7, .1], [.1, .2, .7], [.5, .45, .05]])
+    int8 = np.array([[.7, .2, .1], [.2, .7, .1], [.1, .2, .7], [.3, .3, .4]])
+    check = agreement(run, y, fp32, int8)
+    assert check["changed_decisions"] == 1  # the last case: class 0 -> 2
+    assert check["accuracy"] == {"fp32": 0.75, "int8": 1.0}
+    assert check["max_probability_change"] == pytest.approx(0.35)
+    assert check["auc"]["int8"] == 1.0 and check["auc"]["fp32"] < 1.0  # one-vs-rest, macro
+
+
+def test_serve_answers_with_the_int8_file(real_run, int8_file):
+    from fastapi.testclient import TestClient
+
+    from cxrlab.serve import create_app
+
+    run, files = real_run
+    want = OnnxPredictor(int8_file)(load_images(files[-1:], 64, 1, cache_dir=None)[0])[0]
+    with TestClient(create_app(run, onnx=int8_file)) as client:
+        assert client.get("/health").json()["backend"] == "onnx int8"
+        r = client.post("/predict", files={"file": (files[-1].name, files[-1].read_bytes(),
+                                                    "image/jpeg")})
+        assert r.status_code == 200, r.text
+        assert r.json()["probabilities"]["PNEUMONIA"] == pytest.approx(float(want[1]), abs=1e-6)
+    with TestClient(create_app(run)) as client:
+        assert client.get("/health").json()["backend"] == "torch fp32"

@@ -335,8 +335,18 @@ class Run:
         return _shown(cam_figure(pixels, self.gradcam(image, target=target, layer=layer),
                                  cam_title(name, row)))
 
-    def export_onnx(self, path: PathLike, *, overwrite: bool = False) -> Path:
-        """The run as one ONNX file (uint8 images in, probabilities out; `cxrlab export`)."""
+    def export_onnx(self, path: PathLike, *, overwrite: bool = False, int8: bool = False,
+                    calibration_images: int = 256) -> Path:
+        """The run as one ONNX file (uint8 images in, probabilities out; `cxrlab export`).
+
+        `int8`: 8-bit weights and activations, ranges from `calibration_images` training
+        images; what that changes on the validation images is in the file's `int8_check`
+        metadata (`cxrlab.export.OnnxPredictor(path).int8_check`)."""
+        if int8:
+            from cxrlab.quantize import export_int8
+
+            return export_int8(self.loaded, Path(path), overwrite=overwrite,
+                               calibration_images=calibration_images)[0]
         from cxrlab.export import export_onnx
 
         return export_onnx(self.loaded, Path(path), overwrite=overwrite)

@@ -17,6 +17,7 @@ same graph for these plain CNNs.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxrlab.cpu import cpu_has_vnni
 from cxrlab.errors import CxrlabError
 from cxrlab.run import LoadedRun, load_run
 
@@ -71,12 +73,8 @@ def run_metadata(run: LoadedRun) -> dict[str, str]:
     }
 
 
-def export_onnx(run: LoadedRun | Path, out: Path, overwrite: bool = False) -> Path:
-    """Write the run as one ONNX file (weights inside), checked with onnx.checker."""
-    import onnx
-
-    if not isinstance(run, LoadedRun):
-        run = load_run(run)
+def check_out(out: Path, overwrite: bool = False) -> Path:
+    """Refuse an ONNX destination that is a folder, exists, or has no folder to go in."""
     out = Path(out)
     if out.is_dir():
         raise CxrlabError(f"--onnx {out}: is a folder; give a file name (model.onnx)")
@@ -84,32 +82,62 @@ def export_onnx(run: LoadedRun | Path, out: Path, overwrite: bool = False) -> Pa
         raise CxrlabError(f"--onnx {out}: file exists (choose a new name)")
     if not out.parent.is_dir():
         raise CxrlabError(f"--onnx {out}: folder {out.parent} does not exist")
+    return out
+
+
+def fp32_graph(run: LoadedRun):
+    """The run's fp32 ONNX graph (an onnx.ModelProto), its metadata set."""
+    import onnx
+
     wrapped = ProbabilityModel(run.model.float()).eval()
     wrapped = wrapped.to(memory_format=torch.contiguous_format)
     s, c = run.config.image_size, run.info.in_chans
     example = torch.zeros(1, c, s, s, dtype=torch.uint8)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
+    buf = io.BytesIO()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer chatter about shape checks
-            torch.onnx.export(wrapped, (example,), tmp, dynamo=False, opset_version=OPSET,
+            torch.onnx.export(wrapped, (example,), buf, dynamo=False, opset_version=OPSET,
                               input_names=["image"], output_names=["probabilities"],
                               dynamic_axes={"image": {0: "batch"},
                                             "probabilities": {0: "batch"}})
-        proto = onnx.load(tmp)
-        onnx.helper.set_model_props(proto, run_metadata(run))
-        proto.doc_string = f"cxrlab {run.config.model}: {', '.join(run.classes)}"
-        onnx.checker.check_model(proto)
+    finally:
+        run.model.eval()
+    proto = onnx.load_from_string(buf.getvalue())
+    set_metadata(proto, run_metadata(run) | {"precision": "fp32"})
+    return proto
+
+
+def set_metadata(proto, meta: dict[str, str]) -> None:
+    import onnx
+
+    onnx.helper.set_model_props(proto, meta)
+    proto.doc_string = f"cxrlab {meta['model']}: {', '.join(json.loads(meta['classes']))}"
+
+
+def save_onnx(proto, out: Path) -> Path:
+    """Check the graph and write it in one rename: no half-written file at `out`, ever."""
+    import onnx
+
+    onnx.checker.check_model(proto)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
         onnx.save(proto, tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    finally:
-        run.model.eval()
     return out
+
+
+def export_onnx(run: LoadedRun | Path, out: Path, overwrite: bool = False) -> Path:
+    """Write the run as one fp32 ONNX file (weights inside), checked with onnx.checker."""
+    out = check_out(out, overwrite)
+    if not isinstance(run, LoadedRun):
+        run = load_run(run)
+    return save_onnx(fp32_graph(run), out)
 
 
 class OnnxPredictor:
@@ -141,6 +169,13 @@ class OnnxPredictor:
         self.threshold = float(meta["threshold"]) if meta.get("threshold") else None
         pos = meta.get("positive_class") or None
         self.positive = None if pos is None else self.classes.index(pos)
+        self.precision = meta.get("precision", "fp32")
+        self.int8_check = json.loads(meta["int8_check"]) if "int8_check" in meta else None
+        if self.int8_check and self.int8_check.get("vnni") and not cpu_has_vnni():
+            warnings.warn(f"{path}: quantized on a CPU with VNNI; without it, as here, ONNX "
+                          "Runtime's int8 products can saturate and its scores may differ "
+                          "from the check in the file: export --int8 on this machine",
+                          stacklevel=2)
 
     def check_matches(self, run: LoadedRun) -> None:
         """Refuse a file exported from another run (other classes or input)."""
@@ -152,10 +187,16 @@ class OnnxPredictor:
                               f"{run.classes} at {theirs[1]} px x {theirs[2]} ch")
 
     def __call__(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        return self.scores(self.session, images, batch_size)
+
+    @staticmethod
+    def scores(session, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Probabilities (N, K) from a session of a cxrlab graph, `batch_size` images a run."""
         images = np.ascontiguousarray(images, dtype=np.uint8)
         if len(images) == 0:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        out = [self.session.run(None, {"image": images[i : i + batch_size]})[0]
+            k = session.get_outputs()[0].shape[1]
+            return np.zeros((0, k), dtype=np.float32)
+        out = [session.run(None, {"image": images[i : i + batch_size]})[0]
                for i in range(0, len(images), batch_size)]
         return np.concatenate(out).astype(np.float32)
 

@@ -3,7 +3,7 @@
     POST /predict        multipart field `file` (JPEG, PNG or DICOM) -> {class, probabilities,
                          threshold, model, version}; ?cam=1 adds `cam`, a PNG data URL
     GET  /               the page (no external scripts, fonts or CDNs)
-    GET  /health         {status, model, classes, ...}
+    GET  /health         {status, model, classes, backend, ...}
     GET  /docs, /openapi.json   as FastAPI writes them
 
 Limits: the body is counted while it streams (BodyLimit) and cut off with 413 at
@@ -93,18 +93,22 @@ class Inference:
     """The run, loaded once: decode bytes -> probabilities (and a Grad-CAM on request)."""
 
     def __init__(self, run_dir: Path, batch_wait_ms: float = 0.0, max_batch: int = 16,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, onnx: Path | None = None):
         import torch
 
         from cxrlab import __version__
-        from cxrlab.inference import predict_probs
+        from cxrlab.export import make_predictor
         from cxrlab.run import load_run
 
         self.run = load_run(run_dir)
         self.version = __version__
         self.max_pixels = max_pixels
         self._torch = torch
-        self._forward = lambda x: predict_probs(self.run.model, x)  # fp32, as the threshold
+        # torch fp32 (as the threshold was chosen) unless an exported file is given; Grad-CAM
+        # always comes from the run's own model
+        self._forward = make_predictor(self.run, "torch" if onnx is None else "onnx", onnx)
+        self.backend = ("torch fp32" if onnx is None
+                        else f"onnx {getattr(self._forward, 'precision', 'fp32')}")
         self._lock = threading.Lock()
         self._cam = None
         self._cam_lock = threading.Lock()
@@ -198,11 +202,13 @@ def _status_for(message: str) -> int:
 
 def create_app(run_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
                batch_wait_ms: float = 0.0, max_batch: int = 16,
-               max_pixels: int = DEFAULT_MAX_PIXELS):
-    """The FastAPI app for one run; the model is loaded here, once."""
+               max_pixels: int = DEFAULT_MAX_PIXELS, onnx: Path | str | None = None):
+    """The FastAPI app for one run; the model is loaded here, once. `onnx`: answer with
+    that file from `cxrlab export` (checked against the run) in ONNX Runtime."""
     from cxrlab import __version__
 
-    engine = Inference(Path(run_dir), batch_wait_ms, max_batch, max_pixels)
+    engine = Inference(Path(run_dir), batch_wait_ms, max_batch, max_pixels,
+                       None if onnx is None else Path(onnx))
 
     @asynccontextmanager
     async def lifespan(app):
@@ -221,7 +227,7 @@ def create_app(run_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
         return {"status": "ok", "model": r.config.model, "run": Path(r.run_dir).resolve().name,
                 "classes": r.classes, "image_size": r.config.image_size,
                 "threshold": r.threshold, "version": engine.version,
-                "batching": engine.batcher is not None}
+                "batching": engine.batcher is not None, "backend": engine.backend}
 
     @app.post("/predict")
     async def predict(file: UploadFile = File(..., description="JPEG, PNG or DICOM"),
@@ -250,10 +256,12 @@ def create_app(run_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
 
 
 def serve_run(run_dir: Path, host: str = "127.0.0.1", port: int = 8000,
-              max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, batch_wait_ms: float = 0.0) -> None:
+              max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, batch_wait_ms: float = 0.0,
+              onnx: Path | None = None) -> None:
     import uvicorn
 
-    app = create_app(run_dir, max_upload_mb=max_upload_mb, batch_wait_ms=batch_wait_ms)
+    app = create_app(run_dir, max_upload_mb=max_upload_mb, batch_wait_ms=batch_wait_ms,
+                     onnx=onnx)
     if host not in LOOPBACK:
         log.warning("serving on %s: reachable from other machines, with no authentication",
                     host)

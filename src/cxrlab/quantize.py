@@ -1,0 +1,159 @@
+"""An int8 ONNX file of a run, and what int8 changes on the run's own validation images.
+
+fp32 inference of ResNet-18 at 224 px at 60 images/s needs about 220 GFLOP/s: nearly the
+whole fp32 peak of two cores without AVX-512 (2 x 32 FLOP a cycle with AVX2). 8-bit integer
+arithmetic does more per instruction, so a deployment that must be fast on such a CPU can
+trade a little agreement for speed. Nothing in cxrlab decides in int8 unless a user asks:
+training, the threshold, metrics, evaluate and the default predict stay fp32.
+
+ONNX Runtime's static quantization does the work (QDQ format, uint8 activations, int8 weights
+per output channel, MinMax ranges from training images: its own guidance for x86 CPUs). On a
+CPU without VNNI ONNX Runtime multiplies uint8 by int8 in pairs summed in 16 bits, which can
+saturate; weights then get 7 bits (`reduce_range`), as that guidance says. So the file is
+quantized for the kind of CPU that exports it, and the check written into it holds there:
+export on the machine that will serve (`OnnxPredictor` warns when a file made for VNNI runs
+on a CPU without it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from cxrlab.cpu import cpu_has_vnni, cpu_name
+from cxrlab.errors import CxrlabError
+from cxrlab.export import check_out, fp32_graph, save_onnx, set_metadata
+from cxrlab.inference import decide
+from cxrlab.run import LoadedRun, load_run, read_predictions, read_split_csv
+
+CALIBRATION_IMAGES = 256
+CALIBRATION_BATCH = 32
+
+
+def calibration_paths(run: LoadedRun, n: int) -> list[Path]:
+    """`n` of the run's training images, spread evenly over split.csv (always the same ones)."""
+    rows = read_split_csv(Path(run.run_dir) / "split.csv")
+    train = [Path(r["path"]) for r in rows if r["split"] == "train"]
+    if not train:
+        raise CxrlabError(f"--int8: {run.run_dir}/split.csv names no training images "
+                          "to calibrate on")
+    return [train[i] for i in np.unique(np.linspace(0, len(train) - 1, n).round().astype(int))]
+
+
+def load(paths: list[Path], run: LoadedRun, what: str) -> np.ndarray:
+    from cxrlab.data.cache import load_images
+
+    for p in paths:
+        if not p.is_file():
+            raise CxrlabError(f"--int8: {what} image {p} not found (int8 needs the run's "
+                              f"{what} images where they were when it trained)")
+    images, _ = load_images(paths, run.config.image_size, run.info.in_chans)
+    return images
+
+
+def agreement(run: LoadedRun, y: np.ndarray, fp32: np.ndarray, int8: np.ndarray) -> dict:
+    """What int8 changes on the validation images: decisions at the run's threshold, the
+    largest change of a class probability, accuracy and AUC before and after."""
+    from sklearn.metrics import roc_auc_score
+
+    pos, t = run.info.positive, run.threshold
+    before, after = decide(fp32, pos, t), decide(int8, pos, t)
+
+    def auc(p: np.ndarray) -> float | None:
+        try:
+            if pos is not None:
+                return float(roc_auc_score(y == pos, p[:, pos]))
+            return float(roc_auc_score(y, p, multi_class="ovr"))
+        except ValueError:  # a class missing from validation
+            return None
+
+    return {"images": int(len(y)),
+            "changed_decisions": int((before != after).sum()),
+            "max_probability_change": float(np.abs(int8 - fp32).max()) if len(y) else 0.0,
+            "accuracy": {"fp32": float((before == y).mean()), "int8": float((after == y).mean())},
+            "auc": {"fp32": auc(fp32), "int8": auc(int8)}}
+
+
+@contextmanager
+def quiet_onnxruntime():
+    """ONNX Runtime's quantizer logs each rescaled weight at INFO on the root logger (dozens
+    of lines for EfficientNet-Lite0): drop its records below WARNING while it runs."""
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "onnxruntime" not in record.pathname
+
+    handlers = logging.getLogger().handlers
+    for h in handlers:
+        h.addFilter(keep)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(keep)
+
+
+def quantize_graph(proto, batches: Iterable[dict[str, np.ndarray]], reduce_range: bool):
+    """An fp32 ONNX graph (ModelProto) quantized to int8 by ONNX Runtime, its ranges from
+    `batches` (each a dict of the graph's inputs); metadata as given."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(batches)
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory(prefix="cxrlab-int8-") as d, quiet_onnxruntime():
+        onnx.save(proto, f"{d}/fp32.onnx")
+        quant_pre_process(f"{d}/fp32.onnx", f"{d}/pre.onnx")  # shapes, folded constants
+        quantize_static(f"{d}/pre.onnx", f"{d}/int8.onnx", Reader(),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        reduce_range=reduce_range, calibrate_method=CalibrationMethod.MinMax)
+        return onnx.load(f"{d}/int8.onnx")
+
+
+def export_int8(run: LoadedRun | Path, out: Path, overwrite: bool = False,
+                calibration_images: int = CALIBRATION_IMAGES) -> tuple[Path, dict]:
+    """Write the run as an int8 ONNX file; (its path, the check on the validation images).
+
+    The check compares the int8 file with the run's own fp32 scores (val_predictions.csv)
+    and is stored in the file's metadata (`int8_check`, JSON) beside the usual keys."""
+    import onnxruntime as ort
+
+    from cxrlab.export import OnnxPredictor
+
+    out = check_out(out, overwrite)
+    if calibration_images < 1:
+        raise CxrlabError(f"--calibration-images {calibration_images}: must be at least 1")
+    if not isinstance(run, LoadedRun):
+        run = load_run(run)
+    calib = load(calibration_paths(run, calibration_images), run, "calibration")
+    val_paths, y, fp32 = read_predictions(Path(run.run_dir) / "val_predictions.csv", run.classes)
+    val = load([Path(p) for p in val_paths], run, "validation")
+
+    reduce_range = not cpu_has_vnni()
+    proto = fp32_graph(run)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    int8 = quantize_graph(proto, ({"image": calib[i : i + CALIBRATION_BATCH]}
+                                  for i in range(0, len(calib), CALIBRATION_BATCH)), reduce_range)
+    session = ort.InferenceSession(int8.SerializeToString(), providers=["CPUExecutionProvider"])
+    check = agreement(run, y, fp32, OnnxPredictor.scores(session, val)) | {
+        "calibration_images": int(len(calib)), "reduce_range": reduce_range,
+        "cpu": cpu_name(), "vnni": not reduce_range}
+    set_metadata(int8, meta | {"precision": "int8", "int8_check": json.dumps(check)})
+    return save_onnx(int8, out), check
