@@ -29,7 +29,8 @@ frozen, the rest training; --frozen-stages 0: every layer), on
 (k) Keras     with --keras JSON (benchmarks/keras_baseline.py, run on this machine under a
               Python with TensorFlow): (b) over the notebooks' Keras `fit` for cnn and resnet18.
 (f) inference images/s at batch 64: `predict_probs` (fp32, what cxrlab uses) and the same under
-              bf16 autocast for comparison, ONNX Runtime (exported here).
+              bf16 autocast for comparison, ONNX Runtime (exported here) in fp32 and in
+              int8 as `cxrlab export --int8` quantizes for this CPU.
 (g) memory    peak RSS of the model's process after (c) (the real training path, all 5216
               images in memory) and at the end; and of the naive DataLoader workers.
 
@@ -366,8 +367,10 @@ class Bench:
         module = self.new_module().to(self.device).eval()
         model = module.model
         x = torch.randint(0, 256, (INFER_BATCH, 1, self.size, self.size), dtype=torch.uint8)
-        sess = onnx_session(model, self.size, self.device)
         xn = x.numpy()
+        graph = onnx_graph(model, self.size, self.device)
+        sess = ort_session(graph, self.device)
+        sess8 = ort_session(int8_graph(graph, xn), self.device)
 
         def torch_run(bf16: bool):
             # cxrlab predicts in fp32 only (predict_probs); bf16 is measured for comparison
@@ -382,15 +385,18 @@ class Bench:
 
             return run
 
-        def ort_run(reps: int) -> float:
-            sess.run(None, {"x": xn.astype(np.float32) / 255.0})
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                sess.run(None, {"x": xn.astype(np.float32) / 255.0})
-            return reps * INFER_BATCH / (time.perf_counter() - t0)
+        def ort_run(session):
+            def run(reps: int) -> float:
+                session.run(None, {"x": xn.astype(np.float32) / 255.0})
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    session.run(None, {"x": xn.astype(np.float32) / 255.0})
+                return reps * INFER_BATCH / (time.perf_counter() - t0)
+
+            return run
 
         runs = {"infer_fp32": torch_run(False), "infer_bf16": torch_run(True),
-                "infer_onnx": ort_run}
+                "infer_onnx": ort_run(sess), "infer_onnx_int8": ort_run(sess8)}
         reps = 1 if self.args.quick else 2
         return interleave(runs, reps, self.args.repeats)
 
@@ -451,13 +457,9 @@ def notebook_augment_one(x, rng_or_params):
                          align_corners=False)[0]
 
 
-def onnx_session(model, size: int, device):
-    """Export with torch.onnx.export (the TorchScript exporter: no onnxscript needed) and open
-    an ONNX Runtime session with as many threads as this process may use."""
-    import onnxruntime as ort
+def onnx_graph(model, size: int, device) -> bytes:
+    """Export with torch.onnx.export (the TorchScript exporter: no onnxscript needed)."""
     import torch
-
-    from cxrlab.data.cache import n_workers
 
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -466,12 +468,35 @@ def onnx_session(model, size: int, device):
                           dynamo=False, input_names=["x"], output_names=["logits"],
                           dynamic_axes={"x": {0: "batch"}}, opset_version=17)
     model.to(device)
+    return buf.getvalue()
+
+
+def ort_session(graph: bytes, device):
+    """An ONNX Runtime session with as many threads as this process may use."""
+    import onnxruntime as ort
+
+    from cxrlab.data.cache import n_workers
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = n_workers()
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(buf.getvalue(), opts, providers=providers)
+    return ort.InferenceSession(graph, opts, providers=providers)
+
+
+def int8_graph(graph: bytes, calibration: np.ndarray) -> bytes:
+    """The graph quantized as `cxrlab export --int8` does it, for this CPU (7-bit weights
+    without VNNI); ranges from the benchmark's own images (speed does not depend on them)."""
+    import onnx
+
+    from cxrlab.cpu import cpu_has_vnni
+    from cxrlab.quantize import quantize_graph
+
+    batches = [{"x": calibration[i : i + 32].astype(np.float32) / 255.0}
+               for i in range(0, len(calibration), 32)]
+    return quantize_graph(onnx.load_from_string(graph), batches,
+                          reduce_range=not cpu_has_vnni()).SerializeToString()
 
 
 def interleave(runs: dict, steps: int, repeats: int) -> dict:
@@ -603,6 +628,9 @@ def table(results: list[dict], args, load: str, started: datetime, minutes: floa
     row("    torch bf16, img/s", lambda r: f"{r['infer_bf16']:.1f}",
         ">= 80 (resnet18)")
     row("    ONNX Runtime fp32, img/s", lambda r: f"{r['infer_onnx']:.1f}")
+    row("    ONNX Runtime int8 (export --int8), img/s",
+        lambda r: f"{r['infer_onnx_int8']:.1f}" if "infer_onnx_int8" in r else "–",
+        ">= 60 (resnet18, no bf16)")
     row("(g) peak RSS, training all images, MB", lambda r: f"{r['rss_train_mb']:.0f}", "<= 3000")
     row("    peak RSS at the end / naive worker, MB",
         lambda r: f"{r['rss_end_mb']:.0f} / {r['rss_workers_mb']:.0f}")
