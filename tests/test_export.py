@@ -228,7 +228,7 @@ def test_int8_weights_have_7_bits_where_the_cpu_has_no_vnni(real_run, int8_file,
         OnnxPredictor(int8_file)
 
 
-def test_int8_cli_and_predict(real_run, int8_file, tmp_path, monkeypatch, capsys):
+def test_int8_cli_and_predict(real_run, int8_file, tmp_path, monkeypatch, capsys, caplog):
     run, files = real_run
     out = tmp_path / "cli.onnx"
     code, stdout, err = cli(["export", run, "--onnx", out, "--int8", "--calibration-images", 4],
@@ -239,9 +239,13 @@ def test_int8_cli_and_predict(real_run, int8_file, tmp_path, monkeypatch, capsys
     said = " ".join(stdout.split())
     assert f"{check['changed_decisions']} of {check['images']} decisions changed" in said
     assert "int8 ONNX model written" in said and "Increased scale" not in stdout + err
+    caplog.set_level("INFO", logger="cxrlab")
     code, stdout, err = cli(["predict", run, files[0], "--backend", "onnx", "--onnx", int8_file,
                              "--json"], monkeypatch, capsys)
     assert code == 0, err
+    theirs = OnnxPredictor(int8_file).int8_check
+    assert (f"{int8_file.name} is int8: on the run's validation images it changed "
+            f"{theirs['changed_decisions']} of {theirs['images']}") in caplog.text
     row = json.loads(stdout)
     want = OnnxPredictor(int8_file)(load_images(files[:1], 64, 1, cache_dir=None)[0])[0]
     assert row["probabilities"]["PNEUMONIA"] == pytest.approx(float(want[1]), abs=1e-6)

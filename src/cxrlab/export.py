@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -31,6 +32,8 @@ from torch import nn
 from cxrlab.cpu import cpu_has_vnni
 from cxrlab.errors import CxrlabError
 from cxrlab.run import LoadedRun, load_run
+
+log = logging.getLogger("cxrlab")
 
 OPSET = 17
 INPUT_SPEC = ("uint8 (N, in_chans, S, S), values 0..255; S = image_size; "
@@ -216,4 +219,8 @@ def make_predictor(run: LoadedRun, backend: str = "torch", onnx_file: Path | Non
     else:
         predictor = OnnxPredictor(onnx_file)
     predictor.check_matches(run)
+    if predictor.int8_check:
+        c = predictor.int8_check
+        log.info("%s is int8: on the run's validation images it changed %d of %d decisions",
+                 predictor.path.name, c["changed_decisions"], c["images"])
     return predictor
