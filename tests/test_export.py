@@ -301,3 +301,25 @@ def test_serve_answers_with_the_int8_file(real_run, int8_file):
         assert r.json()["probabilities"]["PNEUMONIA"] == pytest.approx(float(want[1]), abs=1e-6)
     with TestClient(create_app(run)) as client:
         assert client.get("/health").json()["backend"] == "torch fp32"
+
+
+def test_evaluate_scores_with_the_int8_file(real_run, int8_file, tmp_path, monkeypatch, capsys):
+    from sklearn.metrics import roc_auc_score
+
+    run, files = real_run
+    out = tmp_path / "m.json"
+    code, stdout, err = cli(["evaluate", run, files[0].parent.parent, "--onnx", int8_file,
+                             "--json", out], monkeypatch, capsys)
+    assert code == 0, err
+    assert "int8 file q.onnx" in " ".join(stdout.split())
+    m = json.loads(out.read_text())
+    assert m["onnx"] == {"file": str(int8_file), "precision": "int8"} and m["n"] == 16
+    images, _ = load_images(files, 64, 1, cache_dir=None)
+    p = OnnxPredictor(int8_file)(images)
+    y = np.array([f.parent.name == "PNEUMONIA" for f in files])
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(y, p[:, 1]))
+    assert m["accuracy"] == pytest.approx((decide(p, 1, load_run(run).threshold) == y).mean())
+    # the stress test is the run's own (fp32): not with another file
+    code, _, err = cli(["evaluate", run, files[0].parent.parent, "--onnx", int8_file, "--shift"],
+                       monkeypatch, capsys)
+    assert code == 2 and "--shift with --onnx" in err and not (run / "shift.json").exists()

@@ -258,15 +258,17 @@ class Run:
     # -- using the model ----------------------------------------------------------------
     def evaluate(self, data: PathLike, *, split: str | None = None, positive: str | None = None,
                  image_col: str | None = None, label_col: str | None = None,
-                 skip_bad: bool = False, shift: bool = False) -> Metrics:
+                 skip_bad: bool = False, shift: bool = False,
+                 onnx: PathLike | None = None) -> Metrics:
         """Metrics on labelled images at the run's threshold (`cxrlab evaluate RUN DATA`).
 
         `shift=True` also scores the run under graded synthetic intake shifts (under
-        "shift"), and writes RUN/shift.json and RUN/shift.png, which the report shows."""
+        "shift"), and writes RUN/shift.json and RUN/shift.png, which the report shows.
+        `onnx`: score with that exported file (e.g. `export_onnx(..., int8=True)`) instead."""
         from cxrlab.scoring import evaluate_run
 
         metrics = evaluate_run(self.path, Path(data), image_col, label_col, split, positive,
-                               skip_bad, shift=shift)
+                               skip_bad, shift=shift, onnx=None if onnx is None else Path(onnx))
         if shift:
             from cxrlab import shift as stress
 

@@ -200,6 +200,9 @@ def evaluate(
     shift: Annotated[bool, typer.Option(
         "--shift", help="stress test under synthetic intake shifts; writes RUN/shift.json "
         "and RUN/shift.png (the report shows them)")] = False,
+    onnx: Annotated[Path | None, typer.Option(
+        help="score with this file from `cxrlab export` (e.g. --int8) instead of the run's "
+        "fp32 model")] = None,
 ) -> None:
     """Metrics of a run on labelled images, at the run's threshold and at 0.5; warns when the
     images differ from the run's training images."""
@@ -207,8 +210,10 @@ def evaluate(
     from cxrlab.run import write_json
 
     metrics = Run(run_dir).evaluate(data, split=split, positive=positive, image_col=image_col,
-                                    label_col=label_col, skip_bad=skip_bad, shift=shift)
-    _print_metrics(metrics, f"{data} ({metrics['n']} images)")
+                                    label_col=label_col, skip_bad=skip_bad, shift=shift,
+                                    onnx=onnx)
+    scored_by = "" if onnx is None else f", {metrics['onnx']['precision']} file {onnx.name}"
+    _print_metrics(metrics, f"{data} ({metrics['n']} images{scored_by})")
     if json_out is not None:
         write_json(json_out, metrics)
         console.print(f"Metrics written to [bold]{json_out}[/]")

@@ -121,17 +121,27 @@ def labelled_records(classes: list[str], data: Path, image_col: str | None,
 def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
                  label_col: str | None = None, split: str | None = None,
                  positive: str | None = None, skip_bad: bool = False,
-                 n_boot: int = 1000, shift: bool = False) -> dict:
+                 n_boot: int = 1000, shift: bool = False, onnx: Path | None = None) -> dict:
     """Metrics of a finished run on any labelled source, at the run's threshold.
 
     Also checks the images against the run's training intake (cxrlab.intake: warnings, and
     metrics["intake"]); `shift` adds the stress test (cxrlab.shift) as metrics["shift"].
     `positive` may name the other class: the metrics are then about that class, with the
     same decisions (see `complement_threshold`); the stress test stays the run's own.
+    `onnx`: score with that file from `cxrlab export` (an int8 one on a held-out set, say)
+    instead of the run's fp32 model; metrics["onnx"] names it.
     """
     from cxrlab.evaluate import compute_metrics
 
+    if onnx is not None and shift:
+        raise CxrlabError("--shift with --onnx: the stress test (RUN/shift.json) is the run's "
+                          "own, in fp32; run it without --onnx")
     run = load_run(run_dir)
+    predictor = None
+    if onnx is not None:  # checked against the run before any image is decoded
+        from cxrlab.export import make_predictor
+
+        predictor = make_predictor(run, "onnx", Path(onnx))
     records = labelled_records(run.classes, data, image_col, label_col, split,
                                test_by_default=True)
     pos = run.info.positive
@@ -148,7 +158,7 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
     def predict(x: np.ndarray) -> np.ndarray:
         return predict_probs(run.model, x)  # fp32, as the run's threshold (predict_probs)
 
-    probs = predict(images)
+    probs = predict(images) if predictor is None else predictor(images)
     scored, threshold, strict = probs, run.threshold, False
     if pos != run.info.positive:  # --positive names the class the run did not threshold
         scored, threshold = complement_threshold(probs, run.info.positive, run.threshold)
@@ -158,6 +168,8 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
                               groups=keys if any(keys) else None, strict=strict)
     metrics["data"] = str(data)
     metrics["skipped"] = [[str(p), why] for p, why in bad]
+    if predictor is not None:
+        metrics["onnx"] = {"file": str(onnx), "precision": predictor.precision}
     from cxrlab.intake import check_intake
 
     metrics["intake"] = check_intake(run, [r.path for r in records], images, probs, pos)
