@@ -197,11 +197,13 @@ def test_int8_export_is_quantized_and_its_check_is_true(real_run, int8_file):
                                                       .mean())
     assert check["calibration_images"] == sum(
         1 for r in csv_rows(run / "split.csv") if r["split"] == "train")
-    # the same run, images and ranges: the same file
+    speed = check["images_per_second"]
+    assert speed["fp32"] > 0 and speed["int8"] > 0  # which is faster depends on the CPU
+    # the same run, images and ranges: the same graph (only the timings may differ)
     from cxrlab.quantize import export_int8
 
     again = export_int8(run, int8_file.parent / "again.onnx")[0]
-    assert again.read_bytes() == int8_file.read_bytes()
+    assert onnx.load(again).graph == proto.graph
 
 
 def csv_rows(path: Path) -> list[dict]:

@@ -311,8 +311,12 @@ def int8_summary(check: dict) -> str:
             f"{check['accuracy']['int8']:.3f} (fp32 {check['accuracy']['fp32']:.3f})")
     if auc["int8"] is not None:
         line += f", AUC {auc['int8']:.4f} (fp32 {auc['fp32']:.4f})"
+    speed = check["images_per_second"]
     line += (f". Quantized for a CPU {'with' if check['vnni'] else 'without'} VNNI "
-             f"({check['cpu']}).")
+             f"({check['cpu']}); here ONNX Runtime runs it at {speed['int8']:.0f} images/s, "
+             f"the fp32 file at {speed['fp32']:.0f}.")
+    if speed["int8"] < speed["fp32"]:
+        line += "\n[yellow]int8 is slower than fp32 on this CPU: use the fp32 file.[/]"
     if changed > 0.01 * n:
         line += ("\n[yellow]More than 1% of decisions changed: prefer the fp32 file unless "
                  "speed matters more.[/]")

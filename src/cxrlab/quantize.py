@@ -33,6 +33,7 @@ from cxrlab.inference import decide
 from cxrlab.run import LoadedRun, load_run, read_predictions, read_split_csv
 
 CALIBRATION_IMAGES = 256
+SPEED_IMAGES = 128  # timed in fp32 and int8, from the calibration images
 # The ranges are min/max over all images, the same file at any batch size; a batch of 32 took
 # the export to 3.6 GB (EfficientNet-Lite0), 8 to 2.0 GB, as fast
 CALIBRATION_BATCH = 8
@@ -131,6 +132,22 @@ def quantize_graph(proto, batches: Iterable[dict[str, np.ndarray]], reduce_range
         return onnx.load(f"{d}/int8.onnx")
 
 
+def images_per_second(session, images: np.ndarray) -> float:
+    """ONNX Runtime's rate on this CPU, batches of 64, best of two passes after a warm-up:
+    whether int8 pays here at all (the notebook CNN ran slower in int8 on Zen 4)."""
+    import time
+
+    from cxrlab.export import OnnxPredictor
+
+    OnnxPredictor.scores(session, images[:64])
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        OnnxPredictor.scores(session, images)
+        best = min(best, time.perf_counter() - t0)
+    return len(images) / best
+
+
 def export_int8(run: LoadedRun | Path, out: Path, overwrite: bool = False,
                 calibration_images: int = CALIBRATION_IMAGES) -> tuple[Path, dict]:
     """Write the run as an int8 ONNX file; (its path, the check on the validation images).
@@ -155,9 +172,12 @@ def export_int8(run: LoadedRun | Path, out: Path, overwrite: bool = False,
     meta = {p.key: p.value for p in proto.metadata_props}
     int8 = quantize_graph(proto, ({"image": calib[i : i + CALIBRATION_BATCH]}
                                   for i in range(0, len(calib), CALIBRATION_BATCH)), reduce_range)
-    session = ort.InferenceSession(int8.SerializeToString(), providers=["CPUExecutionProvider"])
-    check = agreement(run, y, fp32, OnnxPredictor.scores(session, val)) | {
+    sessions = {k: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                for k, m in (("fp32", proto), ("int8", int8))}
+    timed = np.resize(calib, (SPEED_IMAGES, *calib.shape[1:]))
+    check = agreement(run, y, fp32, OnnxPredictor.scores(sessions["int8"], val)) | {
         "calibration_images": int(len(calib)), "reduce_range": reduce_range,
-        "cpu": cpu_name(), "vnni": not reduce_range}
+        "cpu": cpu_name(), "vnni": not reduce_range,
+        "images_per_second": {k: images_per_second(s, timed) for k, s in sessions.items()}}
     set_metadata(int8, meta | {"precision": "int8", "int8_check": json.dumps(check)})
     return save_onnx(int8, out), check
