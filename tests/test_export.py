@@ -224,10 +224,51 @@ def test_int8_weights_have_7_bits_where_the_cpu_has_no_vnni(real_run, int8_file,
     assert max(np.abs(w).max() for w in int8_weights(onnx.load(path))) <= 64
     # with VNNI each output channel's largest weight uses the full 8 bits
     assert max(np.abs(w).max() for w in int8_weights(onnx.load(int8_file))) == 127
-    # a file made for VNNI, opened where there is none, says so
+    # a file made for VNNI is refused where there is none (its decisions change there)
     monkeypatch.setattr(cxrlab.export, "cpu_has_vnni", lambda: False)
-    with pytest.warns(UserWarning, match="VNNI"):
+    with pytest.raises(CxrlabError, match="--portable"):
         OnnxPredictor(int8_file)
+    OnnxPredictor(path)  # the 7-bit one is fine
+
+
+def test_int8_portable_has_7_bits_even_with_vnni(real_run, int8_file, tmp_path, monkeypatch,
+                                                  capsys):
+    import warnings
+
+    import cxrlab.export
+    import cxrlab.quantize
+
+    run, files = real_run
+    monkeypatch.setattr(cxrlab.quantize, "cpu_has_vnni", lambda: True)
+    out = tmp_path / "portable.onnx"
+    code, stdout, err = cli(["export", run, "--onnx", out, "--int8", "--portable",
+                             "--calibration-images", 8], monkeypatch, capsys)
+    assert code == 0, err
+    assert "7-bit weights: the same scores on any x86 CPU" in " ".join(stdout.split())
+    check = OnnxPredictor(out).int8_check
+    assert check["reduce_range"] and not check["vnni"] and check["cpu_vnni"]
+    assert max(np.abs(w).max() for w in int8_weights(onnx.load(out))) <= 64
+    # made for any CPU: served where there is no VNNI, without a word
+    monkeypatch.setattr(cxrlab.export, "cpu_has_vnni", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        OnnxPredictor(out)
+    code, _, err = cli(["predict", run, files[0], "--backend", "onnx", "--onnx", out],
+                       monkeypatch, capsys)
+    assert code == 0, err
+    # where the 8-bit file (made for VNNI) is refused, in one line that says what to do
+    code, _, err = cli(["predict", run, files[0], "--backend", "onnx", "--onnx", int8_file],
+                       monkeypatch, capsys)
+    assert code == 2 and "--portable" in err and len(err.strip().splitlines()) == 1
+    # --portable means nothing for an fp32 file: refused, nothing written
+    other = tmp_path / "fp32.onnx"
+    code, _, err = cli(["export", run, "--onnx", other, "--portable"], monkeypatch, capsys)
+    assert code == 2 and "--portable" in err and "--int8" in err and not other.exists()
+    from cxrlab.api import Run
+
+    with pytest.raises(CxrlabError, match="int8=True"):
+        Run(run).export_onnx(other, portable=True)
+    assert not other.exists()
 
 
 def test_int8_cli_and_predict(real_run, int8_file, tmp_path, monkeypatch, capsys, caplog):

@@ -338,17 +338,20 @@ class Run:
                                  cam_title(name, row)))
 
     def export_onnx(self, path: PathLike, *, overwrite: bool = False, int8: bool = False,
-                    calibration_images: int = 256) -> Path:
+                    calibration_images: int = 256, portable: bool = False) -> Path:
         """The run as one ONNX file (uint8 images in, probabilities out; `cxrlab export`).
 
         `int8`: 8-bit weights and activations, ranges from `calibration_images` training
         images; what that changes on the validation images is in the file's `int8_check`
-        metadata (`cxrlab.export.OnnxPredictor(path).int8_check`)."""
+        metadata (`cxrlab.export.OnnxPredictor(path).int8_check`). `portable`: 7-bit weights,
+        the same scores on any x86 CPU (otherwise made for this CPU's kind: VNNI or not)."""
         if int8:
             from cxrlab.quantize import export_int8
 
             return export_int8(self.loaded, Path(path), overwrite=overwrite,
-                               calibration_images=calibration_images)[0]
+                               calibration_images=calibration_images, portable=portable)[0]
+        if portable:
+            raise CxrlabError("portable: only with int8=True (an fp32 file is portable already)")
         from cxrlab.export import export_onnx
 
         return export_onnx(self.loaded, Path(path), overwrite=overwrite)

@@ -289,12 +289,19 @@ def export(
         "against the run on its validation images")] = False,
     calibration_images: Annotated[int, typer.Option(
         help="with --int8: training images that set the 8-bit ranges")] = 256,
+    portable: Annotated[bool, typer.Option(
+        "--portable", help="with --int8: 7-bit weights, the same scores on every x86 CPU "
+        "(without --portable the file is made for this CPU's kind: with or without VNNI)")]
+    = False,
 ) -> None:
     """The run as one ONNX file: uint8 images in, probabilities out, classes and threshold
     in its metadata."""
     from cxrlab.api import Run
 
-    out = Run(run_dir).export_onnx(onnx, int8=int8, calibration_images=calibration_images)
+    if portable and not int8:
+        raise CxrlabError("--portable: only with --int8 (an fp32 file is portable already)")
+    out = Run(run_dir).export_onnx(onnx, int8=int8, calibration_images=calibration_images,
+                                   portable=portable)
     kind = "int8 ONNX" if int8 else "ONNX"
     console.print(f"{kind} model written to [bold]{out}[/] ({out.stat().st_size / 1e6:.1f} MB)")
     if int8:
@@ -312,9 +319,10 @@ def int8_summary(check: dict) -> str:
     if auc["int8"] is not None:
         line += f", AUC {auc['int8']:.4f} (fp32 {auc['fp32']:.4f})"
     speed = check["images_per_second"]
-    line += (f". Quantized for a CPU {'with' if check['vnni'] else 'without'} VNNI "
-             f"({check['cpu']}); here ONNX Runtime runs it at {speed['int8']:.0f} images/s, "
-             f"the fp32 file at {speed['fp32']:.0f}.")
+    made_for = ("8-bit weights for CPUs with VNNI (without it scores move: --portable for "
+                "those)" if check["vnni"] else "7-bit weights: the same scores on any x86 CPU")
+    line += (f". {made_for}. Here ({check['cpu']}) ONNX Runtime runs it at "
+             f"{speed['int8']:.0f} images/s, the fp32 file at {speed['fp32']:.0f}.")
     if speed["int8"] < speed["fp32"]:
         line += "\n[yellow]int8 is slower than fp32 on this CPU: use the fp32 file.[/]"
     if changed > 0.01 * n:

@@ -175,10 +175,12 @@ class OnnxPredictor:
         self.precision = meta.get("precision", "fp32")
         self.int8_check = json.loads(meta["int8_check"]) if "int8_check" in meta else None
         if self.int8_check and self.int8_check.get("vnni") and not cpu_has_vnni():
-            warnings.warn(f"{path}: quantized on a CPU with VNNI; without it, as here, ONNX "
-                          "Runtime's int8 products can saturate and its scores may differ "
-                          "from the check in the file: export --int8 on this machine",
-                          stacklevel=2)
+            # Refused, not warned: on ONNX Runtime's AVX2 kernels such a file changed 8 of 128
+            # validation decisions of the default recipe (benchmarks/int8_without_vnni.py)
+            raise CxrlabError(f"--onnx {path}: int8 with 8-bit weights, for CPUs with VNNI; "
+                              "this one has none, and here its products saturate and "
+                              "decisions change: export it with --int8 --portable (7-bit, "
+                              "the same scores on any CPU) or on this kind of machine")
 
     def check_matches(self, run: LoadedRun) -> None:
         """Refuse a file exported from another run (other classes or input)."""

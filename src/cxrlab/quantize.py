@@ -10,9 +10,11 @@ ONNX Runtime's static quantization does the work (QDQ format, uint8 activations,
 per output channel, MinMax ranges from training images: its own guidance for x86 CPUs). On a
 CPU without VNNI ONNX Runtime multiplies uint8 by int8 in pairs summed in 16 bits, which can
 saturate; weights then get 7 bits (`reduce_range`), as that guidance says. So the file is
-quantized for the kind of CPU that exports it, and the check written into it holds there:
-export on the machine that will serve (`OnnxPredictor` warns when a file made for VNNI runs
-on a CPU without it).
+quantized for the kind of CPU that exports it, and the check written into it holds there;
+`portable` gives 7 bits everywhere, for a file that scores the same on any x86 CPU
+(benchmarks/int8_without_vnni.py: bit-identical under ONNX Runtime's AVX2 and VNNI kernels,
+while an 8-bit file changed decisions there). `OnnxPredictor` refuses a file made for VNNI
+on a CPU without it.
 """
 
 from __future__ import annotations
@@ -149,8 +151,12 @@ def images_per_second(session, images: np.ndarray) -> float:
 
 
 def export_int8(run: LoadedRun | Path, out: Path, overwrite: bool = False,
-                calibration_images: int = CALIBRATION_IMAGES) -> tuple[Path, dict]:
+                calibration_images: int = CALIBRATION_IMAGES,
+                portable: bool = False) -> tuple[Path, dict]:
     """Write the run as an int8 ONNX file; (its path, the check on the validation images).
+
+    `portable`: 7-bit weights even on a CPU with VNNI, so that the file and its check hold on
+    CPUs without it too (a few more changed decisions; the same speed with VNNI).
 
     The check compares the int8 file with the run's own fp32 scores (val_predictions.csv)
     and is stored in the file's metadata (`int8_check`, JSON) beside the usual keys."""
@@ -167,17 +173,25 @@ def export_int8(run: LoadedRun | Path, out: Path, overwrite: bool = False,
     val_paths, y, fp32 = read_predictions(Path(run.run_dir) / "val_predictions.csv", run.classes)
     val = load([Path(p) for p in val_paths], run, "validation")
 
-    reduce_range = not cpu_has_vnni()
+    reduce_range = portable or not cpu_has_vnni()
     proto = fp32_graph(run)
     meta = {p.key: p.value for p in proto.metadata_props}
     int8 = quantize_graph(proto, ({"image": calib[i : i + CALIBRATION_BATCH]}
                                   for i in range(0, len(calib), CALIBRATION_BATCH)), reduce_range)
-    sessions = {k: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-                for k, m in (("fp32", proto), ("int8", int8))}
+
+    def session(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    # one session at a time: each keeps its working memory while it lives (the default
+    # model's export peaked at 3.1 GB with both at once, 2.1 GB so)
     timed = np.resize(calib, (SPEED_IMAGES, *calib.shape[1:]))
-    check = agreement(run, y, fp32, OnnxPredictor.scores(sessions["int8"], val)) | {
+    s = session(int8)
+    scores, speed = OnnxPredictor.scores(s, val), {"int8": images_per_second(s, timed)}
+    del s
+    speed["fp32"] = images_per_second(session(proto), timed)
+    check = agreement(run, y, fp32, scores) | {
         "calibration_images": int(len(calib)), "reduce_range": reduce_range,
-        "cpu": cpu_name(), "vnni": not reduce_range,
-        "images_per_second": {k: images_per_second(s, timed) for k, s in sessions.items()}}
+        "cpu": cpu_name(), "cpu_vnni": cpu_has_vnni(), "vnni": not reduce_range,
+        "images_per_second": speed}
     set_metadata(int8, meta | {"precision": "int8", "int8_check": json.dumps(check)})
     return save_onnx(int8, out), check
