@@ -71,12 +71,12 @@ def agreement(run: LoadedRun, y: np.ndarray, fp32: np.ndarray, int8: np.ndarray)
     before, after = decide(fp32, pos, t), decide(int8, pos, t)
 
     def auc(p: np.ndarray) -> float | None:
-        try:
-            if pos is not None:
-                return float(roc_auc_score(y == pos, p[:, pos]))
-            return float(roc_auc_score(y, p, multi_class="ovr"))
-        except ValueError:  # a class missing from validation
-            return None
+        """The positive class's AUC, or with more classes the mean one-vs-rest AUC over the
+        classes present, as `cxrlab evaluate` reports it (sklearn's multiclass AUC refuses
+        int8 probabilities: their rows need not sum to exactly 1)."""
+        ks = range(p.shape[1]) if pos is None else [pos]
+        aucs = [roc_auc_score(y == k, p[:, k]) for k in ks if 0 < (y == k).sum() < len(y)]
+        return float(np.mean(aucs)) if aucs else None
 
     return {"images": int(len(y)),
             "changed_decisions": int((before != after).sum()),
