@@ -6,18 +6,24 @@ kernels (vpmaddubsw: pairs of uint8 x int8 products summed in 16 bits, which can
 as on a Zen 3 or an Intel laptop without VNNI. The same file and images, both ways:
 
     python benchmarks/int8_without_vnni.py RUN [RUN ...] --json out.json   # ~5 min a run
+    python benchmarks/int8_without_vnni.py RUN --instructions              # +20 min (ResNet-18)
 
 Per run, the two files `cxrlab export --int8` can write: 8-bit weights (made on a CPU with
 VNNI) and 7-bit (`--portable`, or made on a CPU without VNNI), quantized as export does
 (`cxrlab.quantize`: the run's graph, its calibration images). For each: the largest change
 of a probability and the decisions changed between the two kernels, and each against fp32.
-Times under valgrind mean nothing: there are no speeds here. Needs valgrind (Debian package).
+Times under valgrind mean nothing: there are no speeds here. `--instructions` counts, with
+callgrind, the instructions per image of the fp32 and the 7-bit file on the AVX2 kernels
+(two batches of 4 images less one, so that loading is not counted): a hint of what int8
+gains without VNNI, not a speed (an AVX2 CPU may run 8-bit multiplies at another rate than
+fp32 FMAs). Needs valgrind (Debian package).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -31,9 +37,11 @@ import sys, numpy as np, onnxruntime as ort
 o = ort.SessionOptions(); o.intra_op_num_threads = 1
 s = ort.InferenceSession(sys.argv[1], o, providers=["CPUExecutionProvider"])
 x = np.load(sys.argv[2])
-np.save(sys.argv[3], np.concatenate([s.run(None, {"image": x[i:i + 16]})[0]
-                                     for i in range(0, len(x), 16)]))
+for _ in range(int(sys.argv[4]) if len(sys.argv) > 4 else 1):
+    y = np.concatenate([s.run(None, {"image": x[i:i + 16]})[0] for i in range(0, len(x), 16)])
+np.save(sys.argv[3], y)
 """
+COUNTED = 4  # images a batch when counting instructions
 
 
 def scores(graph: Path, images: Path, under_valgrind: bool) -> np.ndarray:
@@ -45,6 +53,20 @@ def scores(graph: Path, images: Path, under_valgrind: bool) -> np.ndarray:
     return np.load(out)
 
 
+def instructions_per_image(graph: Path, images: np.ndarray) -> float:
+    """Instructions per image under callgrind (AVX2 kernels): 2 batches less 1."""
+    x = graph.with_suffix(".counted.npy")
+    np.save(x, images[:COUNTED])
+    counts = []
+    for batches in (1, 2):
+        cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+               sys.executable, "-c", CHILD, str(graph), str(x),
+               str(graph.with_suffix(".out.npy")), str(batches)]
+        err = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+        counts.append(int(re.search(r"I\s+refs:\s+([\d,]+)", err)[1].replace(",", "")))
+    return (counts[1] - counts[0]) / COUNTED
+
+
 def compare(run, a: np.ndarray, b: np.ndarray) -> dict:
     from cxrlab.inference import decide
 
@@ -53,7 +75,7 @@ def compare(run, a: np.ndarray, b: np.ndarray) -> dict:
             "changed_decisions": int((decide(a, pos, t) != decide(b, pos, t)).sum())}
 
 
-def measure(run_dir: Path, n_images: int, tmp: Path) -> dict:
+def measure(run_dir: Path, n_images: int, tmp: Path, count: bool) -> dict:
     import onnx
 
     from cxrlab.cpu import cpu_name
@@ -94,6 +116,12 @@ def measure(run_dir: Path, n_images: int, tmp: Path) -> dict:
               + "; ".join(f"{k} max dp {v['max_probability_change']:.4f}, "
                           f"{v['changed_decisions']} of {len(pick)} decisions changed"
                           for k, v in result[bits].items()), flush=True)
+    if count:
+        x = np.load(images)
+        result["avx2_instructions_per_image"] = {
+            k: instructions_per_image(files[k], x) for k in ("fp32", "7-bit")}
+        print(f"{run_dir.name}: instructions per image on the AVX2 kernels "
+              f"{result['avx2_instructions_per_image']}", flush=True)
     return result
 
 
@@ -103,6 +131,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=128,
                     help="validation images scored (spread evenly; valgrind is slow)")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--instructions", action="store_true",
+                    help="also count instructions per image (fp32, 7-bit) on the AVX2 kernels")
     args = ap.parse_args()
     from cxrlab.cpu import cpu_has_vnni
 
@@ -112,7 +142,7 @@ def main() -> None:
         sys.exit("this CPU has no VNNI: natively ONNX Runtime runs the same AVX2 kernels as "
                  "under valgrind; nothing to compare")
     with tempfile.TemporaryDirectory(prefix="int8-vnni-") as d:
-        results = [measure(r, args.images, Path(d)) for r in args.runs]
+        results = [measure(r, args.images, Path(d), args.instructions) for r in args.runs]
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
 
