@@ -67,39 +67,34 @@ def instructions_per_image(graph: Path, images: np.ndarray) -> float:
     return (counts[1] - counts[0]) / COUNTED
 
 
-def compare(run, a: np.ndarray, b: np.ndarray) -> dict:
-    from cxrlab.inference import decide
-
-    pos, t = run.info.positive, run.threshold
-    return {"max_probability_change": float(np.abs(a - b).max()),
-            "changed_decisions": int((decide(a, pos, t) != decide(b, pos, t)).sum())}
-
-
 def measure(run_dir: Path, n_images: int, tmp: Path, count: bool) -> dict:
     import onnx
 
     from cxrlab.cpu import cpu_name
     from cxrlab.export import fp32_graph
     from cxrlab.quantize import (
-        CALIBRATION_BATCH,
         CALIBRATION_IMAGES,
+        agreement,
         calibration_paths,
         load,
-        quantize_graph,
+        quantize_run_graph,
     )
     from cxrlab.run import load_run, read_predictions
 
     run = load_run(run_dir)
     calib = load(calibration_paths(run, CALIBRATION_IMAGES), run, "calibration")
-    paths, _, _ = read_predictions(run_dir / "val_predictions.csv", run.classes)
+    paths, y, _ = read_predictions(run_dir / "val_predictions.csv", run.classes)
     pick = np.unique(np.linspace(0, len(paths) - 1, n_images).round().astype(int))
+
+    def compare(a: np.ndarray, b: np.ndarray) -> dict:
+        check = agreement(run, y[pick], b, a)
+        return {k: check[k] for k in ("max_probability_change", "changed_decisions")}
+
     images = tmp / f"{run_dir.name}-images.npy"
     np.save(images, load([Path(paths[i]) for i in pick], run, "validation"))
     graphs = {"fp32": fp32_graph(run)}
     for bits, reduce_range in (("8-bit", False), ("7-bit", True)):
-        batches = ({"image": calib[i : i + CALIBRATION_BATCH]}
-                   for i in range(0, len(calib), CALIBRATION_BATCH))
-        graphs[bits] = quantize_graph(graphs["fp32"], batches, reduce_range)
+        graphs[bits] = quantize_run_graph(graphs["fp32"], calib, reduce_range)
     files = {}
     for name, proto in graphs.items():
         files[name] = tmp / f"{run_dir.name}-{name}.onnx"
@@ -109,9 +104,9 @@ def measure(run_dir: Path, n_images: int, tmp: Path, count: bool) -> dict:
               "cpu": cpu_name()}
     for bits in ("8-bit", "7-bit"):
         vnni, avx2 = scores(files[bits], images, False), scores(files[bits], images, True)
-        result[bits] = {"avx2_vs_vnni": compare(run, avx2, vnni),
-                        "vnni_vs_fp32": compare(run, vnni, fp32),
-                        "avx2_vs_fp32": compare(run, avx2, fp32)}
+        result[bits] = {"avx2_vs_vnni": compare(avx2, vnni),
+                        "vnni_vs_fp32": compare(vnni, fp32),
+                        "avx2_vs_fp32": compare(avx2, fp32)}
         print(f"{run_dir.name} ({run.config.model}) {bits}: "
               + "; ".join(f"{k} max dp {v['max_probability_change']:.4f}, "
                           f"{v['changed_decisions']} of {len(pick)} decisions changed"

@@ -345,13 +345,14 @@ class Run:
         images; what that changes on the validation images is in the file's `int8_check`
         metadata (`cxrlab.export.OnnxPredictor(path).int8_check`). `portable`: 7-bit weights,
         the same scores on any x86 CPU (otherwise made for this CPU's kind: VNNI or not)."""
+        if portable and not int8:
+            raise CxrlabError("--portable (portable=True): only with --int8 (int8=True); an "
+                              "fp32 file is portable already")
         if int8:
             from cxrlab.quantize import export_int8
 
             return export_int8(self.loaded, Path(path), overwrite=overwrite,
                                calibration_images=calibration_images, portable=portable)[0]
-        if portable:
-            raise CxrlabError("portable: only with int8=True (an fp32 file is portable already)")
         from cxrlab.export import export_onnx
 
         return export_onnx(self.loaded, Path(path), overwrite=overwrite)

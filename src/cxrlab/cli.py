@@ -298,8 +298,6 @@ def export(
     in its metadata."""
     from cxrlab.api import Run
 
-    if portable and not int8:
-        raise CxrlabError("--portable: only with --int8 (an fp32 file is portable already)")
     out = Run(run_dir).export_onnx(onnx, int8=int8, calibration_images=calibration_images,
                                    portable=portable)
     kind = "int8 ONNX" if int8 else "ONNX"

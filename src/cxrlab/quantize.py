@@ -134,6 +134,13 @@ def quantize_graph(proto, batches: Iterable[dict[str, np.ndarray]], reduce_range
         return onnx.load(f"{d}/int8.onnx")
 
 
+def quantize_run_graph(proto, calib: np.ndarray, reduce_range: bool):
+    """A run's fp32 graph (input `image`, uint8) quantized with ranges from `calib`, as
+    `export --int8` does it."""
+    return quantize_graph(proto, ({"image": calib[i : i + CALIBRATION_BATCH]}
+                                  for i in range(0, len(calib), CALIBRATION_BATCH)), reduce_range)
+
+
 def images_per_second(session, images: np.ndarray) -> float:
     """ONNX Runtime's rate on this CPU, batches of 64, best of two passes after a warm-up:
     whether int8 pays here at all (the notebook CNN ran slower in int8 on Zen 4)."""
@@ -176,8 +183,7 @@ def export_int8(run: LoadedRun | Path, out: Path, overwrite: bool = False,
     reduce_range = portable or not cpu_has_vnni()
     proto = fp32_graph(run)
     meta = {p.key: p.value for p in proto.metadata_props}
-    int8 = quantize_graph(proto, ({"image": calib[i : i + CALIBRATION_BATCH]}
-                                  for i in range(0, len(calib), CALIBRATION_BATCH)), reduce_range)
+    int8 = quantize_run_graph(proto, calib, reduce_range)
 
     def session(m):
         return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
