@@ -38,7 +38,7 @@ def test_none_is_exactly_the_input():
     assert augment_batch(x, "none", gen(0)) is x
 
 
-@pytest.mark.parametrize("policy", ["flip", "light", "intensity", "notebook"])
+@pytest.mark.parametrize("policy", ["flip", "light", "intensity", "framing", "notebook"])
 def test_seeded_runs_repeat_and_other_seeds_differ(policy):
     x = smooth_batch(8)
     a = augment_batch(x, policy, gen(1))
@@ -127,7 +127,8 @@ def test_bf16_in_bf16_out():
 
 
 def test_unknown_policy_is_a_user_error():
-    with pytest.raises(CxrlabError, match="choose from none, flip, light, intensity, notebook"):
+    with pytest.raises(CxrlabError,
+                       match="choose from none, flip, light, intensity, framing, notebook"):
         augment_batch(smooth_batch(), "heavy")
 
 
@@ -197,3 +198,112 @@ def test_intensity_jpeg_recompresses_every_picked_image(monkeypatch, c):
     assert torch.equal(out, (out * 255).round() / 255)  # decoded 8-bit images
     err = (out - x).abs().mean(dim=(1, 2, 3))
     assert (err > 2 / 255).all() and (err < 0.1).all()  # every image changed, none ruined
+
+
+# -- "framing" --------------------------------------------------------------------------------
+
+
+def draws(n: int = 4000, seed: int = 0) -> dict[str, torch.Tensor]:
+    u = torch.rand(len(aug.FRAMING_ROWS), n, generator=gen(seed))
+    return aug.framing_draws(u)
+
+
+def test_framing_draws_cover_their_ranges_and_nothing_else():
+    d = draws()
+    lo, hi = aug.CROP_AREA
+    assert d["area"].min() >= lo and d["area"].max() <= hi
+    assert d["area"].min() < lo + 0.01 and d["area"].max() > hi - 0.01  # the whole range
+    a = aug.CROP_ASPECT
+    assert d["aspect"].min() >= 1 / a - 1e-6 and d["aspect"].max() <= a + 1e-6
+    assert d["aspect"].min() < 1 / a + 0.01 and d["aspect"].max() > a - 0.01
+    assert ((d["aspect"] < 1).float().mean() - 0.5).abs() < 0.05  # log-uniform: symmetric
+    # side fractions: never a zoom out, never below sqrt(area_min / aspect_max)
+    for side in ("side_x", "side_y"):
+        assert d[side].max() <= 1.0
+        assert d[side].min() >= (lo / a) ** 0.5 - 1e-6
+        assert d[side].min() < (lo / a) ** 0.5 + 0.02
+    unclamped = (d["side_x"] < 1) & (d["side_y"] < 1)
+    kept = (d["side_x"] * d["side_y"])[unclamped]
+    assert torch.allclose(kept, d["area"][unclamped], atol=1e-5)  # the area drawn is kept
+    # the crop is a real crop, not the identity: every image loses some of its area or aspect
+    assert (d["side_x"] * d["side_y"] < 1 - 1e-4).float().mean() > 0.98
+    # margins: about MARGIN_P of the images, depth and lift in range, 0 elsewhere
+    on = d["lift_left"] > 0
+    assert ((on.float().mean() - aug.MARGIN_P).abs() < 0.03)
+    assert torch.equal(on, d["lift_right"] > 0)
+    for side in ("left", "right"):
+        lift, depth = d[f"lift_{side}"], d[f"depth_{side}"]
+        assert lift.min() >= 0 and lift.max() <= aug.MARGIN_LIFT
+        assert lift.max() > 0.95 * aug.MARGIN_LIFT
+        assert depth.min() >= aug.MARGIN_DEPTH[0] and depth.max() <= aug.MARGIN_DEPTH[1]
+    assert not torch.equal(d["lift_left"], d["lift_right"])  # each side its own draw
+
+
+def test_framing_repeats_for_a_seed_and_differs_from_intensity():
+    x = smooth_batch(8, h=40, w=40)
+    a = augment_batch(x, "framing", gen(5))
+    assert torch.equal(a, augment_batch(x, "framing", gen(5)))
+    assert not torch.equal(a, augment_batch(x, "framing", gen(6)))
+    assert not torch.equal(a, augment_batch(x, "intensity", gen(5)))
+
+
+def framing_fixed(monkeypatch, affine: list[float], frame: list[float]) -> None:
+    """Every image gets the same draws: the 9 affine rows, then the framing rows."""
+    calls = iter([affine, frame])
+
+    def fake(n, generator, device, low=0.0, high=1.0):
+        values = next(calls)
+        return torch.tensor(values, dtype=torch.float32).repeat_interleave(n // len(values))
+    monkeypatch.setattr(aug, "_uniform", fake)
+    monkeypatch.setattr(aug, "_film", lambda out, generator: out)  # geometry only
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 3, 24, 40)])
+def test_framing_full_area_square_centred_unlit_is_the_identity(monkeypatch, shape):
+    x = smooth_batch(*shape)
+    framing_fixed(monkeypatch, [0.5] * 9, [1.0, 0.5, 1.0, 0.0, 0.0, 0.0, 0.0])
+    assert torch.allclose(augment_batch(x, "framing"), x, atol=1e-5)
+
+
+def test_framing_crop_is_the_region_it_says(monkeypatch):
+    """Area 0.64, square, pushed to the top-left corner: the output is that 80% crop of the
+    image scaled up (no rotation, flip, jitter or margins)."""
+    h = w = 40
+    x = smooth_batch(1, h=h, w=w)
+    u_area = (0.64 - aug.CROP_AREA[0]) / (aug.CROP_AREA[1] - aug.CROP_AREA[0])
+    shift_to_corner = (0.1 / (0.1 + 0.05) * -1 + 1) / 2  # tx = -(1-s)/2 w: the left edge
+    framing_fixed(monkeypatch, [0.5, shift_to_corner, shift_to_corner, 0.5, 0.5, 0.5, 0.8,
+                                0.5, 0.5], [u_area, 0.5, 1.0, 0.0, 0.0, 0.0, 0.0])
+    out = augment_batch(x, "framing")
+    crop = x[..., :32, :32]  # 80% of each side, from the top-left corner
+    ref = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear",
+                                          align_corners=False)
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))  # edges: sampling differs
+    assert (out - ref)[inner].abs().max() < 0.03
+    assert (out - x).abs().max() > 0.1
+
+
+def test_framing_brightens_the_lateral_margins_only(monkeypatch):
+    x = torch.full((1, 1, 32, 40), 0.1)  # dark everywhere
+    framing_fixed(monkeypatch, [0.5] * 9, [1.0, 0.5, 0.0, 1.0, 0.0, 1.0, 0.5])
+    out = augment_batch(x, "framing")[0, 0]
+    lift = (out - 0.1) / 0.9  # share of the way to white
+    left_depth = aug.MARGIN_DEPTH[1] * 40  # 10 px
+    right_depth = aug.MARGIN_DEPTH[0] * 40  # 3.2 px
+    assert torch.allclose(lift[:, 0], torch.full((32,), aug.MARGIN_LIFT * (1 - 0.5 / left_depth)),
+                          atol=1e-5)
+    assert torch.allclose(lift[:, -1], torch.full((32,), aug.MARGIN_LIFT / 2 *
+                                                  (1 - 0.5 / right_depth)), atol=1e-5)
+    assert (lift[:, 10:36] == 0).all()  # the middle untouched
+    assert (lift[0, :10].diff() < 0).all()  # fading inwards
+    assert torch.equal(out[0], out[-1])  # the same for every row
+
+
+def test_framing_keeps_range_and_varies_the_margins_of_a_real_looking_batch():
+    x = smooth_batch(64, h=48, w=48)
+    x[..., :, :6] = 0.02  # dark lateral margins, as beside a child's chest
+    x[..., :, -6:] = 0.02
+    out = augment_batch(x, "framing", gen(0))
+    assert out.min() >= 0 and out.max() <= 1
+    margin = torch.cat([out[..., :, :4], out[..., :, -4:]], -1).mean(dim=(1, 2, 3))
+    assert margin.min() < 0.1 and margin.max() > 0.3  # some stay dark, some do not

@@ -21,7 +21,7 @@ from pydantic import (
 
 from cxrlab.errors import CxrlabError
 
-Augment = Literal["none", "flip", "light", "intensity", "notebook"]
+Augment = Literal["none", "flip", "light", "intensity", "framing", "notebook"]
 LOGGERS = ("tensorboard", "csv", "mlflow")  # experiment trackers (cxrlab.tracking)
 
 

@@ -15,6 +15,16 @@ Policies:
   JPEG re-compression (quality 30-90, a third of them).
   Milder than `cxrlab evaluate --shift`'s moderate and severe levels, so that stress test still
   measures something the model never saw.
+- "framing": "intensity" with the framing of the film drawn too, so that how much dark space
+  lies beside the chest stops telling normal from pneumonia: a random-resized crop keeping
+  60-100% of the area (aspect ratio log-uniform in [3/4, 4/3], so each side keeps 67-100%),
+  placed anywhere inside the image (plus "light"'s +-5% shift), rotation +-10 deg and flip as
+  in "light"; then, on half the images, the left and right margins brightened (a ramp from
+  each edge 8-25% of the width deep, lifting dark pixels by up to 35% of the way to white,
+  each side its own draw), as in intakes whose normal films show brighter lateral margins.
+  Different from the stress test's framing shifts: its zoom is a centred, isotropic crop
+  (81 / 64 / 49% of the area: the first two lie inside what is trained on here, the third
+  outside), its border a black letterbox (never drawn here: the warp replicates the edge).
 - "notebook": the Kaggle notebook's Keras ImageDataGenerator(rotation_range=30,
   width_shift_range=0.2, height_shift_range=0.2, shear_range=0.2, zoom_range=0.2,
   horizontal_flip=True, fill_mode="nearest"), with Keras' semantics: rotation and shear are
@@ -34,7 +44,7 @@ import torch.nn.functional as F
 
 from cxrlab.errors import CxrlabError
 
-POLICIES = ("none", "flip", "light", "intensity", "notebook")
+POLICIES = ("none", "flip", "light", "intensity", "framing", "notebook")
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,7 @@ class _Affine:
     zoom_per_axis: bool
     jitter: float  # brightness and contrast factor in [1 - jitter, 1 + jitter]; 0 = off
     film: bool = False  # gamma, blur and noise after the jitter ("intensity")
+    framing: bool = False  # random-resized crop instead of zoom, margins brightened ("framing")
 
 
 _AFFINE = {
@@ -53,6 +64,8 @@ _AFFINE = {
                      jitter=0.1),
     "intensity": _Affine(rotation_deg=10, shift=0.05, shear_deg=0, zoom=0.1,
                          zoom_per_axis=False, jitter=0.25, film=True),
+    "framing": _Affine(rotation_deg=10, shift=0.05, shear_deg=0, zoom=0.0,
+                       zoom_per_axis=True, jitter=0.25, film=True, framing=True),
     "notebook": _Affine(rotation_deg=30, shift=0.2, shear_deg=0.2, zoom=0.2, zoom_per_axis=True,
                         jitter=0.0),
 }
@@ -97,6 +110,13 @@ def _affine_policy(x: torch.Tensor, p: _Affine, generator: torch.Generator | Non
     zx = 1 + (r[4] * 2 - 1) * p.zoom
     zy = 1 + (r[5] * 2 - 1) * p.zoom if p.zoom_per_axis else zx
     flip = torch.where(r[6] < 0.5, -1.0, 1.0)
+    frame = None
+    if p.framing:  # drawn after the 9 rows above, so the other policies keep their streams
+        frame = framing_draws(_uniform(len(FRAMING_ROWS) * b, generator, dev).view(-1, b))
+        zx, zy = frame["side_x"], frame["side_y"]
+        # The crop's centre anywhere that keeps it inside the image, plus the usual shift.
+        tx = (r[1] * 2 - 1) * ((1 - zx) / 2 + p.shift) * w
+        ty = (r[2] * 2 - 1) * ((1 - zy) / 2 + p.shift) * h
 
     # Output -> input map in centred pixel coordinates (x right, y down), composed like Keras:
     # rotation @ shift @ shear @ zoom, then the horizontal flip of the output.
@@ -115,6 +135,8 @@ def _affine_policy(x: torch.Tensor, p: _Affine, generator: torch.Generator | Non
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
     grid = _affine_grid(m.to(work.dtype), h, w)
     out = F.grid_sample(work, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if frame is not None:
+        out = _brighten_margins(out, frame)
 
     if p.jitter:
         # Contrast about the image mean, then brightness; one fused multiply-add per image.
@@ -127,6 +149,46 @@ def _affine_policy(x: torch.Tensor, p: _Affine, generator: torch.Generator | Non
     if p.film:
         out = _film(out, generator)
     return out.to(x.dtype)
+
+
+CROP_AREA = (0.6, 1.0)  # "framing": share of the image's area a crop keeps (uniform)
+CROP_ASPECT = 4 / 3  # crop's aspect ratio (width/height share) log-uniform in [1/A, A]
+MARGIN_P = 0.5  # share of images whose lateral margins are brightened
+MARGIN_DEPTH = (0.08, 0.25)  # how far in from each edge the brightening reaches (of the width)
+MARGIN_LIFT = 0.35  # largest lift at the edge, as a share of the way from a pixel to white
+FRAMING_ROWS = ("area", "aspect", "margins", "depth_left", "depth_right", "lift_left",
+                "lift_right")
+
+
+def framing_draws(u: torch.Tensor) -> dict[str, torch.Tensor]:
+    """"framing"'s parameters from uniform draws `u` (one row per FRAMING_ROWS entry, one
+    column per image): the crop's area and aspect, the side fractions it keeps (output ->
+    input zoom, at most 1: a crop never zooms out), and each lateral margin's depth and lift
+    (lift 0 on the images not drawn for it)."""
+    area = CROP_AREA[0] + u[0] * (CROP_AREA[1] - CROP_AREA[0])
+    aspect = torch.exp((u[1] * 2 - 1) * math.log(CROP_ASPECT))
+    on = (u[2] < MARGIN_P).to(u.dtype)
+    depth = [MARGIN_DEPTH[0] + u[i] * (MARGIN_DEPTH[1] - MARGIN_DEPTH[0]) for i in (3, 4)]
+    return {"area": area, "aspect": aspect,
+            "side_x": (area * aspect).sqrt().clamp(max=1.0),
+            "side_y": (area / aspect).sqrt().clamp(max=1.0),
+            "depth_left": depth[0], "depth_right": depth[1],
+            "lift_left": u[5] * MARGIN_LIFT * on, "lift_right": u[6] * MARGIN_LIFT * on}
+
+
+def _brighten_margins(out: torch.Tensor, frame: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each lateral margin pulled towards white by a linear ramp: `lift` at the edge, 0 at
+    `depth` x the width in; dark pixels gain most (x + a (1 - x)), so [0, 1] is kept."""
+    b, _, _, w = out.shape
+    xs = (torch.arange(w, device=out.device, dtype=torch.float32) + 0.5) / w  # (W,)
+
+    def ramp(dist: torch.Tensor, side: str) -> torch.Tensor:  # (B, W)
+        depth = frame[f"depth_{side}"].view(b, 1).to(out.device)
+        lift = frame[f"lift_{side}"].view(b, 1).to(out.device)
+        return lift * (1 - dist / depth).clamp_min(0)
+
+    a = (ramp(xs.view(1, w), "left") + ramp(1 - xs.view(1, w), "right")).clamp_max(1.0)
+    return out.add_(a.view(b, 1, 1, w).to(out.dtype) * (1 - out))  # grid_sample's own tensor
 
 
 GAMMA = 1.4  # gamma drawn log-uniformly in [1/GAMMA, GAMMA]
