@@ -13,8 +13,10 @@ What is fitted, on the sample only:
 - K > 2 classes: one temperature T on the logits (argmax decisions are unchanged).
 Both maps are affine in the logits, so they are folded into the final linear layer (`fc`) of
 the new run's model.pt: evaluate, predict, serve, export (ONNX), Grad-CAM and report all use
-the calibrated model with no code of their own. checkpoints/ keep the original training's
-weights (they are what `--resume` would continue; a complete run is never resumed).
+the calibrated model with no code of their own. The threshold is chosen on that model's own
+scores of the sample, and its interval, like metrics.json's, resamples patients.
+checkpoints/ keep the original training's weights (they are what `--resume` would continue; a
+complete run is never resumed).
 
 The new run is a copy of the original with model.pt, threshold, val_predictions.csv (the
 original validation images' probabilities mapped through the same calibration), metrics.json
@@ -26,6 +28,7 @@ temporary folder beside it, then renamed).
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import logging
@@ -95,27 +98,46 @@ def balanced_accuracy(is_pos: np.ndarray, score: np.ndarray, threshold: float) -
 
 
 def bootstrap_threshold(is_pos: np.ndarray, score: np.ndarray, rule: str, target: float,
-                        n_boot: int = 1000, seed: int = 0) -> list[float]:
-    """95% percentile interval of the refitted threshold over resamples of the sample
-    (stratified: each resample keeps the sample's count of each class)."""
-    from cxrlab.evaluate import choose_threshold
+                        n_boot: int = 1000, seed: int = 0,
+                        groups: list[str | None] | None = None) -> tuple[list[float], str]:
+    """95% percentile interval of the refitted threshold over resamples of the sample, and how
+    they were drawn (`evaluate.interval_method`).
 
+    With `groups` (a patient key per image; None or "" is its own patient) whole patients are
+    drawn, as every other interval of a run: films of one patient are not independent
+    evidence, and drawing them singly gives too narrow an interval. Stratified: each resample
+    keeps the sample's count of patients with positive films only, negative only, and both
+    (without groups: of positive and of negative images, as before)."""
+    from cxrlab.evaluate import choose_threshold, group_codes, interval_method
+
+    is_pos = np.asarray(is_pos, dtype=bool)
+    codes = group_codes(groups, len(is_pos))
+    pat = np.arange(len(is_pos)) if codes is None else codes
+    n_pat = int(pat.max()) + 1 if pat.size else 0
+    has_pos = np.bincount(pat, weights=is_pos, minlength=n_pat) > 0
+    has_neg = np.bincount(pat, weights=~is_pos, minlength=n_pat) > 0
+    strata = [s for s in (np.flatnonzero(has_pos & ~has_neg), np.flatnonzero(~has_pos & has_neg),
+                          np.flatnonzero(has_pos & has_neg)) if s.size]
+    order = np.argsort(pat, kind="stable")
+    films = np.split(order, np.cumsum(np.bincount(pat, minlength=n_pat))[:-1])
     rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(is_pos), np.flatnonzero(~is_pos)
     ts = []
     for _ in range(n_boot):
-        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        drawn = np.concatenate([rng.choice(s, len(s)) for s in strata])
+        idx = np.concatenate([films[p] for p in drawn])
         ts.append(choose_threshold(is_pos[idx], score[idx], rule, target))
     lo, hi = np.percentile(ts, [2.5, 97.5])
-    return [float(lo), float(hi)]
+    return [float(lo), float(hi)], interval_method(codes)
 
 
 def _sample(run, data: Path, image_col, label_col, split, skip_bad):
-    """The labelled sample's records and images; refused (before any work) when a class has
-    fewer than MIN_PER_CLASS images."""
+    """The labelled sample's images, labels and patient keys (read from the file names with
+    the run's group_regex, as `evaluate` reads them; None when no name gives one); refused
+    (before any work) when a class has fewer than MIN_PER_CLASS images."""
     from collections import Counter
 
     from cxrlab.data.cache import load_images
+    from cxrlab.data.split import patient_key
     from cxrlab.scoring import labelled_records
 
     records = labelled_records(run.classes, data, image_col, label_col, split)
@@ -129,12 +151,13 @@ def _sample(run, data: Path, image_col, label_col, split, skip_bad):
 
     check(records)
     images, bad = load_images([r.path for r in records], run.config.image_size,
-                              run.info.in_chans, skip_bad=skip_bad)
+                              run.info.in_chans, skip_bad=skip_bad, bit_depth=run.bit_depth)
     bad_paths = {Path(p) for p, _ in bad}
     records = [r for r in records if r.path not in bad_paths]
     check(records)
     y = np.array([run.classes.index(r.label) for r in records], dtype=np.int64)
-    return records, images, y
+    keys = [patient_key(r.path, run.config.group_regex) for r in records]
+    return images, y, keys if any(keys) else None
 
 
 def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = None,
@@ -150,7 +173,7 @@ def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = 
     if out.resolve().is_relative_to(Path(run_dir).resolve()):
         raise CxrlabError(f"--out {out}: inside the run {run_dir}; choose a folder outside it")
     run = load_run(run_dir)
-    _, images, y = _sample(run, data, image_col, label_col, split, skip_bad)
+    images, y, keys = _sample(run, data, image_col, label_col, split, skip_bad)
     probs = predict_probs(run.model, images)
     pos = run.info.positive
     n_per_class = {c: int((y == k).sum()) for k, c in enumerate(run.classes)}
@@ -166,24 +189,33 @@ def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = 
         if a <= 0:
             raise CxrlabError(f"{data}: the run's scores do not rank the classes here (ROC AUC "
                               f"{auc:.2f}); a new threshold cannot help: retrain instead")
-        score = apply_binary(probs, pos, a, b)[:, pos]
+        cal.update(method="platt", a=a, b=b)
+    else:
+        cal.update(method="temperature",
+                   temperature=temperature(np.log(np.clip(probs, 1e-12, 1)), y))
+    state = _folded_state(run, cal)
+    # The threshold is chosen on what the new model.pt itself outputs on the sample, so every
+    # later command decides on the very scores it was chosen on.
+    model = copy.deepcopy(run.model)
+    model.load_state_dict(state)
+    calibrated = predict_probs(model, images)
+    threshold = None
+    if pos is not None:
+        score = calibrated[:, pos]
         rule, target = run.config.threshold_rule, run.config.target_sensitivity
         threshold = choose_threshold(is_pos, score, rule, target)
         old = 0.5 if run.threshold is None else run.threshold
         old_rescaled = float(_sigmoid(a * _logit(np.array([old]))[0] + b))
-        cal.update(method="platt", a=a, b=b, threshold_rule=rule, threshold=threshold,
-                   threshold_ci=bootstrap_threshold(is_pos, score, rule, target, n_boot,
-                                                    run.config.seed),
-                   original_threshold=run.threshold,
+        ci, method = bootstrap_threshold(is_pos, score, rule, target, n_boot, run.config.seed,
+                                         keys)
+        cal.update(threshold_rule=rule, threshold=threshold, threshold_ci=ci,
+                   threshold_ci_method=method, original_threshold=run.threshold,
                    original_threshold_rescaled=old_rescaled, sample_roc_auc=auc,
                    sample_balanced_accuracy_before=balanced_accuracy(is_pos, probs[:, pos], old),
                    sample_balanced_accuracy_after=balanced_accuracy(is_pos, score, threshold))
     else:
-        t = temperature(np.log(np.clip(probs, 1e-12, 1)), y)
-        threshold = None
-        cal.update(method="temperature", temperature=t,
-                   sample_accuracy=float((probs.argmax(1) == y).mean()))
-    _write_run(run, out, cal, threshold)
+        cal.update(sample_accuracy=float((probs.argmax(1) == y).mean()))
+    _write_run(run, out, cal, threshold, state, n_boot)
     return {**cal, "out": str(out)}
 
 
@@ -196,21 +228,23 @@ def describe(r: dict) -> str:
     old = "0.5 (none saved)" if r["original_threshold"] is None else \
         f"{r['original_threshold']:.4g}"
     return (f"Sample: {counts} (ROC AUC {r['sample_roc_auc']:.3f}). Threshold "
-            f"{r['threshold']:.4g} (95% bootstrap interval {lo:.4g}-{hi:.4g}); the original "
+            f"{r['threshold']:.4g} (95% interval {lo:.4g}-{hi:.4g}, "
+            f"{r['threshold_ci_method']}); the original "
             f"{old} is {r['original_threshold_rescaled']:.4g} on the calibrated scale. "
             "Balanced accuracy on the sample (in-sample, so optimistic): "
             f"{r['sample_balanced_accuracy_before']:.3f} -> "
             f"{r['sample_balanced_accuracy_after']:.3f}.")
 
 
-def _write_run(run, out: Path, cal: dict, threshold: float | None) -> None:
+def _write_run(run, out: Path, cal: dict, threshold: float | None, state: dict,
+               n_boot: int) -> None:
     """Copy the run to a temporary sibling of OUT, replace what the calibration changes, and
     rename it into place: OUT is complete or absent."""
     tmp = out.parent / f".{out.name}.calibrating-{uuid.uuid4().hex[:8]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         shutil.copytree(run.run_dir, tmp, ignore=shutil.ignore_patterns(*NOT_COPIED))
-        _calibrate_files(run, tmp, cal, threshold)
+        _calibrate_files(run, tmp, cal, threshold, state, n_boot)
         if out.is_dir():
             out.rmdir()  # check_out_dir allowed only an empty one
         os.rename(tmp, out)
@@ -219,29 +253,51 @@ def _write_run(run, out: Path, cal: dict, threshold: float | None) -> None:
         raise
 
 
-def _calibrate_files(run, new: Path, cal: dict, threshold: float | None) -> None:
-    from cxrlab import plots
-    from cxrlab.evaluate import compute_metrics
-    from cxrlab.run import read_predictions, write_json, write_predictions_csv, write_threshold
+def _folded_state(run, cal: dict) -> dict:
+    """run's model.pt with the calibration folded into its final linear layer (fc).
 
-    classes, pos = run.classes, run.info.positive
-    state = torch.load(new / "model.pt", map_location="cpu", weights_only=True)
+    Two classes: the model's one logit z is class 1's (`inference.probabilities`), while the
+    Platt fit is on the positive class's logit: z itself when the positive is class 1, -z when
+    it is class 0, where a(-z) + b is class 1's logit a z - b. K classes: logits / T.
+    """
+    state = torch.load(run.run_dir / "model.pt", map_location="cpu", weights_only=True)
     if "fc.weight" not in state or "fc.bias" not in state:
         raise CxrlabError(f"{run.run_dir}: model.pt has no final linear layer (fc); cannot "
                           "fold a calibration into it")
     w, bias = state["fc.weight"].double(), state["fc.bias"].double()
-    if pos is not None:  # one logit z = w.f + bias -> a z + b (the logit is the positive's)
-        w, bias = cal["a"] * w, cal["a"] * bias + cal["b"]
+    pos = run.info.positive
+    if pos is not None:
+        if w.shape[0] != 1:
+            raise CxrlabError(f"{run.run_dir}: model.pt has {w.shape[0]} outputs for two "
+                              "classes (expected one logit); cannot fold a calibration into it")
+        sign = 1.0 if pos == 1 else -1.0
+        w, bias = cal["a"] * w, cal["a"] * bias + sign * cal["b"]
+    else:
+        w, bias = w / cal["temperature"], bias / cal["temperature"]
+    state["fc.weight"] = w.to(state["fc.weight"].dtype)
+    state["fc.bias"] = bias.to(state["fc.bias"].dtype)
+    return state
 
+
+def _calibrate_files(run, new: Path, cal: dict, threshold: float | None, state: dict,
+                     n_boot: int) -> None:
+    from cxrlab import plots
+    from cxrlab.evaluate import compute_metrics
+    from cxrlab.run import (
+        patient_keys,
+        read_predictions,
+        write_json,
+        write_predictions_csv,
+        write_threshold,
+    )
+
+    classes, pos = run.classes, run.info.positive
+    if pos is not None:
         def mapping(p: np.ndarray) -> np.ndarray:
             return apply_binary(p, pos, cal["a"], cal["b"])
     else:
-        w, bias = w / cal["temperature"], bias / cal["temperature"]
-
         def mapping(p: np.ndarray) -> np.ndarray:
             return apply_temperature(p, cal["temperature"])
-    state["fc.weight"] = w.to(state["fc.weight"].dtype)
-    state["fc.bias"] = bias.to(state["fc.bias"].dtype)
     torch.save(state, new / "model.pt")
     if threshold is not None:
         write_threshold(new, threshold)
@@ -258,9 +314,13 @@ def _calibrate_files(run, new: Path, cal: dict, threshold: float | None) -> None
 
         paths, vy, vp = recompute_val_predictions(new, read_split_csv(new / "split.csv"))
     write_predictions_csv(vp_file, paths, [classes[k] for k in vy], vp, classes)
+    # patients as split.csv has them, as training's own metrics.json drew its intervals
     metrics = compute_metrics(vy, vp, classes, positive=pos, threshold=threshold,
-                              seed=run.config.seed)
-    metrics.update({k: old[k] for k in ("split", "epochs", "train_seconds") if k in old})
+                              n_boot=n_boot, seed=run.config.seed,
+                              groups=patient_keys(new, paths))
+    metrics.update({k: old[k] for k in ("split", "epochs", "train_seconds", "train_precision")
+                    if k in old})
+    metrics["selection_biased"] = "the epoch was chosen on these images"
     write_json(new / "metrics.json", metrics)
     plots.plot_confusion(np.array(metrics["confusion_matrix"]), classes,
                          new / "confusion_matrix.png",
