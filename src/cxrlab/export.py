@@ -10,13 +10,15 @@ The exported graph takes what the cache stores and returns what `predict` report
 Scaling to [0, 1], the run's normalisation and the sigmoid/softmax are inside the graph, so a
 caller only decodes and resizes. The model's metadata_props say the rest (JSON where a value
 is a list): classes, positive_class, threshold, image_size, in_chans, input_spec,
-preprocessing, model, cxrlab_version, run. The legacy TorchScript exporter is used
-(`dynamo=False`): the dynamo one needs onnxscript, a large extra dependency, and gives the
-same graph for these plain CNNs.
+preprocessing, model, cxrlab_version, run, weights_sha256 (which weights the graph holds: a run
+refuses a file whose weights or threshold are not its own). The legacy TorchScript exporter is
+used (`dynamo=False`): the dynamo one needs onnxscript, a large extra dependency, and gives
+the same graph for these plain CNNs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -58,6 +60,18 @@ class ProbabilityModel(nn.Module):
         return torch.softmax(logits, dim=1)
 
 
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 over the state dict, keys sorted (name, dtype, shape, bytes; floating tensors as
+    float32, as the graph holds them): the weights themselves, however model.pt was saved."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu()
+        t = (t.float() if t.is_floating_point() else t).contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 def run_metadata(run: LoadedRun) -> dict[str, str]:
     from cxrlab import __version__
 
@@ -73,6 +87,7 @@ def run_metadata(run: LoadedRun) -> dict[str, str]:
         "model": run.config.model,
         "cxrlab_version": __version__,
         "run": str(Path(run.run_dir).resolve().name),
+        "weights_sha256": weights_sha256(run.model),
     }
 
 
@@ -173,6 +188,7 @@ class OnnxPredictor:
         pos = meta.get("positive_class") or None
         self.positive = None if pos is None else self.classes.index(pos)
         self.precision = meta.get("precision", "fp32")
+        self.weights_sha256: str | None = meta.get("weights_sha256") or None
         self.int8_check = json.loads(meta["int8_check"]) if "int8_check" in meta else None
         if self.int8_check and self.int8_check.get("vnni") and not cpu_has_vnni():
             # Refused, not warned: on ONNX Runtime's AVX2 kernels such a file changed 8 of 128
@@ -183,13 +199,30 @@ class OnnxPredictor:
                               "the same scores on any CPU) or on this kind of machine")
 
     def check_matches(self, run: LoadedRun) -> None:
-        """Refuse a file exported from another run (other classes or input)."""
+        """Refuse a file exported from another run: other classes or input, other weights
+        (a calibrated copy of a run has the same shape), or another threshold. A file with no
+        recorded hash cannot be told apart from another run's, so it is refused too."""
         ours = (self.classes, self.image_size, self.in_chans)
         theirs = (run.classes, run.config.image_size, run.info.in_chans)
         if ours != theirs:
             raise CxrlabError(f"--onnx {self.path}: exported for classes {self.classes} at "
                               f"{self.image_size} px x {self.in_chans} ch, the run has "
                               f"{run.classes} at {theirs[1]} px x {theirs[2]} ch")
+        run_dir = Path(run.run_dir)
+        again = f"export it again: cxrlab export {run_dir} --onnx NEW.onnx"
+        if self.weights_sha256 is None:
+            raise CxrlabError(f"--onnx {self.path}: records no hash of its weights (exported "
+                              f"before cxrlab recorded one), so it cannot be checked against "
+                              f"{run_dir / 'model.pt'}; {again}")
+        digest = weights_sha256(run.model)
+        if self.weights_sha256 != digest:
+            raise CxrlabError(f"--onnx {self.path}: exported from other weights (run "
+                              f"{self.metadata.get('run', '?')!r}, sha256 "
+                              f"{self.weights_sha256[:12]}) than {run_dir / 'model.pt'} "
+                              f"(sha256 {digest[:12]}); {again}")
+        if self.threshold != run.threshold:
+            raise CxrlabError(f"--onnx {self.path}: records threshold {self.threshold}, "
+                              f"{run_dir / 'threshold'} says {run.threshold}; {again}")
 
     def __call__(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         return self.scores(self.session, images, batch_size)
