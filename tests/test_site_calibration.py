@@ -113,6 +113,46 @@ def test_calibrated_intervals_resample_patients(normal_positive):
     assert cal["threshold_ci_method"] == "patient bootstrap (6 patients)"  # 24 films, 4 each
 
 
+def test_saturated_validation_scores_come_from_model_pt(normal_positive, tmp_path, monkeypatch):
+    """val_predictions.csv keeps 6 significant digits: a float32 score saturated at 0 or 1
+    cannot be mapped through the calibration; the films are scored by model.pt instead."""
+    import shutil
+
+    import torch
+
+    from cxrlab import site_calibration
+    from cxrlab.run import write_predictions_csv
+
+    classes = ["NORMAL", "PNEUMONIA"]
+    sat = tmp_path / "sat"
+    shutil.copytree(normal_positive["run"], sat)
+    paths, vy, vp = read_predictions(sat / "val_predictions.csv", classes)
+    k = 40 / np.abs(site_calibration._logit(vp[:, 1])).max()  # largest logit: 40
+    state = torch.load(sat / "model.pt", weights_only=True)
+    state["fc.weight"] *= k
+    state["fc.bias"] *= k
+    torch.save(state, sat / "model.pt")
+    sp = model_probs(sat, paths)
+    assert ((sp == 0) | (sp == 1)).any()
+    write_predictions_csv(sat / "val_predictions.csv", paths, [classes[i] for i in vy], sp,
+                          classes)
+
+    # a fit that tames the confident scores (as at a site where the run is over-confident)
+    monkeypatch.setattr(site_calibration, "platt", lambda z, is_pos: (0.3, 0.1))
+    r = site_calibration.calibrate_run(sat, normal_positive["sample"], tmp_path / "a", n_boot=50)
+    assert r["val_predictions"] == "validation images scored by the calibrated model.pt"
+    _, _, got = read_predictions(tmp_path / "a" / "val_predictions.csv", classes)
+    mp = model_probs(tmp_path / "a", paths)
+    assert np.allclose(got, mp, atol=1e-5), np.abs(got - mp).max()
+
+    # without the images (a copied run): the mapped CSV, and run.json says so
+    monkeypatch.setattr(site_calibration, "_rescore", lambda *a: None)
+    r = site_calibration.calibrate_run(sat, normal_positive["sample"], tmp_path / "b", n_boot=50)
+    assert r["val_predictions"] == "the original's val_predictions.csv, mapped"
+    _, _, mapped = read_predictions(tmp_path / "b" / "val_predictions.csv", classes)
+    assert np.abs(mapped - mp).max() > 1e-3  # what re-scoring avoids
+
+
 def test_threshold_interval_draws_whole_patients():
     from cxrlab.site_calibration import bootstrap_threshold
 

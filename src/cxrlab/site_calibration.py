@@ -215,7 +215,7 @@ def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = 
                    sample_balanced_accuracy_after=balanced_accuracy(is_pos, score, threshold))
     else:
         cal.update(sample_accuracy=float((probs.argmax(1) == y).mean()))
-    _write_run(run, out, cal, threshold, state, n_boot)
+    _write_run(run, out, cal, threshold, state, model, n_boot)
     return {**cal, "out": str(out)}
 
 
@@ -237,14 +237,14 @@ def describe(r: dict) -> str:
 
 
 def _write_run(run, out: Path, cal: dict, threshold: float | None, state: dict,
-               n_boot: int) -> None:
+               model: torch.nn.Module, n_boot: int) -> None:
     """Copy the run to a temporary sibling of OUT, replace what the calibration changes, and
     rename it into place: OUT is complete or absent."""
     tmp = out.parent / f".{out.name}.calibrating-{uuid.uuid4().hex[:8]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         shutil.copytree(run.run_dir, tmp, ignore=shutil.ignore_patterns(*NOT_COPIED))
-        _calibrate_files(run, tmp, cal, threshold, state, n_boot)
+        _calibrate_files(run, tmp, cal, threshold, state, model, n_boot)
         if out.is_dir():
             out.rmdir()  # check_out_dir allowed only an empty one
         os.rename(tmp, out)
@@ -279,8 +279,25 @@ def _folded_state(run, cal: dict) -> dict:
     return state
 
 
+def _rescore(run, model: torch.nn.Module, paths: list[str]) -> np.ndarray | None:
+    """The validation films through the calibrated model, when every one is still readable
+    where training read it; else None.
+
+    Mapping val_predictions.csv instead is exact only to its 6 significant digits: a score
+    that saturated there (p = 1 - 1e-9 written as "1") maps to another probability than
+    model.pt gives, and the ties it makes change the AUC that a monotone map must keep."""
+    from cxrlab.data.cache import load_images
+    from cxrlab.inference import predict_probs
+
+    files = [Path(p) for p in paths]
+    if not all(f.is_file() for f in files):
+        return None
+    images, bad = load_images(files, run.config.image_size, run.info.in_chans, skip_bad=True)
+    return None if bad else predict_probs(model, images)
+
+
 def _calibrate_files(run, new: Path, cal: dict, threshold: float | None, state: dict,
-                     n_boot: int) -> None:
+                     model: torch.nn.Module, n_boot: int) -> None:
     from cxrlab import plots
     from cxrlab.evaluate import compute_metrics
     from cxrlab.run import (
@@ -307,12 +324,21 @@ def _calibrate_files(run, new: Path, cal: dict, threshold: float | None, state: 
     vp_file = new / "val_predictions.csv"
     if vp_file.is_file():
         paths, vy, vp = read_predictions(vp_file, classes)
-        vp = mapping(vp)
+        scored = _rescore(run, model, paths)
+        if scored is None:
+            log.info("site calibration: validation images not all readable; "
+                     "val_predictions.csv mapped through the calibration instead of re-scored")
+            cal["val_predictions"] = "the original's val_predictions.csv, mapped"
+            vp = mapping(vp)
+        else:
+            cal["val_predictions"] = "validation images scored by the calibrated model.pt"
+            vp = scored
     else:  # a run from before val_predictions.csv: score its validation images again
         from cxrlab.report import recompute_val_predictions
         from cxrlab.run import read_split_csv
 
         paths, vy, vp = recompute_val_predictions(new, read_split_csv(new / "split.csv"))
+        cal["val_predictions"] = "validation images scored by the calibrated model.pt"
     write_predictions_csv(vp_file, paths, [classes[k] for k in vy], vp, classes)
     # patients as split.csv has them, as training's own metrics.json drew its intervals
     metrics = compute_metrics(vy, vp, classes, positive=pos, threshold=threshold,
