@@ -157,7 +157,7 @@ def _sample(run, data: Path, image_col, label_col, split, skip_bad):
     check(records)
     y = np.array([run.classes.index(r.label) for r in records], dtype=np.int64)
     keys = [patient_key(r.path, run.config.group_regex) for r in records]
-    return images, y, keys if any(keys) else None
+    return images, y, keys if any(keys) else None, [r.path for r in records]
 
 
 def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = None,
@@ -173,7 +173,7 @@ def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = 
     if out.resolve().is_relative_to(Path(run_dir).resolve()):
         raise CxrlabError(f"--out {out}: inside the run {run_dir}; choose a folder outside it")
     run = load_run(run_dir)
-    images, y, keys = _sample(run, data, image_col, label_col, split, skip_bad)
+    images, y, keys, paths = _sample(run, data, image_col, label_col, split, skip_bad)
     probs = predict_probs(run.model, images)
     pos = run.info.positive
     n_per_class = {c: int((y == k).sum()) for k, c in enumerate(run.classes)}
@@ -215,7 +215,7 @@ def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = 
                    sample_balanced_accuracy_after=balanced_accuracy(is_pos, score, threshold))
     else:
         cal.update(sample_accuracy=float((probs.argmax(1) == y).mean()))
-    _write_run(run, out, cal, threshold, state, model, n_boot)
+    _write_run(run, out, cal, threshold, state, model, n_boot, (paths, images))
     return {**cal, "out": str(out)}
 
 
@@ -237,7 +237,7 @@ def describe(r: dict) -> str:
 
 
 def _write_run(run, out: Path, cal: dict, threshold: float | None, state: dict,
-               model: torch.nn.Module, n_boot: int) -> None:
+               model: torch.nn.Module, n_boot: int, sample: tuple | None = None) -> None:
     """Copy the run to a temporary sibling of OUT, replace what the calibration changes, and
     rename it into place: OUT is complete or absent."""
     tmp = out.parent / f".{out.name}.calibrating-{uuid.uuid4().hex[:8]}"
@@ -245,6 +245,10 @@ def _write_run(run, out: Path, cal: dict, threshold: float | None, state: dict,
     try:
         shutil.copytree(run.run_dir, tmp, ignore=shutil.ignore_patterns(*NOT_COPIED))
         _calibrate_files(run, tmp, cal, threshold, state, model, n_boot)
+        if sample is not None:  # evaluate labels these images selection-biased (overlap.py)
+            from cxrlab.overlap import record_sample
+
+            record_sample(tmp, *sample)
         if out.is_dir():
             out.rmdir()  # check_out_dir allowed only an empty one
         os.rename(tmp, out)
@@ -285,14 +289,15 @@ def _rescore(run, model: torch.nn.Module, paths: list[str]) -> np.ndarray | None
 
     Mapping val_predictions.csv instead is exact only to its 6 significant digits: a score
     that saturated there (p = 1 - 1e-9 written as "1") maps to another probability than
-    model.pt gives, and the ties it makes change the AUC that a monotone map must keep."""
+    model.pt gives, and ties it makes can change the AUC that a monotone map must keep."""
     from cxrlab.data.cache import load_images
     from cxrlab.inference import predict_probs
 
     files = [Path(p) for p in paths]
     if not all(f.is_file() for f in files):
         return None
-    images, bad = load_images(files, run.config.image_size, run.info.in_chans, skip_bad=True)
+    images, bad = load_images(files, run.config.image_size, run.info.in_chans, skip_bad=True,
+                              bit_depth=run.bit_depth)
     return None if bad else predict_probs(model, images)
 
 
