@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import warnings
 
 import numpy as np
@@ -193,3 +194,112 @@ def test_real_kermany_jpegs(shared_data):
         assert a.shape == (1, 64, 64) and a.std() > 10
         assert read_image(p, 3, None).shape == (3, 224, 224)
     assert guess_channels(paths) == 1  # X-rays stored as RGB JPEGs are grey
+
+
+# -- 16-bit: one bit depth for a dataset and every image its run reads later -----------------
+
+def _film(path, peak: int, level: int = 2000, sbit: int | None = None, k: int = 0):
+    """A 16-bit film of a 12-bit detector: mostly `level`, a corner at `peak` (and a mark at
+    column 8 + k in the top row, so that no two films are copies)."""
+    from PIL import PngImagePlugin
+
+    a = np.full((32, 32), level, np.uint16)
+    a[:4, :4] = peak
+    a[0, 8 + k] = peak
+    info = PngImagePlugin.PngInfo()
+    if sbit is not None:
+        info.add(b"sBIT", bytes([sbit]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path, pnginfo=info)
+    return path
+
+
+def test_16bit_films_of_one_dataset_share_one_scale_in_training_and_after(tmp_path):
+    """Maxima 4000 and 4100 were read as 12- and 14-bit (4x apart); now the dataset's sampled
+    maximum sets one depth (4100 -> 14 bits), kept in run.json, and a path, an upload and a
+    uint16 array are read at predict time exactly as the training cache read them."""
+    import cxrlab
+    from cxrlab.config import RunConfig
+    from cxrlab.data.prepared import prepare_data
+    from cxrlab.serve import Inference
+
+    root = tmp_path / "films"
+    films = [_film(root / c / f"{c}{i}.png", 4000 if i % 2 else 4100, k=6 * j + i)
+             for j, c in enumerate(("NORMAL", "PNEUMONIA")) for i in range(6)]
+    level = 2000 * 255 // (2**14 - 1)
+    data = prepare_data(RunConfig(data=str(root), image_size=32))
+    assert (data.images[:, 0, 8:, 8:] == level).all()  # v -> one value in every film
+    assert sorted({int(x) for x in data.images[:, 0, 0, 0]}) == [62, 63]  # 4000, 4100
+    assert data.bit_depth.data == 14
+
+    run = cxrlab.train(root, tmp_path / "run", model="cnn", image_size=32, epochs=1,
+                       augment="none", batch_size=8)
+    assert json.loads((run.path / "run.json").read_text())["data_bit_depth"] == 14
+    assert run.config.bit_depth is None
+    dim, bright = films[0], films[1]
+    for f in (dim, bright):
+        want = data.images[films.index(f)]
+        assert np.array_equal(run._pixels(f), want)
+        assert np.array_equal(run._pixels(np.asarray(Image.open(f))), want)
+        assert np.array_equal(Inference(run.path).decode(f.read_bytes(), f.name), want)
+
+
+def test_bit_depth_option_is_recorded_and_used_by_the_run(tmp_path, capsys, monkeypatch):
+    from tests.test_cli import assert_user_error, run_cli
+
+    root = tmp_path / "films"
+    for j, c in enumerate(("NORMAL", "PNEUMONIA")):
+        for i in range(6):
+            _film(root / c / f"{c}{i}.png", 4000 if i % 2 else 4100, k=6 * j + i)
+    base = ["train", root, "--model", "cnn", "--image-size", "32", "--epochs", "1",
+            "--augment", "none", "--quiet"]
+    code, _, err = run_cli([*base, "--out", tmp_path / "x", "--bit-depth", "7"], capsys,
+                           monkeypatch)
+    assert_user_error(code, err, "--bit-depth 7")
+    code, _, err = run_cli([*base, "--out", tmp_path / "r", "--bit-depth", "12"], capsys,
+                           monkeypatch)
+    assert code == 0, err
+    import cxrlab
+
+    run = cxrlab.load(tmp_path / "r")
+    assert run.config.bit_depth == 12
+    assert json.loads((run.path / "run.json").read_text())["data_bit_depth"] is None
+    film = root / "NORMAL" / "NORMAL0.png"  # peak 4100: over 12 bits, so 255
+    got = run._pixels(film)[0]
+    assert got[10, 10] == 2000 * 255 // 4095 and got[0, 0] == 255
+
+
+def test_png_sbit_declares_the_depth_and_the_option_overrides_it(tmp_path):
+    from cxrlab.data.cache import load_images
+    from cxrlab.data.images import BitDepth, convert_image, png_sbit
+
+    declared = _film(tmp_path / "s.png", 300, level=200, sbit=12)
+    with declared.open("rb") as f:
+        assert png_sbit(f) == 12 and f.tell() == 0
+    plain = _film(tmp_path / "p.png", 300, level=200)
+    with plain.open("rb") as f:
+        assert png_sbit(f) is None
+    assert read_image(declared, 1)[0, 0, 0] == 300 * 255 // 4095  # not 10-bit from its max
+    assert read_image(declared, 1, None, BitDepth(data=14))[0, 0, 0] == 300 * 255 // 4095
+    assert read_image(declared, 1, None, BitDepth(fixed=10))[0, 0, 0] == 300 * 255 // 1023
+    assert read_image(plain, 1, None, BitDepth(data=12))[0, 0, 0] == 300 * 255 // 4095
+    arr = np.asarray(Image.open(plain))
+    assert np.array_equal(convert_image(arr, 1, None, bit_depth=BitDepth(data=12)),
+                          read_image(plain, 1, None, BitDepth(data=12)))
+    assert read_image(plain, 1, None, BitDepth(fixed=8))[0, 0, 0] == 255  # over 2^8 - 1
+    # the rule is part of the cache key: other rule, other pixels
+    d = tmp_path / "cache"
+    a, _ = load_images([plain], 32, 1, cache_dir=d, bit_depth=BitDepth(data=12))
+    b, _ = load_images([plain], 32, 1, cache_dir=d, bit_depth=BitDepth(data=16))
+    assert a[0, 0, 10, 10] == 200 * 255 // 4095 and b[0, 0, 10, 10] == 200 * 255 // 65535
+
+
+def test_bit_depth_option_replaces_dicom_bits_stored(tmp_path):
+    from cxrlab.data.images import BitDepth
+    from tests.test_dicom import ramp12, write_dicom
+
+    as12 = read_image(write_dicom(tmp_path / "a.dcm", ramp12(), bits_stored=12), 1)
+    as16 = write_dicom(tmp_path / "b.dcm", ramp12(), bits_stored=16)
+    assert read_image(as16, 1).max() < 20  # BitsStored 16: 12-bit data is dim
+    assert np.array_equal(read_image(as16, 1, None, BitDepth(fixed=12)), as12)
+    assert np.array_equal(read_image(as16, 1, None, BitDepth(data=12)), read_image(as16, 1))

@@ -118,3 +118,37 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys, monkeypatch):
     assert_user_error(code, err, "no run.json")
     code, _, err = run_cli(["train", str(tmp_path)], capsys, monkeypatch)
     assert_user_error(code, err, "--out")
+
+
+def test_resume_refuses_any_given_value_the_run_does_not_have_zero_and_false_too(
+        tmp_path, capsys, monkeypatch):
+    """--seed 0, --no-class-weights and --label-smoothing 0 are values, refused like --seed 5
+    when the run says otherwise (they used to be ignored as "not given"); the run's own values
+    are accepted."""
+    import cxrlab
+
+    data = make_kermany_folder(tmp_path / "data", 8, 8, size=32)
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", data, "--out", run, "--model", "cnn", "--image-size", "32",
+                            "--epochs", "1", "--batch-size", "8", "--augment", "none",
+                            "--seed", "1", "--label-smoothing", "0.1", "--quiet"],
+                           capsys, monkeypatch)
+    assert code == 0, err
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "state": "failed"}))  # to be resumed
+
+    for given, needle in [(["--seed", "0"], "--seed"), (["--seed", "5"], "--seed"),
+                          (["--no-class-weights"], "--class-weights"),
+                          (["--label-smoothing", "0"], "--label-smoothing"),
+                          (["--seed", "1", "--label-smoothing", "0"], "--label-smoothing")]:
+        code, _, err = run_cli(["train", "--resume", run, *given], capsys, monkeypatch)
+        assert_user_error(code, err, needle, "--resume")
+    for given in ({"seed": 0}, {"class_weights": False}, {"label_smoothing": 0.0}):
+        with pytest.raises(cxrlab.CxrlabError, match=f"{next(iter(given))}: resume continues"):
+            cxrlab.train(resume=run, **given)
+    assert json.loads((run / "run.json").read_text())["state"] == "failed"  # nothing touched
+
+    code, _, err = run_cli(["train", "--resume", run, "--seed", "1", "--class-weights",
+                            "--label-smoothing", "0.1", "--quiet"], capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads((run / "run.json").read_text())["state"] == "complete"

@@ -55,8 +55,8 @@ def train(data: PathLike | None = None, out: PathLike | None = None, *, progress
     `options` are the CLI's (`image_size=64`, `model="cnn"`, `no_pretrained=True`,
     `time_budget="30m"`, `logger=["tensorboard"]`, ...), with its defaults and checks. `out`
     None makes a new folder runs/<data name>-<UTC time>. `resume=RUN_DIR` continues a killed
-    or failed run (only hardware options may be given). With `folds=K` the result is a
-    CrossVal of the K fold runs.
+    or failed run (hardware options may change; any other must be the run's own value).
+    With `folds=K` the result is a CrossVal of the K fold runs.
     """
     with _quiet():  # from the first import of the models on (monai pulls in tqdm.auto)
         result = run_training(data, out, progress=progress, resume=resume, options=options)
@@ -89,13 +89,9 @@ def run_training(data: PathLike | None, out: PathLike | None, *, progress: bool,
     hardware = {k: options.pop(k) for k in _HARDWARE if options.get(k) is not None}
     mlflow_uri = options.pop("mlflow_uri", None)
     if resume is not None:
-        given = [k for k, v in {"data": data, "out": out, "mlflow_uri": mlflow_uri,
-                                **options}.items() if v not in (None, False, [], ())]
-        if given:
-            raise CxrlabError(f"{name(given[0])}: {name('resume')} continues a run with its own "
-                              f"config.yaml; only {'--quiet' if cli else 'progress'} and the "
-                              "hardware options may be given")
         resume = Path(resume)
+        _check_resume_options(resume, {"data": data, "out": out, "mlflow_uri": mlflow_uri,
+                                       **options}, name, cli)
         if is_crossval_dir(resume):
             if hardware:
                 raise CxrlabError(f"{name('resume')} of a cross-validation: its folds keep the "
@@ -402,7 +398,7 @@ class Run:
             keep = np.concatenate([wrong, np.flatnonzero(pred == y)])[: max_images]
         cfg = self.config
         images, _ = load_images([Path(paths[i]) for i in keep], cfg.image_size,
-                                self._info.in_chans, cache_dir=None)
+                                self._info.in_chans, cache_dir=None, bit_depth=self._bit_depth)
         return _shown(plot_prediction_grid(images, y[keep], pred[keep], probs[keep],
                                            self.classes, max_images=max_images,
                                            wrong_first=wrong_first))
@@ -414,8 +410,15 @@ class Run:
 
         size, chans = self.config.image_size, self._info.in_chans
         if isinstance(image, (str, Path)):
-            return read_image(image, chans, size)
-        return convert_image(image, chans, size, name=name)
+            return read_image(image, chans, size, self._bit_depth)
+        return convert_image(image, chans, size, name=name, bit_depth=self._bit_depth)
+
+    @property
+    def _bit_depth(self):
+        """16-bit images (files, uint16 arrays) scaled as the run's training images were."""
+        from cxrlab.run import run_bit_depth
+
+        return run_bit_depth(self.config, self._info)
 
     def _val_predictions(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         from cxrlab.run import read_predictions
@@ -643,12 +646,47 @@ def _config_values(data: PathLike | None, options: dict[str, Any],
     loggers = options.pop("logger", None)
     if isinstance(loggers, str):
         loggers = [loggers]
-    if loggers:
+    if loggers is not None:  # [] is a value: no loggers (over a --config file's)
         options["loggers"] = list(loggers)
     values.update({k: v for k, v in options.items() if v is not None})
     if data is not None:
         values["data"] = str(data)
     return values
+
+
+def _check_resume_options(run_dir: Path, given: dict[str, Any], name, cli: bool) -> None:
+    """`--resume RUN` continues RUN with its own config.yaml: an option given with it must say
+    what that file says, else it is refused, never ignored. Given means not None: --seed 0 and
+    --no-class-weights are values (no_pretrained=False is the flag left out)."""
+    from cxrlab.crossval import CONFIG_FILE, is_crossval_dir
+
+    given = {k: v for k, v in given.items() if v is not None}
+    if given.get("no_pretrained") is False:
+        del given["no_pretrained"]
+    only = (f"only {'--quiet' if cli else 'progress'}, the hardware options and the run's own "
+            "values may be given")
+    fixed = next((k for k in ("data", "out", "mlflow_uri", "config") if k in given), None)
+    if fixed is not None:
+        raise CxrlabError(f"{name(fixed)}: {name('resume')} continues a run with its own "
+                          f"config.yaml; {only}")
+    if not given:
+        return
+    file = run_dir / (CONFIG_FILE if is_crossval_dir(run_dir) else "config.yaml")
+    if not file.is_file():
+        return  # resuming says what is missing
+    saved = RunConfig.load(file)
+    fields = {"no_pretrained": ("pretrained",), "logger": ("loggers",),
+              "target_sensitivity": ("target_sensitivity", "threshold_rule")}
+    for key, value in given.items():
+        try:
+            asked = RunConfig.build({**saved.model_dump(), **_config_values(None, {key: value})})
+        except CxrlabError:
+            asked = None  # e.g. --lr 0: not the run's value either
+        for f in fields.get(key, (key,)):
+            if asked is None or getattr(asked, f) != getattr(saved, f):
+                raise CxrlabError(f"{name(key)}: {name('resume')} continues a run with its own "
+                                  f"config.yaml, which says {f}: {getattr(saved, f)!r} (given: "
+                                  f"{value!r}); {only}")
 
 
 def _new_run_dir(data: Path) -> Path:

@@ -229,7 +229,7 @@ def write_cam_pngs(run, files: list[Path], images: np.ndarray, rows: list[dict],
             name = f"{Path(f).name}-{k}.cam.png"
             k += 1
         used.add(name)
-        shown = read_image(f, run.info.in_chans, None)
+        shown = read_image(f, run.info.in_chans, None, run.bit_depth)
         side = max(shown.shape[1:])
         if side > 768:
             hw = tuple(max(1, round(s * 768 / side)) for s in shown.shape[1:])

@@ -112,6 +112,9 @@ def train(
         "--deterministic/--no-deterministic",
         help="deterministic algorithms (same machine, same result)")] = None,
     channels: Annotated[int | None, typer.Option(help="1 or 3 (default: from images)")] = None,
+    bit_depth: Annotated[int | None, typer.Option(
+        help="16-bit images hold N-bit data (8..16), whatever the files say (default: PNG sBIT "
+        "or DICOM BitsStored, else the training images' sampled maximum)")] = None,
     skip_bad: Annotated[bool | None, typer.Option(
         "--skip-bad", help="list and skip unreadable images")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,

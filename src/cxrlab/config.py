@@ -44,6 +44,11 @@ class RunConfig(BaseModel):
     )
     fold: int | None = Field(None, ge=1, description="the fold (1..folds) this run validates on")
     channels: Literal[0, 1, 3] = Field(0, description="0 = 1 for grey images, 3 for colour")
+    bit_depth: int | None = Field(
+        None, ge=8, le=16, description="16-bit images hold N-bit data: v -> v x 255 / (2^N - 1) "
+        "for every image, whatever its file declares (PNG sBIT, DICOM BitsStored); left out: "
+        "the file's declaration, else the training data's depth (run.json data_bit_depth)"
+    )
     skip_bad: bool = False
     positive: str | None = Field(None, description="positive class for 2 classes")
 

@@ -141,7 +141,7 @@ def load_reference(run) -> dict | None:
         log.info("%s: summarising %d training images for the intake check (once)",
                  run.run_dir, len(paths))
         images, bad = load_images(paths, run.config.image_size, run.info.in_chans,
-                                  skip_bad=True)
+                                  skip_bad=True, bit_depth=run.bit_depth)
     except (CxrlabError, OSError, KeyError) as e:
         log.warning("intake check skipped: %s has no %s and its training images cannot be "
                     "read (%s)", run.run_dir, INTAKE_JSON, e)

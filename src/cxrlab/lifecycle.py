@@ -24,6 +24,7 @@ from cxrlab.run import (
     check_free_space,
     check_out_dir,
     prepare_out_dir,
+    run_bit_depth,
     run_lock,
     save_info,
     write_json,
@@ -97,14 +98,15 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
         size = config.image_size
         config, planned = budget.plan_config(config, budget_s, model, data, started)
         if config.image_size != size:  # smaller images: decode again, a model for them
-            data = prepare_data(config)
+            data = prepare_data(config, data.bit_depth)
             model = make_model(config)
     if not rank0:
         return _train_and_report(model, config, data, positive, out, progress,
                                  mlflow_uri=mlflow_uri)
     check_free_space(out, model)
     prepare_out_dir(out)
-    info = RunInfo(classes=classes, positive=positive, in_chans=in_chans)
+    info = RunInfo(classes=classes, positive=positive, in_chans=in_chans,
+                   data_bit_depth=data.bit_depth.data)
     save_info(out, info)
 
     def work() -> TrainResult:
@@ -190,7 +192,7 @@ def _resume(run_dir: Path, info: RunInfo, rank0: bool, progress: bool,
     from cxrlab.tracking import check_available
 
     check_available(config.loggers)
-    data = prepare_data(config)
+    data = prepare_data(config, run_bit_depth(config, info))  # read as it started, not anew
     if data.source.classes != info.classes:
         raise CxrlabError(f"{config.data}: classes are now {', '.join(data.source.classes)}, "
                           f"the run was started with {', '.join(info.classes)}")

@@ -58,7 +58,8 @@ def load(paths: list[Path], run: LoadedRun, what: str) -> np.ndarray:
         if not p.is_file():
             raise CxrlabError(f"--int8: {what} image {p} not found (int8 needs the run's "
                               f"{what} images where they were when it trained)")
-    images, _ = load_images(paths, run.config.image_size, run.info.in_chans)
+    images, _ = load_images(paths, run.config.image_size, run.info.in_chans,
+                            bit_depth=run.bit_depth)
     return images
 
 

@@ -170,7 +170,7 @@ def recompute_val_predictions(run_dir: Path, split_rows: list[dict]):
     run = load_run(run_dir)
     val = [r for r in split_rows if r["split"] == "val"]
     images, bad = load_images([Path(r["path"]) for r in val], run.config.image_size,
-                              run.info.in_chans, skip_bad=True)
+                              run.info.in_chans, skip_bad=True, bit_depth=run.bit_depth)
     bad_paths = {str(p) for p, _ in bad}
     val = [r for r in val if r["path"] not in bad_paths]
     probs = predict_probs(run.model, images)
@@ -501,8 +501,11 @@ def gallery_html(r: RunData) -> str:
     size = int(r.config.get("image_size", 128))
     chans = int(r.info.get("in_chans", 1))
     try:
+        from cxrlab.data.images import BitDepth
+
+        depth = BitDepth(r.config.get("bit_depth"), r.info.get("data_bit_depth"))
         images, bad = load_images([Path(r.val_paths[i]) for i in order], size, chans,
-                                  skip_bad=True)
+                                  skip_bad=True, bit_depth=depth)
     except Exception as e:
         return f'<p class="muted">Images unavailable: {esc(e)}</p>'
     bad_paths = {str(p) for p, _ in bad}

@@ -1,7 +1,9 @@
 """A run is a directory; this module is the only place that knows its layout.
 
     config.yaml   every knob (RunConfig), enough to reproduce the run
-    run.json      classes, positive class, input channels, state (running/complete/failed)
+    run.json      classes, positive class, input channels, the training data's bit depth
+                  (data_bit_depth: how 16-bit images are read, cxrlab.data.images), state
+                  (running/complete/failed)
     split.csv     which image went to which split, with its patient key
     history.csv   one row per epoch
     checkpoints/  Lightning checkpoints (best.ckpt, last.ckpt)
@@ -39,6 +41,7 @@ from cxrlab.errors import CxrlabError
 if TYPE_CHECKING:  # torch is imported where a model is loaded: `cxrlab runs` needs none
     import torch
 
+    from cxrlab.data.images import BitDepth
     from cxrlab.data.sources import Source
     from cxrlab.data.split import SplitResult
 
@@ -137,12 +140,14 @@ class RunInfo:
     in_chans: int
     state: str = "running"
     error: str | None = None
+    data_bit_depth: int | None = None  # 16-bit images without sBIT, as training read them
 
     def to_dict(self) -> dict:
         return {
             "classes": self.classes,
             "positive_class": None if self.positive is None else self.classes[self.positive],
             "in_chans": self.in_chans,
+            "data_bit_depth": self.data_bit_depth,
             "state": self.state,
             "error": self.error,
         }
@@ -164,7 +169,15 @@ def load_info(run_dir: Path) -> RunInfo:
         in_chans=d["in_chans"],
         state=d.get("state", "running"),
         error=d.get("error"),
+        data_bit_depth=d.get("data_bit_depth"),
     )
+
+
+def run_bit_depth(config: RunConfig, info: RunInfo) -> BitDepth:
+    """How a run reads 16-bit images (images.BitDepth): as it read its training images."""
+    from cxrlab.data.images import BitDepth  # here: `cxrlab runs` imports no PIL
+
+    return BitDepth(config.bit_depth, info.data_bit_depth)
 
 
 def write_threshold(run_dir: Path, threshold: float) -> None:
@@ -298,6 +311,11 @@ class LoadedRun:
     @property
     def classes(self) -> list[str]:
         return self.info.classes
+
+    @property
+    def bit_depth(self) -> BitDepth:
+        """images.BitDepth: every image this run reads is scaled as its training images were."""
+        return run_bit_depth(self.config, self.info)
 
 
 def load_run(run_dir: Path) -> LoadedRun:

@@ -148,7 +148,7 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
     if positive is not None:
         pos = resolve_positive(run.classes, positive)
     images, bad = load_images([r.path for r in records], run.config.image_size,
-                              run.info.in_chans, skip_bad=skip_bad)
+                              run.info.in_chans, skip_bad=skip_bad, bit_depth=run.bit_depth)
     bad_paths = {Path(p) for p, _ in bad}
     records = [r for r in records if r.path not in bad_paths]
     # patients as the run's split read them, so intervals resample patients where known
@@ -220,7 +220,7 @@ def predict_paths(run: LoadedRun | Path, paths: list[Path], skip_bad: bool = Fal
         cam = GradCam(run.model, layer, run.info.positive)
     predictor = make_predictor(run, backend, onnx_file)
     images, bad = load_images(files, run.config.image_size, run.info.in_chans,
-                              cache_dir=None, skip_bad=skip_bad)
+                              cache_dir=None, skip_bad=skip_bad, bit_depth=run.bit_depth)
     bad_paths = {Path(p) for p, _ in bad}
     files = [f for f in files if f not in bad_paths]
     rows = prediction_rows(run, [str(f) for f in files], predictor(images))

@@ -123,7 +123,8 @@ class Inference:
         from cxrlab.data.images import decode_image
 
         return decode_image(data, self.run.info.in_chans, self.run.config.image_size,
-                            name=name, max_pixels=self.max_pixels)
+                            name=name, max_pixels=self.max_pixels,
+                            bit_depth=self.run.bit_depth)
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:
         if self.batcher is not None:

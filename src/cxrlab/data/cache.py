@@ -1,8 +1,9 @@
 """Decode and resize once: uint8 arrays, cached in memory and on disk.
 
 Decoding thousands of images every run is what made the notebooks slow. The disk key is the
-files' contents (not their names or times), the size, the channels and FORMAT_VERSION, so a
-renamed copy hits and an edited file misses. Per key the cache dir holds `<key>.npy` (the
+files' contents (not their names or times), the size, the channels, the bit-depth rule for
+16-bit images (images.BitDepth) and FORMAT_VERSION, so a renamed copy hits and an edited file
+misses. Per key the cache dir holds `<key>.npy` (the
 readable images, opened memory-mapped copy-on-write: a warm load reads nothing up front) and
 `<key>.json` (which files were bad and why); both are written to a temp file and renamed.
 
@@ -27,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrlab.data.images import read_image
+from cxrlab.data.images import NO_RUN, BitDepth, read_image
 from cxrlab.errors import CxrlabError
 
 log = logging.getLogger("cxrlab")
-FORMAT_VERSION = 2  # bump when decoding changes what a cached array holds
+FORMAT_VERSION = 3  # bump when decoding changes what a cached array holds
 PROGRESS_MIN_IMAGES = 200
 MEMORY_ENTRIES = 4  # in-process cache: the few most recent datasets
 _DEFAULT = object()
@@ -74,12 +75,15 @@ def _digest(path: Path) -> bytes:
         return f"unreadable:{path}:{e.errno}".encode()
 
 
-def dataset_key(paths: Sequence[Path], size: int, channels: int) -> str:
-    """Hash of every file's bytes (in order), the size, the channels and the format version."""
+def dataset_key(paths: Sequence[Path], size: int, channels: int,
+                bit_depth: BitDepth = NO_RUN) -> str:
+    """Hash of every file's bytes (in order), the size, the channels, the bit-depth rule and
+    the format version."""
     with ThreadPoolExecutor(max_workers=n_workers()) as pool:
         digests = list(pool.map(_digest, paths))
     h = hashlib.blake2b(digest_size=20)
-    h.update(f"cxrlab-images v{FORMAT_VERSION}|{size}|{channels}|{len(paths)}|".encode())
+    h.update(f"cxrlab-images v{FORMAT_VERSION}|{size}|{channels}|{bit_depth.key()}|"
+             f"{len(paths)}|".encode())
     for d in digests:
         h.update(d)
     return h.hexdigest()
@@ -90,14 +94,15 @@ def _reason(path: Path, e: CxrlabError) -> str:
     return msg[len(prefix):] if msg.startswith(prefix) else msg
 
 
-def _decode_one(path: Path, size: int, channels: int) -> tuple[np.ndarray | None, str | None]:
+def _decode_one(path: Path, size: int, channels: int,
+                bit_depth: BitDepth) -> tuple[np.ndarray | None, str | None]:
     try:
-        return read_image(path, channels, size), None
+        return read_image(path, channels, size, bit_depth), None
     except CxrlabError as e:
         return None, _reason(path, e)
 
 
-def _decode_all(paths: Sequence[Path], size: int, channels: int):
+def _decode_all(paths: Sequence[Path], size: int, channels: int, bit_depth: BitDepth):
     """Thread pool: PIL releases the GIL while decoding and resizing."""
     out = np.zeros((len(paths), channels, size, size), dtype=np.uint8)
     bad: list[tuple[int, str]] = []
@@ -111,7 +116,7 @@ def _decode_all(paths: Sequence[Path], size: int, channels: int):
         task = progress.add_task(f"decoding {len(paths)} images at {size} px", total=len(paths))
     try:
         with ThreadPoolExecutor(max_workers=n_workers()) as pool:
-            results = pool.map(lambda p: _decode_one(p, size, channels), paths)
+            results = pool.map(lambda p: _decode_one(p, size, channels, bit_depth), paths)
             for i, (arr, why) in enumerate(results):
                 if arr is None:
                     bad.append((i, why))
@@ -135,12 +140,14 @@ def load_images(
     channels: int,
     cache_dir: Path | str | None = _DEFAULT,  # type: ignore[assignment]
     skip_bad: bool = False,
+    bit_depth: BitDepth | None = None,
 ) -> tuple[np.ndarray, Bad]:
     """uint8 (N, C, size, size) for the readable images, and the bad ones as (path, reason).
 
     Without skip_bad the first bad image raises (after the rest are decoded and cached, so a
     rerun with skip_bad is instant); with it, bad images are left out and the array keeps the
     order of the good ones. cache_dir defaults to `default_cache_dir()`; None: no disk cache.
+    `bit_depth`: how 16-bit images become 8-bit, the run's rule (None: outside any run).
     """
     t0 = time.perf_counter()
     if channels not in (1, 3):
@@ -150,7 +157,8 @@ def load_images(
     paths = [Path(p) for p in paths]
     if cache_dir is _DEFAULT:
         cache_dir = default_cache_dir()
-    key = dataset_key(paths, size, channels)
+    bit_depth = bit_depth or NO_RUN
+    key = dataset_key(paths, size, channels, bit_depth)
     file = Path(cache_dir) / f"{key}.npy" if cache_dir is not None else None
     event = "memory"
     hit = _memory.get(key)
@@ -159,7 +167,7 @@ def load_images(
         event = "disk"
     if hit is None:
         event = "decoded"
-        hit = _decode_all(paths, size, channels)
+        hit = _decode_all(paths, size, channels, bit_depth)
         if file is not None:
             _save_disk(file, *hit, n=len(paths))
         log.info("decoded %d images at %d px in %.1f s", len(paths), size,

@@ -6,19 +6,21 @@ Shared by training, resuming (which must rebuild exactly the same data) and the 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from cxrlab.config import RunConfig
-from cxrlab.data.cache import load_images
-from cxrlab.data.images import guess_channels
+from cxrlab.data.cache import load_images, n_workers
+from cxrlab.data.images import NO_RUN, BitDepth, bits_of_max, guess_channels, undeclared_max
 from cxrlab.data.sources import Record, Source, load_source, require_trainable
 from cxrlab.data.split import assign_splits
 from cxrlab.errors import CxrlabError
 
 log = logging.getLogger("cxrlab")
+DEPTH_SAMPLE = 64  # files read for the data's bit depth (most are 8-bit: a header each)
 
 
 @dataclass
@@ -32,6 +34,7 @@ class PreparedData:
     split_message: str
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     split_result: object = None
+    bit_depth: BitDepth = NO_RUN  # how its 16-bit images were read; run.json keeps `data`
 
     def subset(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         idx = np.flatnonzero(self.splits == split)
@@ -51,12 +54,28 @@ def resolve_positive(classes: list[str], positive: str | None) -> int | None:
     return classes.index(positive)
 
 
-def prepare_data(config: RunConfig) -> PreparedData:
+def data_bit_depth(paths: list[Path], sample: int = DEPTH_SAMPLE) -> int | None:
+    """The depth of a dataset's 16-bit images that declare none (no sBIT): the bit length of
+    the maximum over an even sample of its files (images.bits_of_max), one value for all of
+    them; None when the sample holds no such image."""
+    step = max(1, len(paths) // sample)
+    with ThreadPoolExecutor(max_workers=n_workers()) as pool:
+        maxima = [m for m in pool.map(undeclared_max, paths[::step][:sample]) if m is not None]
+    return bits_of_max(max(maxima)) if maxima else None
+
+
+def prepare_data(config: RunConfig, bit_depth: BitDepth | None = None) -> PreparedData:
+    """`bit_depth`: the rule a run recorded (resuming); None: --bit-depth, else found from the
+    data now."""
     source = load_source(Path(config.data), config.image_col, config.label_col)
     require_trainable(source)
-    channels = config.channels or guess_channels([r.path for r in source.records])
-    images, bad = load_images([r.path for r in source.records], config.image_size, channels,
-                              skip_bad=config.skip_bad)
+    paths = [r.path for r in source.records]
+    channels = config.channels or guess_channels(paths)
+    if bit_depth is None:
+        bit_depth = BitDepth(config.bit_depth, None if config.bit_depth is not None
+                             else data_bit_depth(paths))
+    images, bad = load_images(paths, config.image_size, channels, skip_bad=config.skip_bad,
+                              bit_depth=bit_depth)
     bad_paths = {Path(p) for p, _ in bad}
     records = [r for r in source.records if r.path not in bad_paths]
     if bad:
@@ -78,4 +97,4 @@ def prepare_data(config: RunConfig) -> PreparedData:
         missing = [c for i, c in enumerate(source.classes) if i not in train_classes]
         raise CxrlabError(f"{config.data}: no training images of class {missing[0]}")
     return PreparedData(kept, records, images, labels, splits, result.groups, result.message,
-                        bad, result)
+                        bad, result, bit_depth)
