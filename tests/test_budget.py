@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import yaml
 from cxrlab.budget import (
     AUTO_SECONDS,
     Timings,
+    head_epochs,
     parse_budget,
     plan_run,
     predict_seconds,
@@ -116,15 +118,164 @@ def test_plan_never_more_epochs_than_asked(epochs, n_head):
         assert p.head_epochs == min(n_head, p.epochs)
 
 
-def test_warmup_timing_counts_the_slow_calls():
-    """A run's time is the sum of its steps: a slow one among them must count."""
+def _fake_clock(seconds: list[float]):
+    """(fn, clock): each call of fn takes the next of `seconds` on the clock."""
+    now, it = [0.0], iter(seconds)
+
+    def fn():
+        now[0] += next(it)
+
+    return fn, lambda: now[0]
+
+
+def test_warmup_takes_the_best_timing_and_says_how_they_spread():
+    """Other work only ever adds time: the fastest step is this machine's own speed."""
     import torch
 
     from cxrlab.budget import _time
 
-    delays = iter([0.0, 0.01, 0.01, 0.1, 0.01, 0.01])  # untimed first call, then 5
-    seconds = _time(lambda: time.sleep(next(delays)), torch.device("cpu"), 5)
-    assert 0.028 <= seconds < 0.06  # the mean (0.028); the median would say 0.01
+    fn, clock = _fake_clock([9.0, 1.2, 5.0, 1.2, 1.3, 1.2])  # untimed first call, then 5
+    best, spread = _time(fn, torch.device("cpu"), 5, clock=clock)
+    assert best == pytest.approx(1.2) and spread == pytest.approx(5.0 / 1.2)
+
+
+# the default recipe's steps on a CPU where its 9 epochs fit the automatic 30 minutes
+QUIET = Timings(image_size=192, full_step=1.2, head_step=0.9, val_image=0.02,
+                epoch_overhead=1.0, fixed=60.0)
+BUSY_STEPS = [9.0, 1.2, 5.0, 1.2, 1.2, 1.2]  # one step shares the machine with something
+
+
+def test_a_busy_warmup_step_plans_the_quiet_run():
+    import torch
+
+    from cxrlab.budget import _time, busy, describe, plan_for
+
+    fn, clock = _fake_clock(BUSY_STEPS)
+    best, spread = _time(fn, torch.device("cpu"), 5, clock=clock)
+    seen = replace(QUIET, full_step=best, spread=spread)
+    cfg = RunConfig(data="x", accelerator="cpu")  # the default recipe: 9 epochs, 1 head-only
+    assert resolve_budget(cfg) == AUTO_SECONDS and (cfg.epochs, head_epochs(cfg)) == (9, 1)
+    n = dict(n_train=4173, n_val=1043)
+    quiet = plan_for(cfg, AUTO_SECONDS, QUIET, **n)
+    plan = plan_for(cfg, AUTO_SECONDS, seen, **n)
+    assert (plan.epochs, plan.image_size, plan.fits) == (quiet.epochs, quiet.image_size,
+                                                        True) == (9, 192, True)
+    assert plan.predicted_s == pytest.approx(quiet.predicted_s)
+    # the mean of the same five steps (what the warm-up took before) cut the recipe
+    mean = replace(QUIET, full_step=sum(BUSY_STEPS[1:]) / 5)
+    assert plan_for(cfg, AUTO_SECONDS, mean, **n).epochs < 9
+    # the plan line says the machine looked busy, and only then
+    assert busy(seen) and not busy(QUIET)
+    line = describe(plan, seen, time.time(), auto=True)
+    assert "looked busy (the warm-up's step times spread 4.2x)" in line
+    assert "the first full epoch decides" in line
+    assert "busy" not in describe(quiet, QUIET, time.time(), auto=True)
+    assert "busy" in describe(plan, replace(QUIET, load=3.0), time.time())  # load average
+
+
+def test_a_busy_warmup_cuts_nothing_under_the_automatic_budget():
+    """Even its best step too slow: a busy warm-up leaves the decision to the first epoch;
+    an explicit budget (a deadline the user set) is planned from the warm-up as ever."""
+    from cxrlab.budget import plan_for
+
+    slow = replace(QUIET, full_step=3.0, spread=3.0)
+    n = dict(n_train=4173, n_val=1043)
+    auto = plan_for(RunConfig(data="x", accelerator="cpu"), AUTO_SECONDS, slow, **n)
+    assert (auto.epochs, auto.image_size, auto.fits) == (9, 192, False)
+    assert auto.budget_s == AUTO_SECONDS
+    assert plan_for(RunConfig(data="x", accelerator="cpu", time_budget="30m"),
+                    AUTO_SECONDS, slow, **n).epochs < 9
+    assert plan_for(RunConfig(data="x", accelerator="cpu"), AUTO_SECONDS,
+                    replace(slow, spread=1.0), **n).epochs < 9  # quiet and slow: planned
+
+
+def test_recheck_after_the_first_full_epoch_cuts_only_when_it_must():
+    from cxrlab.budget import recheck_epochs
+
+    warmup = 60.0  # data preparation and warm-up
+    plan = plan_run(AUTO_SECONDS, QUIET, **RECIPE, spent=warmup)
+    assert plan.epochs == 9 and plan.head_epochs == 1
+    head = predict_seconds(QUIET, 1, 1, 130, 1043, 192) - QUIET.fixed  # epoch 1, head-only
+    full = plan.full_epoch_s  # epoch 2, the first full one, as the warm-up predicted it
+
+    def after(epoch_s: float) -> tuple[int, float]:
+        return recheck_epochs(plan, QUIET, warmup + head + epoch_s, epoch_s, done=2)
+
+    assert after(full)[0] == 9  # as planned
+    assert after(1.05 * full)[0] == 9  # slower, still inside the budget: nothing cut
+    epochs, predicted = after(2 * full)  # twice as slow: the most that still fit
+    assert 3 <= epochs < 9 and predicted <= AUTO_SECONDS
+    one_more = warmup + head + 2 * full + QUIET.epoch_overhead + (epochs + 1 - 2) * (
+        2 * full + QUIET.epoch_overhead) + QUIET.fixed
+    assert one_more > AUTO_SECONDS
+    assert after(100 * full)[0] == 3  # hopeless: the plan's minimum, 1 head-only + 2 full
+
+
+# -- the feature cache ---------------------------------------------------------------------
+
+# a frozen backbone without augmentation: the pooled features of the 4173 + 1043 images once
+# (a backbone forward, 0.05 s an image), then the head on them (2 ms a step)
+CACHED = Timings(image_size=192, full_step=0.0, head_step=0.002, val_image=0.05,
+                 epoch_overhead=1.0, fixed=60.0, features_cached=True,
+                 feature_pass=5216 * 0.05, cached_val_image=1e-5)
+FROZEN = dict(epochs=30, n_head=30, image_size=192, steps=130, n_val=1043)
+
+
+def test_plan_charges_cached_features_once():
+    epoch = 130 * 0.002 + 1043 * 1e-5 + 1.0
+    assert predict_seconds(CACHED, 30, 30, 130, 1043, 192) == pytest.approx(
+        5216 * 0.05 + 30 * epoch + 60.0)
+    # smaller images: the backbone pass and the final evaluation shrink, the head's steps not
+    assert predict_seconds(CACHED, 30, 30, 130, 1043, 96) == pytest.approx(
+        (5216 * 0.05 + 60.0) / 4 + 30 * epoch)
+    p = plan_run(10 * 60, CACHED, **FROZEN)
+    assert (p.epochs, p.image_size, p.fits) == (30, 192, True)
+    assert p.full_epoch_s == pytest.approx(epoch)  # the ETA's epoch: head-only on features
+    # a backbone forward per step of every epoch (what the plan charged) cut it to the least
+    per_step = replace(CACHED, features_cached=False, feature_pass=0.0,
+                       head_step=32 * 0.05 + 0.002)
+    assert plan_run(10 * 60, per_step, **FROZEN).epochs == 3
+
+
+def test_warmup_of_a_frozen_backbone_times_the_feature_cache(monkeypatch):
+    """plan_config: the frozen, unaugmented run trains on cached features (as fit decides),
+    and the plan charges what that costs (timings replaced by a fixed 1 s a call)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from cxrlab import budget
+    from cxrlab.finetune import can_cache_features
+    from cxrlab.models import create_model
+
+    cfg = RunConfig(data="x", model="resnet18", image_size=32, batch_size=8, epochs=5,
+                    freeze_backbone=True, augment="none", accelerator="cpu", precision="fp32",
+                    time_budget="10m")
+    model = create_model("resnet18", num_classes=1, in_chans=1, image_size=32)
+    assert can_cache_features(model, cfg) and head_epochs(cfg) == 5
+    timed = []
+
+    def one_second(fn, device, repeats, clock=None):
+        fn()
+        timed.append(fn)
+        return 1.0, 1.0
+
+    monkeypatch.setattr(budget, "_time", one_second)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 1, 32, 32), dtype=np.uint8)
+    splits = np.array(["train"] * 24 + ["val"] * 16)
+    data = SimpleNamespace(splits=splits, subset=lambda s: (x[splits == s], None, None))
+    started = time.time()
+    planned, b = budget.plan_config(cfg, 600.0, model, data, started)
+    t = b.timings
+    assert t.features_cached and t.full_step == 0.0  # no full step: it never trains one
+    assert t.feature_pass == pytest.approx(1.0 / 16 * 40)  # a 16-image pass: 40 images once
+    assert (t.head_step, t.cached_val_image, t.val_image) == (1.0, 1.0 / 16, 1.0 / 16)
+    epoch = 3 * 1.0 + 16 / 16 + 2.0  # 3 head steps on features, validation, 2 checkpoints
+    fixed = 10.0 + 2.0 + 16 / 16  # plots and metrics, model.pt, final validation forward
+    spent = b.plan.predicted_s - (40 / 16 + 5 * epoch + fixed)  # the warm-up's own seconds
+    assert 0 <= spent <= time.time() - started
+    assert (planned.epochs, b.plan.epochs) == (5, 5)
 
 
 def test_remaining_seconds():
@@ -225,3 +376,46 @@ def test_sweeps_are_never_budgeted():
         parse_spec({**spec, "base": {**spec["base"], "time_budget": "30m"}})
     with pytest.raises(CxrlabError, match="time_budget"):
         parse_spec({**spec, "factors": {"time_budget": ["10m", "20m"]}})
+
+
+def test_recheck_cuts_a_run_that_resumes_as_it_was_cut(xray, tmp_path, capsys, monkeypatch,
+                                                       caplog):
+    """The first epoch as if it took 500 s of a 30-minute budget: 5 planned epochs become 3
+    (the cosine schedule re-aimed at epoch 3, config.yaml and plan.json saying so), and a run
+    killed after the cut resumes to exactly the same end."""
+    from cxrlab import budget, training
+    from tests.test_resume import assert_same_run
+
+    real = budget.recheck_epochs
+    monkeypatch.setattr(budget, "recheck_epochs", lambda plan, t, elapsed, epoch_s, done:
+                        real(plan, t, elapsed - epoch_s + 500.0, 500.0, done))
+    caplog.set_level(logging.INFO, logger="cxrlab")
+    args = [*TINY, "--epochs", "5", "--time-budget", "30m", "--augment", "notebook"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    code, _, err = run_cli(["train", xray, "--out", whole, *args], capsys, monkeypatch)
+    assert code == 0, err
+    plan = json.loads((whole / "plan.json").read_text())
+    assert plan["plan"]["epochs"] == 5  # the warm-up's plan, then the first epoch's word
+    assert plan["recheck"]["after_epoch"] == 1 and plan["recheck"]["epochs"] == 3
+    assert yaml.safe_load((whole / "config.yaml").read_text())["epochs"] == 3
+    assert "cut to 3 of 5 epochs" in " ".join(caplog.text.split())
+    history = history_without_timing(whole)
+    assert len(history) == 3
+    assert float(history[-1]["lr"]) == pytest.approx(0.0, abs=1e-12)  # the cosine's end
+
+    step = training.ClassifierModule.training_step
+
+    def dies_in_epoch_3(self, batch, batch_idx):
+        if self.current_epoch == 2:
+            raise RuntimeError("killed")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(training.ClassifierModule, "training_step", dies_in_epoch_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_cli(["train", xray, "--out", killed, *args], capsys, monkeypatch)
+    assert len(history_without_timing(killed)) == 2
+    assert yaml.safe_load((killed / "config.yaml").read_text())["epochs"] == 3
+    monkeypatch.setattr(training.ClassifierModule, "training_step", step)
+    code, _, err = run_cli(["train", "--resume", killed], capsys, monkeypatch)
+    assert code == 0, err
+    assert_same_run(killed, whole)

@@ -202,3 +202,47 @@ def test_cli_folds_prints_the_table_and_resumes(tmp_path, capsys, monkeypatch):
                         monkeypatch)
     assert code == 2 and "--folds 11" in err and "only 10 patients" in err, err
     assert not (tmp_path / "y").exists()  # refused before anything is written
+
+
+def test_budgeted_folds_train_one_plan_and_continue(tmp_path, monkeypatch):
+    """--folds K --time-budget: fold 1 plans once, for a K-th of the budget; every fold trains
+    that plan (a second warm-up here would find a slower machine and plan fewer epochs), and
+    continuing finds the planned folds complete instead of stopping at fold 1."""
+    from cxrlab import budget
+    from cxrlab.budget import Timings
+
+    monkeypatch.setenv("CXRLAB_CACHE", str(tmp_path / "cache"))
+    warmups = []
+
+    def warm_up(model, config, train_x, val_x, n_head, repeats=5, cached=False):
+        warmups.append(config.fold)
+        step = 1e-4 if len(warmups) == 1 else 1000.0
+        return Timings(config.image_size, step, 0.0, 1e-5)
+
+    monkeypatch.setattr(budget, "measure", warm_up)
+    data = make_kermany_folder(tmp_path / "data", 10, 10, size=32)
+    cfg = RunConfig.build({"data": str(data), "folds": 2, **BASE, "epochs": 4,
+                           "time_budget": "20m"})
+    out = tmp_path / "cv"
+    run_crossval(cfg, out, progress=False)
+    assert warmups == [1]
+    plan = json.loads((fold_dir(out, 1) / "plan.json").read_text())
+    assert plan["time_budget"] == "10m" and plan["plan"]["epochs"] == 4  # its share
+    assert not (fold_dir(out, 2) / "plan.json").exists()
+    saved = [yaml.safe_load((fold_dir(out, k) / "config.yaml").read_text()) for k in (1, 2)]
+    assert saved[0]["epochs"] == saved[1]["epochs"] == 4
+    assert saved[0]["time_budget"] == saved[1]["time_budget"] == "none"
+    assert {**saved[0], "fold": 0} == {**saved[1], "fold": 0}  # one recipe
+    events = []
+    again = RunConfig.load(out / "crossval.yaml")
+    run_crossval(again, out, progress=False, on_fold=lambda i, w: events.append((i, w)))
+    assert events == [(1, "complete: kept"), (2, "complete: kept")]
+    # a fold killed before its first checkpoint is retrained with the plan, not re-planned
+    info = json.loads((fold_dir(out, 2) / "run.json").read_text())
+    (fold_dir(out, 2) / "run.json").write_text(json.dumps({**info, "state": "running"}))
+    import shutil
+
+    shutil.rmtree(fold_dir(out, 2) / "checkpoints")
+    run_crossval(again, out, progress=False)
+    assert warmups == [1]
+    assert yaml.safe_load((fold_dir(out, 2) / "config.yaml").read_text()) == saved[1]

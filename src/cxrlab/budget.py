@@ -4,8 +4,10 @@ image size) so the whole run ends on time.
 Three parts, kept apart so the planning can be tested without training anything:
 `parse_budget`/`resolve_budget` (what the user asked for), `measure` (a short warm-up on the
 real data and model, on a copy, leaving the run's weights and random streams untouched) and
-`plan_run` (pure arithmetic on those timings). `BudgetWatch` and `RunProgressBar` keep the
-user informed while the run trains.
+`plan_run` (pure arithmetic on those timings). The warm-up plans from its best timings (a busy
+moment only ever adds time); `BudgetWatch` re-checks the plan against the first full epoch's
+real time and cuts epochs only if that says the run would end over budget, and with
+`RunProgressBar` keeps the user informed while the run trains.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import copy
 import io
 import logging
 import math
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
@@ -26,6 +30,10 @@ from cxrlab.errors import CxrlabError
 log = logging.getLogger("cxrlab")
 
 AUTO_SECONDS = 30 * 60  # the README's promise for the default recipe on a CPU
+# The machine looked busy during the warm-up: its slowest timed step took this many times its
+# fastest, or the 1-minute load average per CPU exceeded this.
+BUSY_SPREAD = 1.5
+BUSY_LOAD = 1.5
 _UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 
 
@@ -108,12 +116,31 @@ class Timings:
     """Seconds measured at `image_size` by `measure` (or given by a test)."""
 
     image_size: int
-    full_step: float  # one training step with everything training
-    head_step: float  # one training step with the backbone frozen (0 when not measured)
-    val_image: float  # validation forward, per image
+    full_step: float  # one training step with everything training (0 when not measured)
+    head_step: float  # one step with the backbone frozen (0 when not measured); on the
+    #                   pooled features when they are cached
+    val_image: float  # validation forward of the whole model, per image
     epoch_overhead: float = 0.0  # checkpoints written every epoch
     fixed: float = 0.0  # final evaluation, plots, metrics
     bf16: bool = False  # the precision timed
+    # frozen backbone, no augmentation: training computes the pooled features once
+    # (finetune.cache_features) and every epoch trains the head on them
+    features_cached: bool = False
+    feature_pass: float = 0.0  # that one backbone pass over the train and validation images
+    cached_val_image: float = 0.0  # validation per image on the cached features (head only)
+    spread: float = 1.0  # the warm-up's main timing: slowest / fastest timed call
+    load: float = 0.0  # 1-minute load average per CPU before the warm-up
+
+
+def busy(t: Timings) -> str | None:
+    """Why the machine looked busy during the warm-up (None: it did not). The plan comes from
+    the best timings either way; this says how far to trust it."""
+    why = []
+    if t.spread > BUSY_SPREAD:
+        why.append(f"the warm-up's step times spread {t.spread:.1f}x")
+    if t.load > BUSY_LOAD:
+        why.append(f"load average {t.load:.1f} per CPU")
+    return ", ".join(why) or None
 
 
 @dataclass(frozen=True)
@@ -130,17 +157,22 @@ class Plan:
 
 
 def _epoch_seconds(t: Timings, steps: int, n_val: int, size: int) -> tuple[float, float]:
+    """(a head-only epoch, a full epoch) at `size` px."""
     scale = (size / t.image_size) ** 2  # convolutions: cost grows with the pixels
     val = n_val * t.val_image
-    return ((steps * t.head_step + val) * scale + t.epoch_overhead,
-            (steps * t.full_step + val) * scale + t.epoch_overhead)
+    full = (steps * t.full_step + val) * scale + t.epoch_overhead
+    if t.features_cached:  # the head on pooled features: their size is not the image's
+        return steps * t.head_step + n_val * t.cached_val_image + t.epoch_overhead, full
+    return (steps * t.head_step + val) * scale + t.epoch_overhead, full
 
 
 def predict_seconds(t: Timings, epochs: int, n_head: int, steps: int, n_val: int,
                     size: int) -> float:
+    """The run: its epochs, the cached features' one backbone pass (if any) and the end."""
     head, full = _epoch_seconds(t, steps, n_val, size)
     h = min(n_head, epochs)
-    return h * head + (epochs - h) * full + t.fixed * (size / t.image_size) ** 2
+    scale = (size / t.image_size) ** 2
+    return h * head + (epochs - h) * full + (t.feature_pass + t.fixed) * scale
 
 
 def plan_run(budget_s: float, t: Timings, *, epochs: int, n_head: int, image_size: int,
@@ -164,8 +196,10 @@ def plan_run(budget_s: float, t: Timings, *, epochs: int, n_head: int, image_siz
         return spent + predict_seconds(t, e, n_head, steps, n_val, s)
 
     def make(e: int, s: int, fits: bool) -> Plan:
+        # the ETA's epoch: a full one, or a head-only one when the backbone stays frozen
+        epoch = _epoch_seconds(t, steps, n_val, s)[0 if n_head >= epochs else 1]
         return Plan(e, s, min(n_head, e), total(e, s), budget_s, fits, epochs, image_size,
-                    _epoch_seconds(t, steps, n_val, s)[1])
+                    epoch)
 
     for s in sizes:
         fitting = [e for e in range(least, epochs + 1) if total(e, s) <= budget_s]
@@ -183,28 +217,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn, device: torch.device, repeats: int) -> float:
-    """The mean of `repeats` timed calls: a run's time is the sum of its steps, slow ones
-    included. Tried on one Zen 4 machine, the landed default (8.2-9.2 min): the median of 5
-    steps predicted 7.0 min (ran 9.2), the mean of 5 7.3 (8.2), the mean of 3 8.4 and 9.9
-    (8.7, 8.5): no better than 3, so 3 it stays. Those runs still paid PyTorch's NaN fill of
-    new tensors, which the warm-up never did (a sixth of an epoch; gone since
-    `training.deterministic_without_nan_fill`). The validation forward is timed over 3
-    passes too: one pass of 64 images read 4.2-10.0 ms an image in fresh processes on one
-    machine, 3 passes 4.1-5.6."""
+def _time(fn, device: torch.device, repeats: int,
+          clock=time.perf_counter) -> tuple[float, float]:
+    """(the fastest of `repeats` timed calls, slowest / fastest). Other work on the machine only
+    ever adds time, so the fastest call is this machine's own speed: the same command plans the
+    same run whatever ran during these seconds (a busy warm-up cut the default recipe from 9
+    epochs to 3 on a machine that trains all 9 in 11 min). The best call is optimistic about a whole epoch (allocation,
+    the data loader, Python between steps): `BudgetWatch` re-checks the plan against the first
+    full epoch's real time before cutting anything more. The spread says whether the machine
+    looked busy. Tried before on one Zen 4 machine (the default recipe, which ran 8.2-9.2 min):
+    the median of 5 steps predicted 7.0 min, the mean of 5 7.3, the mean of 3 8.4 and 9.9;
+    the mean of 3 was kept until that busy warm-up."""
     fn()  # untimed: first calls pay for allocation and kernel selection
     _sync(device)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        t0 = clock()
         fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / repeats
+        _sync(device)
+        times.append(clock() - t0)
+    best = min(times)
+    return best, (max(times) / best if best > 0 else 1.0)
+
+
+def _load_per_cpu() -> float:
+    """The 1-minute load average per CPU (0 where the system does not say)."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return 0.0
 
 
 def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
-            repeats: int = 3) -> Timings:
-    """Time training steps (head-only when the recipe has such epochs, and full) and a
-    validation forward on the real images, model, precision, batch size and layout.
+            repeats: int = 5, cached: bool = False) -> Timings:
+    """Time training steps (head-only when the recipe has such epochs, full when it has those)
+    and a validation forward on the real images, model, precision, batch size and layout.
+    `cached` (frozen backbone, no augmentation: finetune.can_cache_features): time the one
+    backbone pass that computes the pooled features and the head's steps on them instead.
 
     Works on a deep copy inside `fork_rng`: the run's weights and random streams are exactly
     as if this never ran."""
@@ -214,12 +263,14 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
         freeze_stages,
         frozen_bn_eval,
         head_parameters,
+        pooled_features,
         set_backbone_trainable,
         trainable_parameters,
     )
     from cxrlab.inference import folded, use_bf16
     from cxrlab.training import make_optimizer
 
+    load = _load_per_cpu()
     device = train_device(config)
     bf16 = use_bf16(config.precision, model)
     cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
@@ -244,21 +295,52 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
                     out = m.forward_head(feats)
                 else:
                     out = m(x)
+            backward(opt, out)
+
+        def backward(opt, out):
             out.float().square().mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        m.train()
-        frozen_bn_eval(m)
-        opt = make_optimizer(trainable_parameters(m), config, device)
-        full = _time(lambda: step(opt, False), device, repeats)
-        head = 0.0
+        def pool(images):  # as finetune.cache_features
+            return pooled_features(m, images, bf16=bf16, channels_last=config.channels_last)
+
+        full = head = feature_pass = cached_val = 0.0
+        spread = 1.0
+        if n_head < config.epochs:
+            m.train()
+            frozen_bn_eval(m)
+            opt = make_optimizer(trainable_parameters(m), config, device)
+            full, spread = _time(lambda: step(opt, False), device, repeats)
         if n_head:
             set_backbone_trainable(m, False)
             m.train()
             backbone_bn_eval(m)
             opt = make_optimizer(head_parameters(m), config, device)
-            head = _time(lambda: step(opt, True), device, repeats)
+            if cached:
+                per_pass, spread = _time(lambda: pool(vb), device, repeats)
+                feature_pass = per_pass / max(len(vb), 1) * (len(train_x) + len(val_x))
+                feats, vfeats = pool(xb).to(device), pool(vb).to(device)
+                m.train()
+                backbone_bn_eval(m)
+
+                def head_step():
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        out = m.forward_head(feats)
+                    backward(opt, out)
+
+                @torch.no_grad()
+                def head_val():
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        m.forward_head(vfeats)
+
+                head = _time(head_step, device, repeats)[0]
+                m.eval()
+                cached_val = _time(head_val, device, repeats)[0] / max(len(vb), 1)
+            else:
+                head, head_spread = _time(lambda: step(opt, True), device, repeats)
+                if not full:  # frozen throughout: the head-only step is the run's
+                    spread = head_spread
             set_backbone_trainable(m, True)
 
         @torch.no_grad()
@@ -268,15 +350,16 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
                 folded(m, x)(x)  # as validation_step (the untimed first call folds)
 
         m.eval()
-        val = _time(validate, device, repeats) / max(len(vb), 1)  # 64 images a pass
+        val = _time(validate, device, repeats)[0] / max(len(vb), 1)  # 64 images a pass
 
         def checkpoint():  # best.ckpt and last.ckpt: weights + optimizer state, twice
             torch.save({"model": m.state_dict(), "opt": opt.state_dict()}, io.BytesIO())
 
-        ckpt = 2 * _time(checkpoint, device, 1)
+        ckpt = 2 * _time(checkpoint, device, 1)[0]
     # final evaluation (validation and test forward) is counted by the caller; plots, metrics
     # with bootstrap intervals and model.pt: a few seconds on a CPU
-    return Timings(int(xb.shape[-1]), full, head, val, ckpt, 10.0 + ckpt, bf16)
+    return Timings(int(xb.shape[-1]), full, head, val, ckpt, 10.0 + ckpt, bf16, cached,
+                   feature_pass, cached_val, spread, load)
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -292,6 +375,26 @@ class Budgeted:
     timings: Timings
     started: float  # time.time() when the run started
     record: dict
+    # re-check the plan after the first full epoch (not in a cross-validation's fold: every
+    # fold trains the plan fold 1 made, so that the pooled result is one recipe's)
+    recheck: bool = True
+
+
+def plan_for(config, budget_s: float, t: Timings, n_train: int, n_val: int,
+             spent: float = 0.0) -> Plan:
+    """`config`'s plan from warm-up timings `t` (pure: a test gives the timings).
+
+    The automatic budget only shortens the schedule (a warm-up on a busy machine must not
+    silently train the default recipe on smaller images), and never from a warm-up that looked
+    busy: then the recipe's epochs start and the first full epoch decides (`BudgetWatch`)."""
+    auto = config.time_budget == "auto"
+    kw = dict(epochs=config.epochs, n_head=head_epochs(config), image_size=config.image_size,
+              steps=steps_per_epoch(n_train, config.batch_size), n_val=n_val, spent=spent,
+              min_size=config.image_size if auto else 128)
+    if auto and busy(t):
+        plan = plan_run(math.inf, t, **kw)
+        return replace(plan, budget_s=budget_s, fits=plan.predicted_s <= budget_s)
+    return plan_run(budget_s, t, **kw)
 
 
 def plan_config(config, budget_s: float, model: torch.nn.Module, data, started: float):
@@ -299,21 +402,18 @@ def plan_config(config, budget_s: float, model: torch.nn.Module, data, started: 
 
     The returned config names the planned epochs and image size and has no budget left to
     apply: saved as config.yaml, it retrains the same run without planning again."""
+    from cxrlab.finetune import can_cache_features
+
     tx, _, _ = data.subset("train")
     vx, _, _ = data.subset("val")
     n_test = int((data.splits == "test").sum())
-    n_head = head_epochs(config)
-    t = measure(model, config, tx, vx, n_head)
+    t = measure(model, config, tx, vx, head_epochs(config),
+                cached=can_cache_features(model, config))
     t = replace(t, fixed=t.fixed + (len(vx) + n_test) * t.val_image)
-    plan = plan_run(budget_s, t, epochs=config.epochs, n_head=n_head,
-                    image_size=config.image_size,
-                    steps=steps_per_epoch(len(tx), config.batch_size), n_val=len(vx),
-                    spent=time.time() - started,
-                    # the automatic budget only shortens the schedule: a warm-up on a busy
-                    # machine must not silently train the default recipe on smaller images
-                    min_size=config.image_size if config.time_budget == "auto" else 128)
-    log.info("%s", describe(plan, t, started))
-    if not plan.fits:
+    plan = plan_for(config, budget_s, t, len(tx), len(vx), spent=time.time() - started)
+    auto = config.time_budget == "auto"
+    log.info("%s", describe(plan, t, started, auto))
+    if not plan.fits and not (auto and busy(t)):  # busy: the first full epoch decides
         log.warning("time budget %s: even %d epochs at %d px are predicted to take %.1f min; "
                     "the run will exceed its budget", format_seconds(budget_s), plan.epochs,
                     plan.image_size, plan.predicted_s / 60)
@@ -322,10 +422,11 @@ def plan_config(config, budget_s: float, model: torch.nn.Module, data, started: 
     planned = RunConfig.build({**config.model_dump(), "epochs": plan.epochs,
                                "image_size": plan.image_size, "time_budget": "none"})
     return planned, Budgeted(plan, t, started,
-                             plan_record(plan, t, config.time_budget, started))
+                             plan_record(plan, t, config.time_budget, started),
+                             recheck=config.fold is None)
 
 
-def describe(plan: Plan, t: Timings, started: float) -> str:
+def describe(plan: Plan, t: Timings, started: float, auto: bool = False) -> str:
     end = time.strftime("%H:%M", time.localtime(started + plan.predicted_s))
     what = f"{plan.epochs} epochs"
     if plan.epochs < plan.asked_epochs:
@@ -336,10 +437,24 @@ def describe(plan: Plan, t: Timings, started: float) -> str:
     if plan.image_size != plan.asked_image_size:
         size = f"{plan.image_size} px (not {plan.asked_image_size})"
     size += " in bf16" if t.bf16 else " in fp32"
-    return (f"time budget {format_seconds(plan.budget_s)}: {what} at {size}, predicted "
-            f"{plan.predicted_s / 60:.1f} min, ending about {end} (warm-up: step "
-            f"{t.full_step:.2f} s" + (f", head-only step {t.head_step:.2f} s" if t.head_step
-                                      else "") + f", validation {t.val_image * 1e3:.1f} ms/image)")
+    steps = []
+    if t.full_step:
+        steps.append(f"step {t.full_step:.2f} s")
+    if t.features_cached:
+        steps.append(f"features once {t.feature_pass:.1f} s, then head-only step "
+                     f"{t.head_step * 1e3:.1f} ms")
+    elif t.head_step:
+        steps.append(f"head-only step {t.head_step:.2f} s")
+    steps.append(f"validation {t.val_image * 1e3:.1f} ms/image")
+    text = (f"time budget {format_seconds(plan.budget_s)}: {what} at {size}, predicted "
+            f"{plan.predicted_s / 60:.1f} min, ending about {end} (warm-up, best of its "
+            f"timings: {', '.join(steps)})")
+    why = busy(t)
+    if why:
+        text += f"; the machine looked busy ({why})"
+        if auto:
+            text += ": the first full epoch decides whether to cut epochs"
+    return text
 
 
 def plan_record(plan: Plan, t: Timings, budget: str, started: float) -> dict:
@@ -366,12 +481,41 @@ def remaining_seconds(epoch_seconds: list[float], done: int, total: int,
     return max(0.0, (total - done - current_fraction) * per)
 
 
-class BudgetWatch(Callback):
-    """After each epoch: warn once when the run is predicted to end >10% over its budget
-    (the schedule is not cut: it was planned to end at the last epoch)."""
+def recheck_epochs(plan: Plan, t: Timings, elapsed: float, epoch_s: float, done: int,
+                   min_full_epochs: int = 2) -> tuple[int, float]:
+    """(epochs to train, the whole run's predicted seconds) once the first full epoch took
+    `epoch_s` (`done` epochs finished, `elapsed` seconds into the run, its checkpoint still to
+    write). The plan's epochs unless that pace would end the run over budget; then the most
+    that fit, but not fewer than the plan's own minimum (head-only epochs + `min_full_epochs`)
+    nor than those done. Never more than planned: the schedule was set for them."""
+    frozen = plan.head_epochs >= plan.epochs
+    least = max(done, min(plan.epochs, (1 if frozen else plan.head_epochs) + min_full_epochs))
+    fixed = t.fixed * (plan.image_size / t.image_size) ** 2
 
-    def __init__(self, plan: Plan, started: float, fixed: float):
-        self.plan, self.started, self.fixed = plan, started, fixed
+    def total(e: int) -> float:
+        return elapsed + t.epoch_overhead + (e - done) * (epoch_s + t.epoch_overhead) + fixed
+
+    if total(plan.epochs) <= plan.budget_s or least >= plan.epochs:
+        return plan.epochs, total(plan.epochs)
+    fitting = [e for e in range(least, plan.epochs) if total(e) <= plan.budget_s]
+    e = max(fitting) if fitting else least
+    return e, total(e)
+
+
+class BudgetWatch(Callback):
+    """After the first full epoch: re-check the plan against that epoch's real time and cut
+    epochs only if it says the run would end over budget (the cosine schedule is re-aimed at
+    the new last epoch; RUN_DIR/config.yaml and plan.json say so, so --resume continues the
+    cut run). After each epoch: warn once when the run is predicted to end >10% over its
+    budget."""
+
+    def __init__(self, budgeted: Budgeted, run_dir: Path | None = None):
+        self.budgeted, self.run_dir = budgeted, run_dir
+        self.plan, self.started = budgeted.plan, budgeted.started
+        t = budgeted.timings
+        self.fixed = t.fixed * (self.plan.image_size / t.image_size) ** 2
+        frozen = self.plan.head_epochs >= self.plan.epochs
+        self.first_full = 1 if frozen else self.plan.head_epochs + 1  # epochs done after it
         self.durations: list[float] = []
         self.warned = False
         self._t0 = time.time()
@@ -381,16 +525,57 @@ class BudgetWatch(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.durations.append(time.time() - self._t0)
-        left = remaining_seconds(self.durations, trainer.current_epoch + 1, trainer.max_epochs,
+        done = trainer.current_epoch + 1
+        if self.budgeted.recheck and done == self.first_full:
+            self.recheck(trainer, pl_module, done)
+        left = remaining_seconds(self.durations, done, trainer.max_epochs,
                                  planned_epoch=self.plan.full_epoch_s,
                                  head_epochs=self.plan.head_epochs)
         total = time.time() - self.started + (left or 0.0) + self.fixed
         if not self.warned and total > 1.1 * self.plan.budget_s:
             self.warned = True
             log.warning("time budget %s: after epoch %d the run is predicted to take %.1f min "
-                        "(%.0f%% over); it keeps its planned %d epochs",
-                        format_seconds(self.plan.budget_s), trainer.current_epoch + 1,
-                        total / 60, 100 * (total / self.plan.budget_s - 1), self.plan.epochs)
+                        "(%.0f%% over); it keeps its %d epochs",
+                        format_seconds(self.plan.budget_s), done, total / 60,
+                        100 * (total / self.plan.budget_s - 1), trainer.max_epochs)
+
+    def recheck(self, trainer, pl_module, done: int) -> None:
+        epoch_s = self.durations[-1]
+        epochs, predicted = recheck_epochs(self.plan, self.budgeted.timings,
+                                           time.time() - self.started, epoch_s, done)
+        budget = format_seconds(self.plan.budget_s)
+        said = (f"the first full epoch took {epoch_s:.0f} s (the warm-up predicted "
+                f"{self.plan.full_epoch_s or 0:.0f} s)")
+        if epochs < trainer.max_epochs:
+            log.warning("time budget %s: %s: cut to %d of %d epochs, predicted %.1f min",
+                        budget, said, epochs, trainer.max_epochs, predicted / 60)
+            self.cut(trainer, pl_module, epochs)
+        else:
+            log.info("time budget %s: %s: all %d epochs, predicted %.1f min", budget, said,
+                     epochs, predicted / 60)
+        self.budgeted.record["recheck"] = {"after_epoch": done, "epoch_s": round(epoch_s, 3),
+                                           "epochs": epochs, "predicted_s": round(predicted, 1)}
+        if self.run_dir is not None and (self.run_dir / "plan.json").is_file():
+            from cxrlab.run import write_json
+
+            write_json(self.run_dir / "plan.json", self.budgeted.record)
+
+    def cut(self, trainer, pl_module, epochs: int) -> None:
+        """Train `epochs` in all. Runs before this epoch's checkpoints are written, so they,
+        config.yaml and a resumed run all agree on the new length."""
+        trainer.fit_loop.max_epochs = epochs
+        if pl_module.cfg.schedule == "cosine":  # as configure_optimizers would for `epochs`
+            from cxrlab.training import cosine_schedule
+
+            f = cosine_schedule(trainer.estimated_stepping_batches)
+            for sc in trainer.lr_scheduler_configs:
+                sc.scheduler.lr_lambdas = [f] * len(sc.scheduler.lr_lambdas)
+        path = self.run_dir / "config.yaml" if self.run_dir is not None else None
+        if path is not None and path.is_file():
+            from cxrlab.config import RunConfig
+
+            cfg = RunConfig.load(path)
+            RunConfig.build({**cfg.model_dump(), "epochs": epochs}).save(path)
 
 
 class RunProgressBar(RichProgressBar):

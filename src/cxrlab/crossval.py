@@ -54,6 +54,30 @@ def fold_dir(out: Path, fold: int) -> Path:
     return out / f"fold-{fold}"
 
 
+def budgeted_fold_config(config: RunConfig, fold: int, out: Path,
+                         budget_s: float | None) -> RunConfig:
+    """Fold `fold`'s configuration under a time budget of `budget_s` seconds for the whole
+    cross-validation (None: `fold_config`). Fold 1 plans once, for a K-th of the budget (its
+    warm-up, `fold-1/plan.json`); every fold trains the epochs and image size of that plan, so
+    the pooled figures are one recipe's and continuing finds the planned folds as they were
+    saved (`time_budget: none`, as any planned run's config.yaml)."""
+    from cxrlab.budget import format_seconds
+
+    cfg = fold_config(config, fold)
+    if budget_s is None:
+        return cfg
+    plan_file = fold_dir(out, 1) / "plan.json"
+    if plan_file.is_file():
+        plan = json.loads(plan_file.read_text())["plan"]
+        return RunConfig.build({**cfg.model_dump(), "epochs": plan["epochs"],
+                                "image_size": plan["image_size"], "time_budget": "none"})
+    if fold != 1:
+        raise CxrlabError(f"{plan_file}: not found; under a time budget fold 1's plan sets every "
+                          "fold's epochs and image size: choose a new --out")
+    share = format_seconds(max(1.0, budget_s / config.folds))
+    return RunConfig.build({**cfg.model_dump(), "time_budget": share})
+
+
 def is_crossval_dir(path: Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
@@ -71,6 +95,9 @@ def run_crossval(config: RunConfig, out: Path, progress: bool = True,
 
     if config.folds is None or config.fold is not None:
         raise CxrlabError("--folds: give the number of folds (2-20) for cross-validation")
+    from cxrlab.budget import resolve_budget
+
+    budget_s = resolve_budget(fold_config(config, 1))  # explicit budgets (auto: none for folds)
     out = Path(out)
     saved = out / CONFIG_FILE
     if saved.is_file():
@@ -83,7 +110,7 @@ def run_crossval(config: RunConfig, out: Path, progress: bool = True,
         prepare_out_dir(out)
         config.save(saved)
     for i in range(1, config.folds + 1):
-        cfg, run_dir = fold_config(config, i), fold_dir(out, i)
+        cfg, run_dir = budgeted_fold_config(config, i, out, budget_s), fold_dir(out, i)
         state = run_state(run_dir, cfg)
         if state == "complete":
             _tell(on_fold, i, "complete: kept")
@@ -94,6 +121,10 @@ def run_crossval(config: RunConfig, out: Path, progress: bool = True,
             continue
         if state == "broken":
             _tell(on_fold, i, f"set aside as {move_aside(run_dir).name} (no checkpoint)")
+            cfg = budgeted_fold_config(config, i, out, budget_s)  # fold 1's plan went with it
+        if budget_s is not None and cfg.time_budget != "none":  # fold 1, not yet planned
+            _tell(on_fold, i, f"planning for its share of the time budget ({cfg.time_budget}); "
+                  "every fold trains this plan")
         _tell(on_fold, i, "training")
         train_run(cfg, run_dir, progress=progress)
     result = pool(out, config.folds)

@@ -242,8 +242,7 @@ class ClassifierModule(L.LightningModule):
         opt = make_optimizer(params, c, self.device)
         if c.schedule == "cosine":
             steps = self.trainer.estimated_stepping_batches
-            warmup = min(int(0.03 * steps) + 1, 200)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(warmup, steps))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         if c.schedule == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.3, patience=1)
@@ -263,6 +262,12 @@ def make_optimizer(params, c: RunConfig, device: torch.device) -> torch.optim.Op
     if c.optimizer == "adam":
         return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay, fused=fused)
     return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay, fused=fused)
+
+
+def cosine_schedule(steps: int):
+    """The cosine schedule's factor by step for a run of `steps`; the time budget's re-check
+    re-aims a cut run's with it, exactly as a resume of the cut run builds it."""
+    return _warmup_cosine(min(int(0.03 * steps) + 1, 200), steps)
 
 
 def _warmup_cosine(warmup: int, total: int):
@@ -458,7 +463,7 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
     from cxrlab.budget import BudgetWatch
 
     if budgeted is not None:
-        callbacks.append(BudgetWatch(budgeted.plan, budgeted.started, budgeted.timings.fixed))
+        callbacks.append(BudgetWatch(budgeted, run_dir))
     if progress:
         from cxrlab.budget import head_epochs
 
