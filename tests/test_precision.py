@@ -87,8 +87,7 @@ def test_predict_serve_and_report_give_the_runs_own_scores(bf16_run, other_machi
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
     predicted = np.array([[r["probabilities"][c] for c in loaded.classes] for r in rows])
-    # val_predictions.csv keeps 6 significant digits, predict rounds to 6 decimals; bf16 moved
-    # these scores by ~1e-3
+    # predict rounds to 6 decimals; bf16 moved these scores by ~1e-3
     assert np.abs(predicted - probs).max() < 2e-6
     expected = decide(probs, loaded.info.positive, loaded.threshold)
     assert [r["class"] for r in rows] == [loaded.classes[k] for k in expected]

@@ -114,8 +114,8 @@ def test_calibrated_intervals_resample_patients(normal_positive):
 
 
 def test_saturated_validation_scores_come_from_model_pt(normal_positive, tmp_path, monkeypatch):
-    """val_predictions.csv keeps 6 significant digits: a float32 score saturated at 0 or 1
-    cannot be mapped through the calibration; the films are scored by model.pt instead."""
+    """A float32 score saturated at 0 or 1 in val_predictions.csv cannot be mapped through the
+    calibration; the films are scored by model.pt instead."""
     import shutil
 
     import torch

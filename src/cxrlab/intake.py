@@ -189,8 +189,11 @@ def check_intake(run, paths: list[Path], images: np.ndarray, probs: np.ndarray,
     score_ref = _validation_scores(run, positive)
     if score_ref is not None:
         new = probs[:, positive] if positive is not None else probs.max(1)
-        new = np.array([float(f"{v:.6g}") for v in new])  # the precision of the CSV's
-        result.update(compare({"score": score_ref}, {"score": new}))
+        # compared at 6 significant digits, all older runs' CSVs kept: the same images then
+        # give the same scores whichever precision the run wrote
+        new = np.array([float(f"{v:.6g}") for v in new])
+        ref6 = np.array([float(f"{v:.6g}") for v in score_ref])
+        result.update(compare({"score": ref6}, {"score": new}))
     what = (f"p({run.classes[positive]})" if positive is not None
             else "top-class probability")
     warnings = []

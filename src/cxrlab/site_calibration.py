@@ -287,9 +287,10 @@ def _rescore(run, model: torch.nn.Module, paths: list[str]) -> np.ndarray | None
     """The validation films through the calibrated model, when every one is still readable
     where training read it; else None.
 
-    Mapping val_predictions.csv instead is exact only to its 6 significant digits: a score
-    that saturated there (p = 1 - 1e-9 written as "1") maps to another probability than
-    model.pt gives, and ties it makes can change the AUC that a monotone map must keep."""
+    Mapping val_predictions.csv instead loses what the probabilities lost: a float32 score
+    saturated at 0 or 1 (and, in runs written before the CSV was exact, anything past its 6
+    significant digits) maps to another probability than model.pt gives, and the ties it makes
+    can change the AUC that a monotone map must keep."""
     from cxrlab.data.cache import load_images
     from cxrlab.inference import predict_probs
 
