@@ -89,8 +89,8 @@ def test_options_are_checked_like_the_cli(trained, tmp_path):
 
 
 def test_evaluate_returns_metrics_with_intervals(trained):
-    _, data, run = trained
-    m = run.evaluate(data)
+    root, _, run = trained
+    m = run.evaluate(make_kermany_folder(root / "held", size=48, seed=3))  # images not trained on
     assert isinstance(m, cxrlab.Metrics) and isinstance(m, dict)
     assert m["n"] == 24 and m["threshold"] == run.threshold
     lo, hi = m["ci"]["roc_auc"]

@@ -77,7 +77,8 @@ def test_train_writes_a_complete_run(trained_run):
 def test_evaluate_and_predict(trained_run, tmp_path, capsys, monkeypatch):
     data, run = trained_run
     out_json = tmp_path / "m.json"
-    code, out, err = run_cli(["evaluate", run, data, "--json", out_json], capsys, monkeypatch)
+    held = make_kermany_folder(tmp_path / "held", 16, 16, seed=3)  # images not trained on
+    code, out, err = run_cli(["evaluate", run, held, "--json", out_json], capsys, monkeypatch)
     assert code == 0, err
     m = json.loads(out_json.read_text())
     assert m["n"] == 32 and sum(map(sum, m["confusion_matrix"])) == 32
@@ -100,8 +101,9 @@ def test_evaluate_other_positive_keeps_the_decisions(trained_run, tmp_path, caps
     # P(NORMAL): with threshold t, a case between t and 1 - t changed class.
     import shutil
 
-    data, run = trained_run
+    _, run = trained_run
     run = Path(shutil.copytree(run, tmp_path / "run"))
+    data = make_kermany_folder(tmp_path / "held", 16, 16, seed=3)  # images not trained on
     code, out, err = run_cli(["predict", run, data, "--json"], capsys, monkeypatch)
     assert code == 0, err
     p = np.array(sorted(json.loads(line)["probabilities"]["PNEUMONIA"]

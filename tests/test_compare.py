@@ -160,7 +160,8 @@ def test_two_real_runs_from_the_cli(tmp_path, capsys, monkeypatch):
     assert _row(res, "accuracy")["a"] == pytest.approx(metrics_a["accuracy"], abs=1e-9)
     # evaluate on new data: patients read from the file names as the run's split read them
     evaluated = tmp_path / "eval.json"
-    code, printed, err = run_cli(["evaluate", tmp_path / "a", data, "--json", evaluated],
+    held = make_kermany_folder(tmp_path / "held", 12, 12, size=32, seed=1)  # not trained on
+    code, printed, err = run_cli(["evaluate", tmp_path / "a", held, "--json", evaluated],
                                  capsys, monkeypatch)
     assert code == 0, err
     assert "95% CI: patient bootstrap (12 patients)" in " ".join(printed.split())

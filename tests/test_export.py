@@ -347,10 +347,22 @@ def test_serve_answers_with_the_int8_file(real_run, int8_file):
         assert client.get("/health").json()["backend"] == "torch fp32"
 
 
+def held_out(root: Path) -> list[Path]:
+    """8 more real X-rays per class, after the 8 `real_run` trained on (symlinked)."""
+    picked = []
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / cls).mkdir(parents=True)
+        for f in sorted((SHARED_DATA / "chest_xray" / "train" / cls).glob("*.jpeg"))[8:16]:
+            (root / cls / f.name).symlink_to(f)
+            picked.append(root / cls / f.name)
+    return picked
+
+
 def test_evaluate_scores_with_the_int8_file(real_run, int8_file, tmp_path, monkeypatch, capsys):
     from sklearn.metrics import roc_auc_score
 
-    run, files = real_run
+    run, _ = real_run
+    files = held_out(tmp_path / "held")
     out = tmp_path / "m.json"
     code, stdout, err = cli(["evaluate", run, files[0].parent.parent, "--onnx", int8_file,
                              "--json", out], monkeypatch, capsys)

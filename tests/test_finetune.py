@@ -92,13 +92,14 @@ def test_three_classes_end_to_end(tmp_path, capsys, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="cxrlab")
     rng = np.random.default_rng(0)
     names = ["covid", "normal", "viral"]
-    for k, c in enumerate(names):
-        (tmp_path / "data" / c).mkdir(parents=True)
-        for i in range(10):
-            img = rng.normal(90, 20, (32, 32, 3))
-            img[..., k] += 90
-            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(
-                tmp_path / "data" / c / f"{c}{i}.png")
+    for folder in ("data", "held"):  # held: other images of each class, for evaluate
+        for k, c in enumerate(names):
+            (tmp_path / folder / c).mkdir(parents=True)
+            for i in range(10):
+                img = rng.normal(90, 20, (32, 32, 3))
+                img[..., k] += 90
+                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(
+                    tmp_path / folder / c / f"{c}{i}.png")
     run = tmp_path / "run"
     args = ["train", tmp_path / "data", "--out", run, "--model", "resnet18", "--image-size",
             "32", "--epochs", "3", "--batch-size", "8", "--freeze-backbone", "--augment",
@@ -113,7 +114,7 @@ def test_three_classes_end_to_end(tmp_path, capsys, monkeypatch, caplog):
     assert np.array(m["confusion_matrix"]).shape == (3, 3)
     for f in ("roc.png", "confusion_matrix.png"):
         assert (run / f).stat().st_size > 0
-    code, _, err = run_cli(["evaluate", run, tmp_path / "data", "--json", tmp_path / "e.json"],
+    code, _, err = run_cli(["evaluate", run, tmp_path / "held", "--json", tmp_path / "e.json"],
                            capsys, monkeypatch)
     assert code == 0, err
     e = json.loads((tmp_path / "e.json").read_text())

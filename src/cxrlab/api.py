@@ -255,17 +255,22 @@ class Run:
     def evaluate(self, data: PathLike, *, split: str | None = None, positive: str | None = None,
                  image_col: str | None = None, label_col: str | None = None,
                  skip_bad: bool = False, shift: bool = False,
-                 onnx: PathLike | None = None) -> Metrics:
+                 onnx: PathLike | None = None, allow_overlap: bool = False,
+                 save: bool = True) -> Metrics:
         """Metrics on labelled images at the run's threshold (`cxrlab evaluate RUN DATA`).
 
-        `shift=True` also scores the run under graded synthetic intake shifts (under
-        "shift"), and writes RUN/shift.json and RUN/shift.png, which the report shows.
-        `onnx`: score with that exported file (e.g. `export_onnx(..., int8=True)`) instead."""
+        DATA holding images the run trained on is refused; `allow_overlap=True` scores the
+        others (metrics["overlap"] lists both). `shift=True` also scores the run under graded
+        synthetic intake shifts (under "shift"), and writes RUN/shift.json and RUN/shift.png,
+        which the report shows (a warning where the run folder is read-only; `save=False`
+        leaves it untouched). `onnx`: score with that exported file (e.g.
+        `export_onnx(..., int8=True)`) instead."""
         from cxrlab.scoring import evaluate_run
 
         metrics = evaluate_run(self.path, Path(data), image_col, label_col, split, positive,
-                               skip_bad, shift=shift, onnx=None if onnx is None else Path(onnx))
-        if shift:
+                               skip_bad, shift=shift, onnx=None if onnx is None else Path(onnx),
+                               allow_overlap=allow_overlap)
+        if shift and save:
             from cxrlab import shift as stress
 
             stress.save(self.path, metrics["shift"])

@@ -206,26 +206,36 @@ def evaluate(
     onnx: Annotated[Path | None, typer.Option(
         help="score with this file from `cxrlab export` (e.g. --int8) instead of the run's "
         "fp32 model")] = None,
+    allow_overlap: Annotated[bool, typer.Option(
+        "--allow-overlap", help="DATA holds images the run trained on: leave them out and "
+        "score the rest (default: refuse)")] = False,
 ) -> None:
-    """Metrics of a run on labelled images, at the run's threshold and at 0.5; warns when the
+    """Metrics of a run on labelled images, at the run's threshold and at 0.5; refuses images
+    the run trained on, labels its validation images selection-biased, and warns when the
     images differ from the run's training images."""
     from cxrlab.api import Run
     from cxrlab.run import write_json
 
+    if json_out is not None and not json_out.absolute().parent.is_dir():
+        raise CxrlabError(f"--json {json_out}: no folder {json_out.absolute().parent}")
     metrics = Run(run_dir).evaluate(data, split=split, positive=positive, image_col=image_col,
                                     label_col=label_col, skip_bad=skip_bad, shift=shift,
-                                    onnx=onnx)
+                                    onnx=onnx, allow_overlap=allow_overlap, save=False)
     scored_by = "" if onnx is None else f", {metrics['onnx']['precision']} file {onnx.name}"
     _print_metrics(metrics, f"{data} ({metrics['n']} images{scored_by})")
-    if json_out is not None:
-        write_json(json_out, metrics)
+    if json_out is not None:  # the user's file first: a read-only run loses nothing
+        try:
+            write_json(json_out, metrics)
+        except OSError as e:
+            raise CxrlabError(f"--json {json_out}: cannot write it ({e.strerror})") from None
         console.print(f"Metrics written to [bold]{json_out}[/]")
     if shift:
         from cxrlab import shift as stress
 
         stress.render(metrics["shift"], console)
-        js, png = run_dir / stress.RESULT_JSON, run_dir / stress.RESULT_PNG
-        console.print(f"Stress test written to [bold]{js}[/] and [bold]{png}[/]")
+        saved = stress.save(run_dir, metrics["shift"])
+        if saved is not None:
+            console.print(f"Stress test written to [bold]{saved[0]}[/] and [bold]{saved[1]}[/]")
 
 
 @app.command()

@@ -171,7 +171,8 @@ def pool(out: Path, folds: int) -> dict:
         patients.append(patient_keys(run_dir, paths))
         per_fold.append({"fold": i, "n": len(y), "accuracy": metrics.get("accuracy"),
                          "roc_auc": metrics.get("roc_auc"), "threshold": read_threshold(run_dir),
-                         "epochs": metrics.get("epochs")})
+                         "epochs": metrics.get("epochs"),
+                         "copies_of_training": _copies(run_dir, metrics)})
     pred_all = []
     for i, (_, probs, positive) in enumerate(predictions):
         pooled_t = None
@@ -188,6 +189,11 @@ def pool(out: Path, folds: int) -> dict:
     cm = confusion_matrix(y, pred, labels=list(range(len(classes))))
     recall = [float(cm[k, k] / cm[k].sum()) if cm[k].sum() else None for k in range(len(classes))]
     bounds = (0.0, 1.0)
+    counts = [f["copies_of_training"] for f in per_fold]
+    copies = None if None in counts else sum(counts)
+    if copies:
+        log.warning("%d out-of-fold image(s) are copies of their fold's training images (same "
+                    "content, another name): the pooled figures are optimistic", copies)
     return {
         "folds": folds,
         "classes": classes,
@@ -199,8 +205,20 @@ def pool(out: Path, folds: int) -> dict:
                    "accuracy_ci": ci, "accuracy_ci_method": ci_method,
                    "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
                    "recall": dict(zip(classes, recall, strict=True)),
-                   "confusion_matrix": cm.tolist()},
+                   "confusion_matrix": cm.tolist(),
+                   "copies_of_training": copies},
     }
+
+
+def _copies(run_dir: Path, metrics: dict) -> int | None:
+    """Validation images of a fold that are copies of its own training images (same content
+    under another name, found by cxrlab.overlap at training); None for a fold trained
+    before training looked."""
+    from cxrlab.overlap import DIGESTS
+
+    if "copies_of_training" in metrics:
+        return int(metrics["copies_of_training"])
+    return 0 if (run_dir / DIGESTS).is_file() else None
 
 
 def accuracy_interval(correct: np.ndarray, patients: list[list[str] | None],
@@ -250,6 +268,9 @@ def render(result: dict, console) -> None:
                   f"{p['balanced_accuracy']:.4f}")
     if p.get("decisions"):
         console.print(f"Pooled decisions: {p['decisions']}.")
+    if p.get("copies_of_training"):
+        console.print(f"[bold red]{p['copies_of_training']} of them are copies of their fold's "
+                      "training images[/] (optimistic; `cxrlab data summary` lists them).")
     console.print("Recall per class: " + ", ".join(
         f"{c} {f(r, 3)}" for c, r in p["recall"].items()))
     cm = Table("true \\ predicted", *result["classes"], title="Pooled confusion matrix")

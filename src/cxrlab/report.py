@@ -352,7 +352,11 @@ def shift_sections(r: RunData) -> list[tuple[str, str, str]]:
         out.append(("shift", "Stress test: synthetic intake shifts", (
             f"<p>{stress['n']} images of <code>{esc(stress.get('data', ''))}</code> under "
             "graded synthetic shifts, at the run's threshold (<code>cxrlab evaluate "
-            "--shift</code>).</p>"
+            "--shift</code>)."
+            + (f" {stress['training_left_out']} images the run trained on were left out."
+               if stress.get("training_left_out") else "")
+            + (f" Optimistic: {esc(stress['selection_biased'])}."
+               if stress.get("selection_biased") else "") + "</p>"
             + img(figure_png(plots.plot_shift, stress), "stress test")
             + table(["shift", "severity", "level", "ROC AUC", "sensitivity", "specificity"],
                     rows))))

@@ -7,11 +7,13 @@ thresholds and bootstrap intervals these compute with.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cxrlab import overlap
 from cxrlab.config import RunConfig
 from cxrlab.data.cache import load_images
 from cxrlab.data.prepared import PreparedData, resolve_positive
@@ -27,6 +29,8 @@ from cxrlab.run import (
     write_predictions_csv,
     write_threshold,
 )
+
+log = logging.getLogger("cxrlab")
 
 # ---------------------------------------------------------------------------------------
 # after training
@@ -60,6 +64,9 @@ def score_training(model: torch.nn.Module, config: RunConfig, data: PreparedData
     metrics["epochs"] = epochs
     metrics["train_seconds"] = round(seconds, 1)
     metrics["train_precision"] = precision  # `auto` resolved: differs between machines
+    copies = _record_digests(out, data)
+    if copies["val"]:
+        metrics["copies_of_training"] = copies["val"]
     write_json(out / "metrics.json", metrics)
     from cxrlab.intake import write_reference
 
@@ -73,6 +80,8 @@ def score_training(model: torch.nn.Module, config: RunConfig, data: PreparedData
         test_metrics = compute_metrics(sy, sp, classes, positive=positive, threshold=threshold,
                                        seed=config.seed, groups=_patients(data, sidx))
         test_metrics["split"] = "test"
+        if copies["test"]:
+            test_metrics["copies_of_training"] = copies["test"]
         write_json(out / "metrics_test.json", test_metrics)
 
     plots.plot_history(read_history(out / "history.csv"), out / "curves.png")
@@ -85,6 +94,29 @@ def score_training(model: torch.nn.Module, config: RunConfig, data: PreparedData
     plots.plot_prediction_grid(vx, vy, pred, vp[np.arange(len(pred)), pred], classes,
                                out / "val_predictions.png")
     return metrics, test_metrics
+
+
+def _record_digests(out: Path, data: PreparedData) -> dict[str, int]:
+    """RUN/digests.csv of the images the run was shown (evaluate's overlap check), and per
+    split how many images are copies of a training image (same bytes or pixels under another
+    name: leakage that `cxrlab data summary` lists too), each warned about once."""
+    paths = [r.path for r in data.records]
+    files = overlap.file_digests(paths)
+    pixels = overlap.pixel_digests(data.images)
+    seen = np.flatnonzero(np.isin(data.splits, ("train", "val")))
+    overlap.record(out, [paths[i] for i in seen], [str(data.splits[i]) for i in seen],
+                   [files[i] for i in seen], [pixels[i] for i in seen])
+    train = np.flatnonzero(data.splits == "train")
+    known = {files[i] for i in train if files[i]} | {pixels[i] for i in train}
+    copies = {}
+    for split in ("val", "test"):
+        copies[split] = sum(files[i] in known or pixels[i] in known
+                            for i in np.flatnonzero(data.splits == split))
+        if copies[split]:
+            log.warning("%d %s image(s) are copies of training images (same content, another "
+                        "name): the %s figures are optimistic (`cxrlab data summary` lists "
+                        "them)", copies[split], split, split)
+    return copies
 
 
 def _patients(data: PreparedData, idx: np.ndarray) -> list[str] | None:
@@ -121,9 +153,14 @@ def labelled_records(classes: list[str], data: Path, image_col: str | None,
 def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
                  label_col: str | None = None, split: str | None = None,
                  positive: str | None = None, skip_bad: bool = False,
-                 n_boot: int = 1000, shift: bool = False, onnx: Path | None = None) -> dict:
+                 n_boot: int = 1000, shift: bool = False, onnx: Path | None = None,
+                 allow_overlap: bool = False) -> dict:
     """Metrics of a finished run on any labelled source, at the run's threshold.
 
+    DATA holding the run's own training images (same path or content: cxrlab.overlap) is
+    refused; `allow_overlap` scores the rest instead, and metrics["overlap"] lists what was
+    left out. Validation (or site calibration) images are scored, and the result labelled
+    metrics["selection_biased"].
     Also checks the images against the run's training intake (cxrlab.intake: warnings, and
     metrics["intake"]); `shift` adds the stress test (cxrlab.shift) as metrics["shift"].
     `positive` may name the other class: the metrics are then about that class, with the
@@ -147,10 +184,24 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
     pos = run.info.positive
     if positive is not None:
         pos = resolve_positive(run.classes, positive)
-    images, bad = load_images([r.path for r in records], run.config.image_size,
-                              run.info.in_chans, skip_bad=skip_bad, bit_depth=run.bit_depth)
+    ref = overlap.reference(run.run_dir)
+    paths = [r.path for r in records]
+    files = overlap.file_digests(paths)
+    images, bad = load_images(paths, run.config.image_size, run.info.in_chans,
+                              skip_bad=skip_bad, bit_depth=run.bit_depth)
     bad_paths = {Path(p) for p, _ in bad}
-    records = [r for r in records if r.path not in bad_paths]
+    good = [i for i, r in enumerate(records) if r.path not in bad_paths]
+    records, paths = [records[i] for i in good], [paths[i] for i in good]
+    kinds = ref.match(paths, [files[i] for i in good], overlap.pixel_digests(images))
+    # refused after decoding, so the count is exact and a rerun with --allow-overlap is cached
+    overlap.screen(kinds, paths, data, allow_overlap)
+    left_out = kinds.count("train")
+    if left_out:
+        keep = [i for i, k in enumerate(kinds) if k != "train"]
+        log.warning("left out %d of %d images of %s: the run trained on them "
+                    "(--allow-overlap); scoring the other %d", left_out, len(kinds), data,
+                    len(keep))
+        records, images = [records[i] for i in keep], images[keep]
     # patients as the run's split read them, so intervals resample patients where known
     keys = [patient_key(r.path, run.config.group_regex) for r in records]
     y = np.array([run.classes.index(r.label) for r in records], dtype=np.int64)
@@ -168,6 +219,10 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
                               groups=keys if any(keys) else None, strict=strict)
     metrics["data"] = str(data)
     metrics["skipped"] = [[str(p), why] for p, why in bad]
+    metrics["overlap"] = overlap.summary(kinds, paths, ref.checked)
+    biased = overlap.selection_note(kinds)
+    if biased:
+        metrics["selection_biased"] = biased
     if predictor is not None:
         metrics["onnx"] = {"file": str(onnx), "precision": predictor.precision}
     from cxrlab.intake import check_intake
@@ -179,6 +234,9 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
         metrics["shift"] = stress_test(predict, images, y, run.info.positive, run.threshold,
                                        seed=run.config.seed)
         metrics["shift"]["data"] = str(data)
+        metrics["shift"]["training_left_out"] = left_out
+        if biased:
+            metrics["shift"]["selection_biased"] = biased
     return metrics
 
 

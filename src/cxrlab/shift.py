@@ -229,21 +229,31 @@ def render(result: dict, console) -> None:
     console.print(table)
 
 
-def save(run_dir: Path, result: dict) -> tuple[Path, Path]:
+def save(run_dir: Path, result: dict) -> tuple[Path, Path] | None:
     """RUN/shift.json and RUN/shift.png, each written atomically (an earlier stress test's
-    pair is replaced; nothing else in the run is touched)."""
+    pair is replaced; nothing else in the run is touched). A run folder that cannot take them
+    (read-only, full) is one warning and None: the stress test is already in the caller's
+    hands (and its --json), and is not thrown away for a copy in the run."""
     from cxrlab import plots
-    from cxrlab.errors import CxrlabError
     from cxrlab.run import write_json
 
     run_dir = Path(run_dir)
     js, png = run_dir / RESULT_JSON, run_dir / RESULT_PNG
     try:
-        plots.plot_shift(result, png)
-        write_json(js, result)
+        write_json(js, result)  # what the report shows (it redraws the figure from it)
     except OSError as e:
-        raise CxrlabError(f"{run_dir}: cannot write the stress test there ({e.strerror})"
-                          ) from None
+        log.warning("%s: cannot write the stress test there (%s); the report will not show "
+                    "it", run_dir, e.strerror or e)
+        return None
+    try:
+        plots.plot_shift(result, png)
+    except OSError as e:
+        log.warning("%s: cannot write %s there (%s)", run_dir, RESULT_PNG, e.strerror or e)
+        try:
+            png.unlink(missing_ok=True)  # an earlier test's figure beside this JSON would lie
+        except OSError:
+            pass
+        return None
     return js, png
 
 

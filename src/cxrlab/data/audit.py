@@ -70,12 +70,18 @@ def _inspect(path: Path) -> _Inspected:
         return _Inspected(reason=msg[len(prefix):] if msg.startswith(prefix) else msg)
     except Exception as e:  # an audit lists problems; it never stops on one
         return _Inspected(reason=f"unreadable image ({type(e).__name__}: {e})")
+    info.digest = pixel_digest(a)
+    return info
+
+
+def pixel_digest(a: np.ndarray) -> str:
+    """What "the same image" means here: a hash of uint8 (C, H, W) pixels and their shape,
+    grey stored as RGB equal to the same grey stored as L. Also `cxrlab.overlap`'s."""
     if a.shape[0] == 3 and (a[0] == a[1]).all() and (a[0] == a[2]).all():
         a = a[:1]  # grey stored as RGB equals the same grey stored as L
     h = hashlib.blake2b(a.tobytes(), digest_size=16)
     h.update(repr(a.shape).encode())
-    info.digest = h.hexdigest()
-    return info
+    return h.hexdigest()
 
 
 def summarize(source: Source, group_regex: str | None = None, val_fraction: float = 0.2,
