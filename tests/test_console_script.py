@@ -97,3 +97,38 @@ def test_every_command_has_help(command):
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert f"Usage: cxrlab {' '.join(command)}" in proc.stdout
+
+
+TRAIN_OPTIONS = (
+    "--out --config --model --image-size --batch-size --epochs --optimizer --lr --momentum "
+    "--weight-decay --schedule --patience --time-budget --class-weights --no-class-weights "
+    "--sampler --augment --intensity --wise-ft --label-smoothing --dropout --batchnorm "
+    "--no-batchnorm --pretrained --no-pretrained --head --freeze-backbone --no-freeze-backbone "
+    "--unfreeze-after --backbone-lr-mult --frozen-stages --seed --val-fraction --folds "
+    "--group-regex --image-col --label-col --positive --threshold-rule --target-sensitivity "
+    "--precision --channels-last --no-channels-last --deterministic --no-deterministic "
+    "--channels --bit-depth --skip-bad --quiet --resume --accelerator --devices --num-nodes "
+    "--strategy --logger --mlflow-uri"
+).split()
+
+
+def test_train_help_groups_options_and_shows_defaults():
+    """`cxrlab train --help` at 100 columns: options in panels, the recipe's defaults (read from
+    RunConfig) shown, --out marked required, no <bool> tags, and every option still there."""
+    from cxrlab.config import RunConfig
+
+    proc = run("train", "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    for panel in ("Data", "Model", "Training", "Fine-tuning", "Augmentation",
+                  "Decision threshold", "Time and hardware", "Tracking"):
+        assert f"─ {panel}" in text, panel
+    words = " ".join(text.replace("│", " ").split())  # help text unwrapped
+    assert f"[default: {RunConfig.model_fields['augment'].default}]" in words
+    assert f"[default: {RunConfig.model_fields['batch_size'].default}]" in words
+    assert "[required unless --resume]" in words
+    assert "docs/recipes.md" in words
+    assert all("<bool>" not in ln for ln in text.splitlines() if "--help" not in ln)
+    for option in TRAIN_OPTIONS:
+        assert f" {option} " in f" {words} ", option
+    assert "framing" in words  # --augment's choices as config.py has them

@@ -46,90 +46,187 @@ LabelCol = Annotated[str | None, typer.Option(help="CSV column with labels")]
 # train
 
 
+def _default(field: str) -> str:
+    """"[default: X]" for a train option, read from RunConfig (the one place defaults live):
+    the options themselves default to None, so that given can be told from left out."""
+    from cxrlab.config import RunConfig
+
+    value = RunConfig.model_fields[field].default
+    if isinstance(value, bool):
+        value = "on" if value else "off"
+    return f"\\[default: {value}]"  # escaped: help text is Rich markup
+
+
+_DATA, _MODEL, _TRAIN = "Data", "Model", "Training"
+_TUNE = "Fine-tuning (pretrained weights; defaults follow the recipe)"
+_AUG, _THRESHOLD = "Augmentation and class balance", "Decision threshold (2 classes)"
+_HARDWARE, _TRACKING = "Time and hardware", "Tracking"
+_FLAG = ""  # metavar of on/off flags: no <bool> tag
+
+
 @app.command()
 def train(
     data: DataArg = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="new run directory")] = None,
-    config: Annotated[Path | None, typer.Option(help="config.yaml of an earlier run")] = None,
-    model: Annotated[str | None, typer.Option(help="see `cxrlab models`")] = None,
-    image_size: Annotated[int | None, typer.Option(help="pixels (square)")] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
-    epochs: Annotated[int | None, typer.Option()] = None,
-    optimizer: Annotated[str | None, typer.Option(help="adam | adamw | sgd")] = None,
-    lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
-    momentum: Annotated[float | None, typer.Option(help="SGD momentum")] = None,
-    weight_decay: Annotated[float | None, typer.Option()] = None,
-    schedule: Annotated[str | None, typer.Option(help="none | cosine | plateau")] = None,
-    patience: Annotated[int | None, typer.Option(help="early-stopping patience")] = None,
-    time_budget: Annotated[str | None, typer.Option(
-        help="plan the run to end within this: 90s, 30m, 1.5h, 45 (min), none "
-        "(default auto: 30m on a CPU unless --epochs is given)")] = None,
-    class_weights: Annotated[bool | None, typer.Option(
-        "--class-weights/--no-class-weights", help="n_total / (n_classes * n_c)")] = None,
-    sampler: Annotated[str | None, typer.Option(help="none | balanced")] = None,
-    augment: Annotated[str | None, typer.Option(
-        help="none | flip | light | intensity | notebook")] = None,
-    intensity: Annotated[str | None, typer.Option(
-        help="fixed | image (standardise each image's intensity in the model)")] = None,
-    wise_ft: Annotated[float | None, typer.Option(
-        help="weight of the fine-tuned weights against those at the unfreeze (WiSE-FT)")] = None,
-    label_smoothing: Annotated[float | None, typer.Option(
-        help="targets pulled towards uniform by this much (0 = none)")] = None,
-    dropout: Annotated[float | None, typer.Option(help="dropout before the head")] = None,
-    batchnorm: Annotated[bool | None, typer.Option("--batchnorm/--no-batchnorm")] = None,
-    pretrained: Annotated[str | None, typer.Option(
-        help="state dict file or URL to start from (torchvision layout)")] = None,
-    no_pretrained: Annotated[bool, typer.Option(
-        "--no-pretrained", help="random init, even for models with packaged weights")] = False,
-    head: Annotated[str | None, typer.Option(help="linear | mlp-bn | vgg")] = None,
-    freeze_backbone: Annotated[bool | None, typer.Option(
-        "--freeze-backbone/--no-freeze-backbone",
-        help="train the head only (default for pretrained weights: epoch 1 only)")] = None,
-    unfreeze_after: Annotated[int | None, typer.Option(
-        help="then train everything after N epochs")] = None,
-    backbone_lr_mult: Annotated[float | None, typer.Option(
-        help="backbone lr = lr * this (e.g. 0.1)")] = None,
-    frozen_stages: Annotated[int | None, typer.Option(
-        help="keep the stem and the next stages, N in all, as pretrained (0 = none)")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    val_fraction: Annotated[float | None, typer.Option()] = None,
-    folds: Annotated[int | None, typer.Option(
-        help="cross-validate: K runs OUT/fold-1..K, pooled in OUT/crossval.json")] = None,
-    group_regex: Annotated[str | None, typer.Option(help="patient key regex")] = None,
-    image_col: ImageCol = None,
-    label_col: LabelCol = None,
-    positive: Annotated[str | None, typer.Option(help="positive class (2 classes)")] = None,
-    threshold_rule: Annotated[str | None, typer.Option(
-        help="youden | sensitivity (2 classes; see --target-sensitivity)")] = None,
-    target_sensitivity: Annotated[float | None, typer.Option(
-        help="choose the threshold for this sensitivity instead of Youden's J")] = None,
-    precision: Annotated[str | None, typer.Option(
-        help="auto (bf16 where the CPU or GPU has it and the model gains from it) | bf16 | "
-             "fp32")] = None,
-    channels_last: Annotated[bool | None, typer.Option(
-        "--channels-last/--no-channels-last", help="channels-last memory layout")] = None,
-    deterministic: Annotated[bool | None, typer.Option(
-        "--deterministic/--no-deterministic",
-        help="deterministic algorithms (same machine, same result)")] = None,
-    channels: Annotated[int | None, typer.Option(help="1 or 3 (default: from images)")] = None,
-    bit_depth: Annotated[int | None, typer.Option(
-        help="16-bit images hold N-bit data (8..16), whatever the files say (default: PNG sBIT "
-        "or DICOM BitsStored, else the training images' sampled maximum)")] = None,
-    skip_bad: Annotated[bool | None, typer.Option(
-        "--skip-bad", help="list and skip unreadable images")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="the new run directory \\[required unless --resume]")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="start from an earlier run's config.yaml; options given here override it")
+    ] = None,
     resume: Annotated[Path | None, typer.Option(
         help="continue a killed or failed run from its last checkpoint")] = None,
-    accelerator: Annotated[str | None, typer.Option(help="auto | cpu | gpu")] = None,
-    devices: Annotated[int | None, typer.Option(help="processes per machine (DDP)")] = None,
-    num_nodes: Annotated[int | None, typer.Option(help="machines (DDP)")] = None,
-    strategy: Annotated[str | None, typer.Option(help="auto | ddp | ddp_spawn")] = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", metavar=_FLAG, help="no progress bar")] = False,
+    image_col: Annotated[str | None, typer.Option(
+        rich_help_panel=_DATA, help="CSV column with image paths")] = None,
+    label_col: Annotated[str | None, typer.Option(
+        rich_help_panel=_DATA, help="CSV column with labels")] = None,
+    group_regex: Annotated[str | None, typer.Option(
+        rich_help_panel=_DATA, help="regex for the patient key in file names: one patient's "
+        "images stay on one side of the split")] = None,
+    val_fraction: Annotated[float | None, typer.Option(
+        rich_help_panel=_DATA, help=f"share of the images held out for validation (by patient) "
+        f"{_default('val_fraction')}")] = None,
+    folds: Annotated[int | None, typer.Option(
+        rich_help_panel=_DATA, help="cross-validate instead: K runs OUT/fold-1..K, pooled in "
+        "OUT/crossval.json")] = None,
+    channels: Annotated[int | None, typer.Option(
+        rich_help_panel=_DATA, help="1 (grey) or 3 (colour) \\[default: from the images]")] = None,
+    bit_depth: Annotated[int | None, typer.Option(
+        rich_help_panel=_DATA, help="16-bit images hold N-bit data (8..16) \\[default: PNG sBIT "
+        "or DICOM BitsStored, else the training images' maximum]")] = None,
+    skip_bad: Annotated[bool | None, typer.Option(
+        "--skip-bad", metavar=_FLAG, rich_help_panel=_DATA,
+        help="list unreadable images and train without them \\[default: stop at the first]")
+    ] = None,
+    model: Annotated[str | None, typer.Option(
+        rich_help_panel=_MODEL, help=f"architecture; `cxrlab models` lists them "
+        f"{_default('model')}")] = None,
+    image_size: Annotated[int | None, typer.Option(
+        rich_help_panel=_MODEL, help=f"images are resized to this many pixels square "
+        f"{_default('image_size')}")] = None,
+    pretrained: Annotated[str | None, typer.Option(
+        rich_help_panel=_MODEL, help="start from these weights: a state dict file or URL "
+        "(torchvision layout) \\[default: the model's packaged ImageNet weights if it has "
+        "them, else random]")] = None,
+    no_pretrained: Annotated[bool, typer.Option(
+        "--no-pretrained", metavar=_FLAG, rich_help_panel=_MODEL,
+        help="start from random weights, even where the model has packaged ones")] = False,
+    head: Annotated[str | None, typer.Option(
+        metavar="linear|mlp-bn|vgg", rich_help_panel=_MODEL,
+        help=f"the classifier on top: one linear layer, or the Keras notebooks' small MLPs "
+        f"(mlp-bn: ResNet50V2's, vgg: VGG19's) {_default('head')}")] = None,
+    dropout: Annotated[float | None, typer.Option(
+        rich_help_panel=_MODEL, help="dropout rate before the head \\[default: the "
+        "model's own]")] = None,
+    batchnorm: Annotated[bool | None, typer.Option(
+        "--batchnorm/--no-batchnorm", metavar=_FLAG, rich_help_panel=_MODEL,
+        help=f"batch normalisation in the small `cnn` model {_default('batchnorm')}")] = None,
+    intensity: Annotated[str | None, typer.Option(
+        metavar="fixed|image", rich_help_panel=_MODEL,
+        help=f"fixed: one brightness scale for all images; image: each image standardised by "
+        f"its own mean and spread {_default('intensity')}")] = None,
+    epochs: Annotated[int | None, typer.Option(
+        rich_help_panel=_TRAIN, help="passes over the training images \\[default: 9 with "
+        "pretrained weights, 14 from scratch]")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        rich_help_panel=_TRAIN, help=f"images per step {_default('batch_size')}")] = None,
+    optimizer: Annotated[str | None, typer.Option(
+        metavar="adam|adamw|sgd", rich_help_panel=_TRAIN,
+        help=f"optimiser {_default('optimizer')}")] = None,
+    lr: Annotated[float | None, typer.Option(
+        rich_help_panel=_TRAIN, help=f"learning rate {_default('lr')}")] = None,
+    momentum: Annotated[float | None, typer.Option(
+        rich_help_panel=_TRAIN, help=f"SGD momentum {_default('momentum')}")] = None,
+    weight_decay: Annotated[float | None, typer.Option(
+        rich_help_panel=_TRAIN, help=f"weight decay {_default('weight_decay')}")] = None,
+    schedule: Annotated[str | None, typer.Option(
+        metavar="none|cosine|plateau", rich_help_panel=_TRAIN,
+        help=f"learning-rate schedule {_default('schedule')}")] = None,
+    patience: Annotated[int | None, typer.Option(
+        rich_help_panel=_TRAIN, help=f"stop after this many epochs without a better "
+        f"validation loss {_default('patience')}")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(
+        rich_help_panel=_TRAIN, help=f"pull targets towards uniform by this much "
+        f"{_default('label_smoothing')}")] = None,
+    seed: Annotated[int | None, typer.Option(
+        rich_help_panel=_TRAIN, help=f"seed of the split, weights and augmentation "
+        f"{_default('seed')}")] = None,
+    deterministic: Annotated[bool | None, typer.Option(
+        "--deterministic/--no-deterministic", metavar=_FLAG, rich_help_panel=_TRAIN,
+        help=f"deterministic algorithms: same machine, same result "
+        f"{_default('deterministic')}")] = None,
+    freeze_backbone: Annotated[bool | None, typer.Option(
+        "--freeze-backbone/--no-freeze-backbone", metavar=_FLAG, rich_help_panel=_TUNE,
+        help="train the head only \\[default: pretrained weights: epoch 1 only]")] = None,
+    unfreeze_after: Annotated[int | None, typer.Option(
+        rich_help_panel=_TUNE, help="train the head only for N epochs, then everything "
+        "\\[default: 1 pretrained, none from scratch]")] = None,
+    backbone_lr_mult: Annotated[float | None, typer.Option(
+        rich_help_panel=_TUNE, help="backbone learning rate = lr x this \\[default: 0.1 "
+        "pretrained, 1 from scratch]")] = None,
+    frozen_stages: Annotated[int | None, typer.Option(
+        rich_help_panel=_TUNE, help="keep the first N stages (the stem first) as pretrained "
+        "\\[default: pretrained: those at 1/8 of the image or finer, from scratch: 0]")] = None,
+    wise_ft: Annotated[float | None, typer.Option(
+        rich_help_panel=_TUNE, help=f"WiSE-FT: final weights = this x fine-tuned + the rest x "
+        f"those at the unfreeze; needs --unfreeze-after {_default('wise_ft')}")] = None,
+    augment: Annotated[str | None, typer.Option(
+        metavar="POLICY", rich_help_panel=_AUG,
+        help=f"random changes to training images: none, flip, light (small rotation, shift, "
+        f"zoom, flip), intensity (light + contrast, blur, noise, JPEG), framing (intensity + "
+        f"random crops), notebook (the Keras notebooks' large ones) {_default('augment')}")
+    ] = None,
+    class_weights: Annotated[bool | None, typer.Option(
+        "--class-weights/--no-class-weights", metavar=_FLAG, rich_help_panel=_AUG,
+        help=f"weigh each class's loss by n_total / (n_classes x n_class) "
+        f"{_default('class_weights')}")] = None,
+    sampler: Annotated[str | None, typer.Option(
+        metavar="none|balanced", rich_help_panel=_AUG,
+        help=f"balanced: draw every class equally often, instead of class weights "
+        f"{_default('sampler')}")] = None,
+    positive: Annotated[str | None, typer.Option(
+        rich_help_panel=_THRESHOLD, help="the positive class \\[default: the second in "
+        "sorted order]")] = None,
+    threshold_rule: Annotated[str | None, typer.Option(
+        metavar="youden|sensitivity", rich_help_panel=_THRESHOLD,
+        help=f"how the threshold on p(positive) is chosen on validation images: youden = "
+        f"best sensitivity + specificity {_default('threshold_rule')}")] = None,
+    target_sensitivity: Annotated[float | None, typer.Option(
+        rich_help_panel=_THRESHOLD, help=f"the sensitivity rule's target (implies it) "
+        f"{_default('target_sensitivity')}")] = None,
+    time_budget: Annotated[str | None, typer.Option(
+        rich_help_panel=_HARDWARE, help="plan the run to end within this: 90s, 30m, 1.5h, 45 "
+        "(min), none \\[default: auto = 30m on a CPU unless --epochs is given]")] = None,
+    precision: Annotated[str | None, typer.Option(
+        metavar="auto|bf16|fp32", rich_help_panel=_HARDWARE,
+        help=f"number format; auto = bf16 where the CPU or GPU has it and the model gains "
+        f"{_default('precision')}")] = None,
+    channels_last: Annotated[bool | None, typer.Option(
+        "--channels-last/--no-channels-last", metavar=_FLAG, rich_help_panel=_HARDWARE,
+        help=f"channels-last memory layout (faster convolutions) "
+        f"{_default('channels_last')}")] = None,
+    accelerator: Annotated[str | None, typer.Option(
+        metavar="auto|cpu|gpu", rich_help_panel=_HARDWARE,
+        help=f"where to train {_default('accelerator')}")] = None,
+    devices: Annotated[int | None, typer.Option(
+        rich_help_panel=_HARDWARE, help=f"processes per machine (DDP) "
+        f"{_default('devices')}")] = None,
+    num_nodes: Annotated[int | None, typer.Option(
+        rich_help_panel=_HARDWARE, help=f"machines (DDP) {_default('num_nodes')}")] = None,
+    strategy: Annotated[str | None, typer.Option(
+        metavar="auto|ddp|ddp_spawn", rich_help_panel=_HARDWARE,
+        help=f"multi-process strategy {_default('strategy')}")] = None,
     logger: Annotated[list[str] | None, typer.Option(
-        help="tensorboard | csv | mlflow (repeat or comma-separate); logs go in OUT")] = None,
+        metavar="tensorboard|csv|mlflow", rich_help_panel=_TRACKING,
+        help="also log to these (repeat or comma-separate); logs go in OUT \\[default: "
+        "none]")] = None,
     mlflow_uri: Annotated[str | None, typer.Option(
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else OUT/mlruns)")] = None,
+        rich_help_panel=_TRACKING, help="MLflow tracking URI \\[default: "
+        "MLFLOW_TRACKING_URI, else OUT/mlruns]")] = None,
 ) -> None:
-    """Train a classifier; everything that defines the run goes to OUT/config.yaml."""
+    """Train a classifier; everything that defines the run goes to OUT/config.yaml.
+
+    Left out, an option takes the default recipe's value; docs/recipes.md explains each one."""
     options = {k: v for k, v in locals().items()
                if k not in ("data", "out", "quiet", "resume") and v is not None}
     from cxrlab.api import run_training
