@@ -190,6 +190,7 @@ def read_only_run(seen, monkeypatch):
     """Writes into the run folder fail as on a read-only mount (tests run as root, where
     chmod stops nothing): cxrlab's atomic writer and the figure raise PermissionError."""
     import cxrlab.plots
+    import cxrlab.report
     import cxrlab.run
 
     run = seen["run"].resolve()
@@ -204,6 +205,7 @@ def read_only_run(seen, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(cxrlab.run, "atomic_write_text", guarded)
+    monkeypatch.setattr(cxrlab.report, "atomic_write_text", guarded)  # imported by name
     monkeypatch.setattr(cxrlab.plots, "plot_shift", no_figure)
     return seen["run"]
 
@@ -221,6 +223,15 @@ def test_shift_on_a_read_only_run_keeps_the_metrics(read_only_run, seen, tmp_pat
     assert len(warned) == 1 and "Permission denied" in warned[0]
     assert "Stress test written" not in printed and "Metrics written" in printed
     assert not (read_only_run / "shift.json").exists()
+
+
+def test_a_report_the_run_cannot_take_is_one_line_naming_out(read_only_run, tmp_path):
+    from cxrlab.report import write_report
+
+    with pytest.raises(CxrlabError, match=r"cannot write the report there \(Permission denied"
+                                          r"\); give --out"):
+        write_report(read_only_run)
+    assert write_report(read_only_run, tmp_path / "r.html").stat().st_size > 0
 
 
 def test_a_stress_test_the_run_cannot_take_is_a_warning(read_only_run, caplog):

@@ -75,7 +75,11 @@ def write_report(path: Path, out: Path | None = None) -> Path:
         raise CxrlabError(f"--out {out}: is a directory; give a file name")
     if not out.parent.is_dir():
         raise CxrlabError(f"--out {out}: folder {out.parent} does not exist")
-    atomic_write_text(out, page)
+    try:
+        atomic_write_text(out, page)
+    except OSError as e:  # a read-only run: say where else it can go, not a traceback
+        raise CxrlabError(f"{out}: cannot write the report there ({e.strerror}); give --out "
+                          "a file elsewhere") from None
     return out
 
 
