@@ -61,7 +61,8 @@ def chest_xray() -> Path:
 def test_page_uploads_an_xray_and_shows_class_and_heatmap(server):
     url, run = server
     xray = chest_xray()
-    expected = predict_paths(run, [xray])[0]["class"]
+    row = predict_paths(run, [xray])[0]
+    expected = row["class"]
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
                                     args=["--no-sandbox"])
@@ -75,6 +76,12 @@ def test_page_uploads_an_xray_and_shows_class_and_heatmap(server):
             page.set_input_files("#file", str(xray))
             sync_api.expect(page.locator("#pred-class")).to_have_text(expected, timeout=30_000)
             sync_api.expect(page.locator("#probs .bar")).to_have_count(2)
+            # the decision with its rule, as `cxrlab predict` shows it
+            sync_api.expect(page.locator("#rule")).to_have_text(f"because {row['rule']}")
+            sync_api.expect(page.locator("#threshold")).to_contain_text(
+                f"{row['threshold']:.3f}")
+            sync_api.expect(page.locator("#research")).to_have_text(
+                "Research use only — not for clinical use.")
             cam = page.locator("#cam")
             assert cam.get_attribute("src").startswith("data:image/png;base64,")
             page.wait_for_function("document.getElementById('cam').naturalWidth > 0")

@@ -91,8 +91,34 @@ def test_evaluate_and_predict(trained_run, tmp_path, capsys, monkeypatch):
         p = r["probabilities"]
         assert set(p) == {"NORMAL", "PNEUMONIA"}
         assert sum(p.values()) == pytest.approx(1, abs=1e-5)
-        expected = "PNEUMONIA" if p["PNEUMONIA"] >= r["threshold"] else "NORMAL"
+        # the decision comes with its rule: the positive class's exact score against the
+        # threshold (the probabilities, at 6 digits, can tie with it)
+        assert r["positive_class"] == "PNEUMONIA"
+        assert r["positive_score"] == pytest.approx(p["PNEUMONIA"], abs=1e-6)
+        expected = "PNEUMONIA" if r["positive_score"] >= r["threshold"] else "NORMAL"
         assert r["class"] == expected
+        score, sign, t = r["rule"].removeprefix("p(PNEUMONIA) ").split()
+        assert sign == ("≥" if expected == "PNEUMONIA" else "<")
+        assert score != t or r["positive_score"] == r["threshold"]  # never "0.410 < 0.410"
+        assert float(t) == pytest.approx(r["threshold"], abs=1e-3)
+
+
+def test_predict_and_evaluate_tables_show_the_rule(trained_run, tmp_path, capsys,
+                                                   monkeypatch):
+    data, run = trained_run
+    from cxrlab.cli import console
+
+    monkeypatch.setattr(console, "width", 160)  # rows unwrapped
+    threshold = float((run / "threshold").read_text())
+    f = sorted((data / "NORMAL").glob("*.png"))[0]
+    code, out, err = run_cli(["predict", run, f], capsys, monkeypatch)
+    assert code == 0, err
+    assert "because" in out and "p(PNEUMONIA) " in out
+    assert f"PNEUMONIA when p(PNEUMONIA) ≥ {threshold:.3f}" in " ".join(out.split())
+    held = make_kermany_folder(tmp_path / "held", 16, 16, seed=3)
+    code, out, err = run_cli(["evaluate", run, held], capsys, monkeypatch)
+    assert code == 0, err
+    assert f"at {threshold:.3g}" in out and "at 0.5" in out  # both thresholds' figures
 
 
 def test_evaluate_other_positive_keeps_the_decisions(trained_run, tmp_path, capsys,

@@ -60,6 +60,8 @@ def test_health_docs_and_page(served):
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     html = page.text
     assert "<script>" in html and 'id="drop"' in html
+    assert "Research use only — not for clinical use." in html
+    assert "res.rule" in html  # the decision is shown with its rule
     assert "http://" not in html and "https://" not in html and "src=\"/" not in html
 
 
@@ -73,6 +75,12 @@ def test_predict_matches_the_cli(served):
     assert "cam" not in body
     row = predict_paths(run, [f])[0]
     assert body["class"] == row["class"] and body["threshold"] == row["threshold"]
+    # the decision and its rule, as predict gives them
+    assert body["positive_class"] == row["positive_class"]
+    assert abs(body["positive_score"] - row["positive_score"]) < 1e-5
+    assert body["rule"].startswith(f"p({body['positive_class']}) ")
+    assert body["rule"].split()[2] == ("≥" if body["class"] == body["positive_class"] else "<")
+    assert body["threshold"] is not None
     for c, p in row["probabilities"].items():
         assert abs(body["probabilities"][c] - p) < 1e-5
     assert abs(sum(body["probabilities"].values()) - 1) < 1e-4

@@ -256,10 +256,10 @@ def _print_result(result) -> None:
     console.print(f"Run written to [bold]{result.run_dir}[/]")
 
 
-def _print_metrics(metrics: dict, title: str) -> None:
+def _print_metrics(metrics: dict, title: str, at_half: bool = False) -> None:
     from cxrlab.evaluate import format_metrics_table
 
-    table = format_metrics_table(metrics)
+    table = format_metrics_table(metrics, at_half=at_half)
     table.title = title
     console.print(table)
 
@@ -319,7 +319,7 @@ def evaluate(
                                     label_col=label_col, skip_bad=skip_bad, shift=shift,
                                     onnx=onnx, allow_overlap=allow_overlap, save=False)
     scored_by = "" if onnx is None else f", {metrics['onnx']['precision']} file {onnx.name}"
-    _print_metrics(metrics, f"{data} ({metrics['n']} images{scored_by})")
+    _print_metrics(metrics, f"{data} ({metrics['n']} images{scored_by})", at_half=True)
     if json_out is not None:  # the user's file first: a read-only run loses nothing
         try:
             write_json(json_out, metrics)
@@ -379,12 +379,18 @@ def predict(
             sys.stdout.write(json.dumps(r) + "\n")
         return
     classes = next((list(r["probabilities"]) for r in rows if "probabilities" in r), [])
-    table = Table("image", "prediction", *[f"p({c})" for c in classes])
+    table = Table("image", "prediction", "because", *[f"p({c})" for c in classes])
     for r in rows:
         if "error" in r:
             table.add_row(r["path"], f"[red]{r['error']}[/]")
         else:
-            table.add_row(r["path"], r["class"], *[f"{v:.3f}" for v in r["probabilities"].values()])
+            table.add_row(r["path"], r["class"], r["rule"],
+                          *[f"{v:.3f}" for v in r["probabilities"].values()])
+    first = next((r for r in rows if "positive_class" in r), None)
+    if first is not None:
+        table.caption = (f"{first['positive_class']} when p({first['positive_class']}) ≥ "
+                         f"{first['threshold']:.3f}, the run's threshold (chosen on validation "
+                         "images), else the other class")
     console.print(table)
     if cam is not None:
         console.print(f"Grad-CAM images written to [bold]{cam}[/]")

@@ -447,8 +447,9 @@ _LABELS = {
 }
 
 
-def format_metrics_table(metrics: dict[str, Any]) -> Table:
-    """A rich table (metric, value, 95% CI) of what `compute_metrics` returned.
+def format_metrics_table(metrics: dict[str, Any], at_half: bool = False) -> Table:
+    """A rich table (metric, value, 95% CI) of what `compute_metrics` returned; `at_half`
+    adds a column with the metrics at threshold 0.5 (`at_0_5`, 2 classes).
 
     The caption says how the intervals were drawn and, for validation figures, that the run's
     choices were made on the same images (callers replace the title, not the caption).
@@ -461,16 +462,20 @@ def format_metrics_table(metrics: dict[str, Any]) -> Table:
         caption += f"; optimistic: {metrics['selection_biased']}"
     table = Table(title=title, caption=caption)
     table.add_column("metric")
-    table.add_column("value", justify="right")
+    half = metrics.get("at_0_5") if at_half and metrics.get("threshold") is not None else None
+    table.add_column(f"at {metrics['threshold']:.3g}" if half else "value", justify="right")
     table.add_column("95% CI", justify="right")
+    if half:
+        table.add_column("at 0.5", justify="right")
     ci = metrics.get("ci") or {}
     for key in METRIC_KEYS:
         label = _LABELS[key] if binary or key == "accuracy" else f"{_LABELS[key]}, macro"
         interval = ci.get(key)
         shown = f"{interval[0]:.3f} – {interval[1]:.3f}" if interval else "—"
-        table.add_row(label, _fmt(metrics.get(key)), shown)
+        more = [_fmt(half.get(key)) if key in half else ""] if half else []
+        table.add_row(label, _fmt(metrics.get(key)), shown, *more)
     if metrics.get("threshold") is not None:
-        table.add_row("threshold", f"{metrics['threshold']:.4g}", "")
+        table.add_row("threshold", f"{metrics['threshold']:.4g}", "", *(["0.5"] if half else []))
     return table
 
 

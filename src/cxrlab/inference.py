@@ -94,6 +94,24 @@ def decide(probs: np.ndarray, positive: int | None, threshold: float | None) -> 
     return probs.argmax(1)
 
 
+def decision_rule(probs: np.ndarray, classes: list[str], positive: int | None,
+                  threshold: float | None) -> dict:
+    """How one image's class was decided, for people to read beside it (predict, serve):
+    2 classes: the positive class's score (exact: rounded, a score beside the threshold could
+    read as deciding the other way), the threshold and "p(PNEUMONIA) 0.444 ≥ 0.410"; more:
+    the highest probability. The comparison is `decide`'s, in float64."""
+    if positive is None:
+        return {"rule": "highest probability"}
+    t = 0.5 if threshold is None else float(threshold)
+    score = float(np.float64(probs[positive]))
+    digits = 3  # more where needed: never "0.410 < 0.410"
+    while digits < 17 and score != t and f"{score:.{digits}f}" == f"{t:.{digits}f}":
+        digits += 1
+    sign = "≥" if score >= t else "<"
+    return {"positive_class": classes[positive], "positive_score": score, "threshold": t,
+            "rule": f"p({classes[positive]}) {score:.{digits}f} {sign} {t:.{digits}f}"}
+
+
 def complement_threshold(probs: np.ndarray, positive: int,
                          threshold: float | None) -> tuple[np.ndarray, float]:
     """The run's decision seen from its other class: (probs, t') such that

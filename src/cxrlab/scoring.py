@@ -294,11 +294,15 @@ def predict_paths(run: LoadedRun | Path, paths: list[Path], skip_bad: bool = Fal
 
 
 def prediction_rows(run: LoadedRun, names: list, probs: np.ndarray) -> list[dict]:
-    """One row per image: path (its name), class at the run's threshold, probabilities."""
+    """One row per image: path (its name), class at the run's threshold, probabilities, and
+    the rule that decided (2 classes: positive_class, positive_score, threshold, rule)."""
+    from cxrlab.inference import decision_rule
+
     pred = decide(probs, run.info.positive, run.threshold)
     return [{
         "path": name,
         "class": run.classes[int(k)],
         "probabilities": {c: round(float(v), 6) for c, v in zip(run.classes, p, strict=True)},
         "threshold": run.threshold,
+        **decision_rule(p, run.classes, run.info.positive, run.threshold),
     } for name, p, k in zip(names, probs, pred, strict=True)]

@@ -1,7 +1,8 @@
 """`cxrlab serve`: a trained run behind FastAPI, with a page to drop an X-ray on.
 
     POST /predict        multipart field `file` (JPEG, PNG or DICOM) -> {class, probabilities,
-                         threshold, model, version}; ?cam=1 adds `cam`, a PNG data URL
+                         threshold, rule, model, version} (2 classes: also positive_class,
+                         positive_score); ?cam=1 adds `cam`, a PNG data URL
     GET  /               the page (no external scripts, fonts or CDNs)
     GET  /health         {status, model, classes, backend, ...}
     GET  /docs, /openapi.json   as FastAPI writes them
@@ -133,7 +134,7 @@ class Inference:
             return self._forward(image[None])[0]
 
     def predict(self, image: np.ndarray) -> dict:
-        from cxrlab.inference import decide
+        from cxrlab.inference import decide, decision_rule
 
         p = self.probabilities(image)
         k = int(decide(p[None], self.run.info.positive, self.run.threshold)[0])
@@ -142,6 +143,7 @@ class Inference:
             "probabilities": {c: round(float(v), 6) for c, v in zip(self.classes, p,
                                                                       strict=True)},
             "threshold": self.run.threshold,
+            **decision_rule(p, self.classes, self.run.info.positive, self.run.threshold),
             "model": self.run.config.model,
             "run": Path(self.run.run_dir).resolve().name,
             "version": self.version,
