@@ -84,6 +84,7 @@ def test_run_report_sections(tiny_sweep, tmp_path):
     assert section_ids(page) == list(SECTIONS_RUN)
     assert_self_contained(page)
     assert "Expected calibration error" in page and "at 0.5" in page
+    assert "Research use only — not for clinical use." in page
     assert page.count('class="tile') >= 4  # the gallery shows the validation images
     assert "patients" in page and "pixel-identical" in page  # split table and audit
     rows = read_split_csv(run / "split.csv")

@@ -132,7 +132,8 @@ def page(title: str, subtitle: str, sections: list[tuple[str, str, str]]) -> str
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
             f"<h1>{esc(title)}</h1><p class=\"muted\">{esc(subtitle)} · generated {stamp} by "
-            f"cxrlab</p><nav>{nav}</nav>\n{body}</body></html>\n")
+            f"cxrlab</p><p><strong>Research use only — not for clinical use.</strong></p>"
+            f"<nav>{nav}</nav>\n{body}</body></html>\n")
 
 
 def fmt(v, digits: int = 3) -> str:
