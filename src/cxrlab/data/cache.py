@@ -182,8 +182,9 @@ def load_images(
     last.n_images, last.n_bad, last.file = len(arr), len(bad), file
     if bad and not skip_bad:
         p, why = bad[0]
-        more = f" (and {len(bad) - 1} more; --skip-bad leaves them out)" if len(bad) > 1 else ""
-        raise CxrlabError(f"{p}: {why}{more}")
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        them = "them" if len(bad) > 1 else "it"
+        raise CxrlabError(f"{p}: {why}{more}; --skip-bad lists and leaves {them} out")
     return arr, bad
 
 
