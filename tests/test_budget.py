@@ -316,6 +316,28 @@ def test_progress_bar_eta():
     assert bar.run_end(trainer) == pytest.approx(now + 30, abs=1)
 
 
+def test_progress_bar_reads_as_people_do(monkeypatch):
+    """'run: ends in 4m12s, ~03:58' (a duration and a clock time, not a bare clock time that
+    reads like one), and epochs counted from 1 as in the plots and logs."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from cxrlab.budget import RunProgressBar, _duration
+
+    assert [_duration(s) for s in (-3, 45.4, 252, 3600 + 5 * 60 + 40)] == [
+        "0s", "45s", "4m12s", "1h05m"]
+    monkeypatch.setattr(RichProgressBar, "get_metrics", lambda self, trainer, module: {})
+    end = time.time() + 252.4
+    bar = RunProgressBar(planned_end=end)
+    shown = bar.get_metrics(SimpleNamespace(current_epoch=0, max_epochs=9), None)["run"]
+    assert shown in (f"ends in {d}, ~{time.strftime('%H:%M', time.localtime(end))}"
+                     for d in ("4m12s", "4m11s"))
+    bar._trainer = SimpleNamespace(max_epochs=9)
+    assert bar._get_train_description(0).strip() == "Epoch 1/9"
+    assert bar._get_train_description(8).strip() == "Epoch 9/9"
+
+
 # -- real tiny runs -----------------------------------------------------------------------
 
 TINY = ["--model", "cnn", "--image-size", "32", "--batch-size", "8", "--seed", "1", "--quiet"]

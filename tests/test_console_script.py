@@ -132,3 +132,20 @@ def test_train_help_groups_options_and_shows_defaults():
     for option in TRAIN_OPTIONS:
         assert f" {option} " in f" {words} ", option
     assert "framing" in words  # --augment's choices as config.py has them
+
+
+def test_train_progress_counts_epochs_from_1_and_says_when_the_run_ends(tmp_path):
+    """The bar as `cxrlab train` leaves it: 'Epoch 1/2' ... 'Epoch 2/2' (as plots and logs
+    count), and 'run: ends in 7s, ~14:03', a duration beside the clock time."""
+    import re
+
+    from tests.conftest import make_kermany_folder
+
+    data = make_kermany_folder(tmp_path / "data", 8, 8)
+    proc = run("train", str(data), "--out", str(tmp_path / "run"), "--model", "cnn",
+               "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--time-budget", "10m")
+    assert proc.returncode == 0, proc.stderr
+    bars = [ln for ln in proc.stdout.splitlines() if ln.startswith("Epoch ")]
+    assert [b.split()[1] for b in bars] == ["1/2", "2/2"], proc.stdout
+    ends = re.compile(r"run: ends in (\d+h\d\dm|\d+m\d\ds|\d+s), ~\d\d:\d\d")
+    assert all(ends.search(b) for b in bars), bars

@@ -578,10 +578,21 @@ class BudgetWatch(Callback):
             RunConfig.build({**cfg.model_dump(), "epochs": epochs}).save(path)
 
 
+def _duration(seconds: float) -> str:
+    """A time left as people say it: 45s, 4m12s, 1h05m."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class RunProgressBar(RichProgressBar):
-    """Lightning's Rich bar, plus the predicted end of the whole run ('run ETA 12:34'): from
-    the latest full epoch's time once one finished, before that from the plan (or the
-    current epoch's pace)."""
+    """Lightning's Rich bar, plus the predicted end of the whole run ('run: ends in 4m12s,
+    ~03:58', a duration and the clock time): from the latest full epoch's time once one
+    finished, before that from the plan (or the current epoch's pace). Epochs count from 1,
+    as in history.csv's plots and the logs ('Epoch 1/9')."""
 
     def __init__(self, *args, planned_end: float | None = None, fixed: float = 0.0,
                  planned_epoch: float | None = None, head_epochs: int = 0, **kwargs):
@@ -604,8 +615,17 @@ class RunProgressBar(RichProgressBar):
         items = super().get_metrics(trainer, pl_module)
         end = self.run_end(trainer)
         if end is not None:
-            items["run ETA"] = time.strftime("%H:%M", time.localtime(end))
+            clock = time.strftime("%H:%M", time.localtime(end))
+            run = {"run": f"ends in {_duration(end - time.time())}, ~{clock}"}
+            items = {**run, **items}  # first: a narrow terminal cuts the line's end
         return items
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Lightning's reads "Epoch 0/8" for the first of 9: counted from 1 here
+        text = f"Epoch {current_epoch + 1}"
+        if self.trainer.max_epochs is not None:
+            text += f"/{self.trainer.max_epochs}"
+        return f"{text:{len(self.validation_description)}}"  # padded: no flicker
 
     def run_end(self, trainer) -> float | None:
         now = time.time()
