@@ -78,6 +78,23 @@ def test_sorted_by_auc_best_first_unsortable_last(runs_root):
     assert [r["run"] for r in runs(runs_root, sort="name")] == sorted(names)
 
 
+def test_cli_table_fits_80_columns(runs_root, capsys, monkeypatch):
+    """At 80 columns the table keeps one line per run and no cut-off cells: the columns
+    that tell runs apart (run, model, val AUC [95% CI], state, date)."""
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, err = run_cli(["runs", runs_root, "--sort", "auc"], capsys, monkeypatch)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= 80, out
+    assert "…" not in out, out  # nothing truncated
+    best = runs(runs_root, sort="auc")[0]
+    row = next(ln for ln in lines if ln.split() and ln.split()[0] == best["run"])
+    assert f"{best['auc']:.3f} [{best['auc_ci'][0]:.2f}, {best['auc_ci'][1]:.2f}]" in row
+    assert f"complete {best['epochs_done']}/{best['epochs_planned']}" in row
+    assert best["date"][:16] in row and "cnn 32px" in row
+    assert "corrupt: unreadable" in out
+
+
 def test_cli_table_and_json(runs_root, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # the table unwrapped
     code, out, err = run_cli(["runs", runs_root, "--sort", "auc", "--json"], capsys, monkeypatch)

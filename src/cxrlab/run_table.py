@@ -108,7 +108,8 @@ def _lock_held(run_dir: Path) -> bool:
 
 
 def render(rows: list[dict], console, title: str = "Runs") -> None:
-    """The rows as one Rich table (the CLI's view of `runs`)."""
+    """The rows as one Rich table (the CLI's view of `runs`); where it would not fit the
+    terminal, the columns that tell runs apart, one line each (`--json` has everything)."""
     from rich.table import Table
     from rich.text import Text
 
@@ -129,7 +130,48 @@ def render(rows: list[dict], console, title: str = "Runs") -> None:
         size = "" if r["image_size"] is None else str(r["image_size"])
         table.add_row(Text(r["run"]), Text(str(r["model"] or "")), size, epochs, Text(auc),
                       f3(r["accuracy"]), f3(r["threshold"]), secs, state, r["date"] or "")
+    natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+    if natural > console.width:  # it would wrap: e.g. at 80 columns
+        _render_narrow(rows, console, title)
+        return
     console.print(table)
+    _notes(rows, console)
+
+
+def _render_narrow(rows: list[dict], console, title: str) -> None:
+    """run, model (px), val AUC [95% CI], state (epochs), date to the minute: fits 80
+    columns; long run and model names fold within their cells."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    colour = {"complete": "green", "running": "cyan", "failed": "red", "killed": "yellow",
+              "unreadable": "red"}
+    table = Table(title=Text(title), box=box.SIMPLE_HEAD, pad_edge=False, expand=False)
+    table.add_column("run", overflow="fold")
+    table.add_column("model", overflow="fold")
+    table.add_column("val AUC [95% CI]", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("date", no_wrap=True)
+    for r in rows:
+        auc = "" if r["auc"] is None else f"{r['auc']:.3f}"
+        if r["auc"] is not None and r["auc_ci"] and None not in r["auc_ci"]:
+            auc += f" [{r['auc_ci'][0]:.2f}, {r['auc_ci'][1]:.2f}]"
+        model = str(r["model"] or "")
+        if r["image_size"] is not None:
+            model += f" {r['image_size']}px"
+        state = r["state"]
+        if r["epochs_planned"] is not None:
+            state += f" {r['epochs_done']}/{r['epochs_planned']}"
+        table.add_row(Text(r["run"]), Text(model), Text(auc),
+                      Text(state, style=colour.get(r["state"], "")), (r["date"] or "")[:16])
+    console.print(table)
+    _notes(rows, console)
+
+
+def _notes(rows: list[dict], console) -> None:
+    from rich.text import Text
+
     for r in rows:
         if r["state"] == "unreadable":
             console.print(Text(f"{r['run']}: unreadable ({r['error']})"))
