@@ -127,3 +127,60 @@ def test_gathered_validation_rows_are_in_dataset_order_without_padding(world):
                 for r in range(world)]
     (rows,) = gather_in_order(_FakeGather(per_rank), [per_rank[0]], n)
     assert rows.tolist() == list(range(n))
+
+
+def _module_on_rank(rank: int, epoch: int = 0, augment: str = "intensity"):
+    """A ClassifierModule as process `rank` of a data-parallel run sees itself (the rank is
+    what the module reads from its trainer)."""
+    from types import SimpleNamespace
+
+    from cxrlab.models import create_model
+
+    cfg = RunConfig(data="x", model="resnet18", augment=augment, seed=3, channels_last=False)
+    module = ClassifierModule(create_model("resnet18", num_classes=1, in_chans=1), cfg, 2,
+                              None, 1)
+    module.trainer = SimpleNamespace(training=True, global_rank=rank, is_global_zero=rank == 0,
+                                     current_epoch=epoch, lr_scheduler_configs=[],
+                                     should_stop=False)
+    return module
+
+
+def test_each_rank_draws_its_own_augmentation_and_rank_zero_draws_as_before():
+    from cxrlab.data.augment import augment_batch
+
+    x = torch.as_tensor(np.random.default_rng(0).integers(0, 256, (6, 1, 32, 32), np.uint8))
+    y = torch.zeros(6, dtype=torch.long)
+    out = [_module_on_rank(r).on_after_batch_transfer((x.clone(), y))[0] for r in range(3)]
+    # rank 0: the one-process run of before (its generator seeded seed + 1)
+    before = augment_batch(x.float() / 255, "intensity", torch.Generator().manual_seed(3 + 1))
+    assert torch.equal(out[0], before)
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert (out[a] - out[b]).abs().amax(dim=(1, 2, 3)).min() > 1e-3, (a, b)  # every image
+    # and each rank's own draws repeat: a seeded run stays seeded
+    assert torch.equal(_module_on_rank(1).on_after_batch_transfer((x.clone(), y))[0], out[1])
+
+
+def test_a_resumed_rank_does_not_take_over_rank_zeros_augmentation_stream():
+    # The checkpoint holds rank 0's generator; restored as is on every rank, all ranks drew the
+    # same augmentation again from the first resumed epoch on.
+    from cxrlab.checkpoints import TrainingState, rng_states
+
+    saved = torch.Generator().manual_seed(7)
+    torch.rand(5, generator=saved)
+    pending = {"aug_generator": saved.get_state(), "rng": rng_states(), "history": [],
+               "val_loss": None, "seconds": 0.0, "should_stop": False}
+
+    def draws(rank: int, epoch: int = 2) -> torch.Tensor:
+        module = _module_on_rank(rank, epoch)
+        module.history = None
+        state = TrainingState()
+        state._pending = dict(pending)
+        state.on_train_start(module.trainer, module)
+        return torch.rand(8, generator=module._aug_gen)
+
+    expected = torch.rand(8, generator=torch.Generator().set_state(saved.get_state()))
+    assert torch.equal(draws(0), expected)  # rank 0 goes on exactly where it stopped
+    r1, r2 = draws(1), draws(2)
+    assert not torch.equal(r1, expected) and not torch.equal(r1, r2)
+    assert torch.equal(draws(1), r1)  # deterministic
+    assert not torch.equal(draws(1, epoch=3), r1)

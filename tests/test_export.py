@@ -125,7 +125,7 @@ def test_torch_and_onnx_decide_as_the_run_on_its_validation_images(real_run, exp
     assert np.abs(probs[:, 1] - loaded.threshold).min() > 1e-4
     for backend in ("torch", "onnx"):
         p = make_predictor(loaded, backend, exported if backend == "onnx" else None)(images)
-        assert np.abs(p - probs).max() < 1e-5, backend  # the CSV keeps 6 digits
+        assert np.abs(p - probs).max() < 1e-5, backend  # float32 scores
         assert (decide(p, loaded.info.positive, loaded.threshold) == expected).all(), backend
 
 

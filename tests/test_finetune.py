@@ -164,8 +164,69 @@ def test_wise_ft_ends_halfway_between_the_unfreeze_and_the_best_epoch(tmp_path):
     assert torch.equal(start["conv1.weight"], before["conv1.weight"])
     assert not torch.equal(start["fc.weight"], before["fc.weight"])
     assert not torch.equal(best["conv1.weight"], start["conv1.weight"])  # fine-tuned
-    for k in ("conv1.weight", "bn1.running_mean", "layer4.1.conv2.weight", "fc.weight", "fc.bias"):
+    for k in ("conv1.weight", "bn1.weight", "layer4.1.conv2.weight", "fc.weight", "fc.bias"):
         assert torch.allclose(final[k], 0.5 * best[k] + 0.5 * start[k], atol=1e-6), k
+
+    # BatchNorm statistics: those of a fresh pass of the mixed network over the training
+    # batches (epoch 1's order, not augmented), not the linear mix of the two ends' statistics
+    from torch.optim.swa_utils import update_bn
+
+    from cxrlab.training import ArrayDataset, make_loader
+
+    mixed = create_model("resnet18", num_classes=1, in_chans=1)
+    mixed.load_state_dict({k: 0.5 * best[k] + 0.5 * start[k] if v.is_floating_point() else v
+                           for k, v in best.items()})
+    tx, ty = tiny_arrays(24, 0)
+    batches = [x.float() / 255 for x, _ in make_loader(ArrayDataset(tx, ty), 8, train=True,
+                                                       seed=0)]
+    update_bn(batches, mixed)  # momentum None: the plain average over the 3 batches
+    fresh = mixed.state_dict()
+    bn = [k for k in final if k.endswith(("running_mean", "running_var"))]
+    assert len(bn) == 2 * 20  # every BN layer of resnet18
+    for k in bn:
+        assert torch.allclose(final[k], fresh[k], rtol=1e-4, atol=1e-5), k
+    lin = {k: 0.5 * best[k] + 0.5 * start[k] for k in bn}
+    assert max(float((lin[k] - fresh[k]).abs().max()) for k in bn) > 1e-2  # the fix matters
+
+
+def test_reestimate_bn_runs_the_model_in_eval_mode_but_its_trained_bn():
+    """Dropout off while the statistics are gathered; the BN of a frozen stage keeps its own
+    (and normalises with them); every module's train/eval mode and each BN's momentum come
+    back as they were."""
+    from torch import nn
+
+    from cxrlab.finetune import reestimate_bn
+
+    class Tiny(nn.Sequential):
+        def stage_names(self):
+            return [("0", "1"), ("2", "3", "4", "5")]
+
+    torch.manual_seed(0)
+    model = Tiny(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.Dropout(0.5),
+                 nn.BatchNorm2d(4, momentum=0.3), nn.ReLU())
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    model.frozen_stages = 1
+    model.train()
+    model[1].eval()  # as frozen_bn_eval leaves it
+    frozen = {k: v.clone() for k, v in model[1].state_dict().items()}
+    batches = [torch.rand(5, 1, 8, 8) for _ in range(3)]
+    with torch.no_grad():  # by hand: the frozen BN with its statistics, no dropout
+        h = [model[2](model[1](model[0](x))) for x in batches]
+    want_mean = torch.stack([t.mean(dim=(0, 2, 3)) for t in h]).mean(0)
+    want_var = torch.stack([t.var(dim=(0, 2, 3)) for t in h]).mean(0)  # unbiased, as BN
+
+    assert reestimate_bn(model, iter(batches)) == 3
+    for k, v in frozen.items():
+        assert torch.equal(model[1].state_dict()[k], v), k
+    assert torch.allclose(model[4].running_mean, want_mean, atol=1e-6)
+    assert torch.allclose(model[4].running_var, want_var, atol=1e-6)
+    assert int(model[4].num_batches_tracked) == 3
+    assert [m.training for m in model] == [True, False, True, True, True, True]
+    assert model[4].momentum == 0.3
+    before = model[4].running_mean.clone()
+    assert reestimate_bn(model, iter([])) == 0  # nothing to learn from: left as it was
+    assert torch.equal(model[4].running_mean, before)
 
 
 def test_wise_ft_needs_a_head_only_phase():

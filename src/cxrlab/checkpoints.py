@@ -139,8 +139,7 @@ class TrainingState(Callback):
         if pl_module.history is not None and trainer.is_global_zero:
             pl_module.history.replace(s["history"])
         if s["aug_generator"] is not None:
-            pl_module._aug_gen = torch.Generator(device=pl_module.device)
-            pl_module._aug_gen.set_state(s["aug_generator"])
+            pl_module.restore_augmentation(s["aug_generator"])
         # Lightning steps epoch-interval schedulers (ReduceLROnPlateau) after the checkpoint
         # is written and does not repeat that step on resume; repeat it here.
         for cfg in trainer.lr_scheduler_configs:

@@ -238,11 +238,12 @@ def save_weights(model: nn.Module, path: Path) -> None:
 
 
 def wise_ft(model: nn.Module, start: Path, alpha: float) -> bool:
-    """WiSE-FT (Wortsman et al., CVPR 2022): every float weight and BatchNorm statistic becomes
-    alpha x fine-tuned + (1 - alpha) x its value at the unfreeze (ImageNet backbone, trained
-    head). Fine-tuning on one intake bends features that transfer; the interpolation keeps
-    most of what fine-tuning gained in distribution and much of the pretrained robustness.
-    False (and nothing changed) when the run never reached the unfreeze."""
+    """WiSE-FT (Wortsman et al., CVPR 2022): every float weight becomes alpha x fine-tuned +
+    (1 - alpha) x its value at the unfreeze (ImageNet backbone, trained head). Fine-tuning on
+    one intake bends features that transfer; the interpolation keeps most of what fine-tuning
+    gained in distribution and much of the pretrained robustness. BatchNorm statistics are
+    mixed the same way here, which is not what the mixed network computes: `reestimate_bn`
+    must follow. False (and nothing changed) when the run never reached the unfreeze."""
     if not start.is_file():
         return False
     before = torch.load(start, map_location="cpu", weights_only=True)
@@ -252,3 +253,47 @@ def wise_ft(model: nn.Module, start: Path, alpha: float) -> bool:
             if value.is_floating_point():
                 value.mul_(alpha).add_(before[key].to(value.dtype), alpha=1 - alpha)
     return True
+
+
+def trained_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BN layers whose statistics training estimated: all but the frozen stages' (those
+    keep their pretrained statistics in both ends of WiSE-FT, so in the mix too)."""
+    frozen = {id(m) for part in frozen_modules(model) for m in part.modules()}
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            and id(m) not in frozen]
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, batches) -> int:
+    """Recompute the running statistics of `trained_batchnorms` as the model is now, from
+    `batches` (float inputs as the model receives them): what torch.optim.swa_utils.update_bn
+    does (reset, momentum None = the plain average over the batches), but with every other
+    module in eval mode (no dropout) and every module's mode restored afterwards. Returns how
+    many batches were seen (0: statistics left as they were)."""
+    layers = trained_batchnorms(model)
+    if not layers:
+        return 0
+    modes = {m: m.training for m in model.modules()}
+    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(),
+              m.num_batches_tracked.clone()) for m in layers]
+    model.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    n = 0
+    try:
+        for x in batches:
+            model(x)
+            n += 1
+    finally:
+        for m, (momentum, mean, var, count) in zip(layers, saved, strict=True):
+            m.momentum = momentum
+            if n == 0:  # nothing seen: keep what was there rather than the reset values
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+        for m, mode in modes.items():
+            m.training = mode
+    return n

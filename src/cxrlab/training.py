@@ -74,6 +74,13 @@ def make_loader(
     )
 
 
+def augmentation_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
+    """The augmentation draws of process `rank`: seed + 1 + rank, so that under DDP each
+    process augments its own images differently (one seed for all drew the same rotations,
+    crops and noise on every rank), and one process (rank 0) draws what it always did."""
+    return torch.Generator(device=device).manual_seed(seed + 1 + rank)
+
+
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     """The notebooks' weights: n_total / (n_classes * n_c)."""
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
@@ -141,15 +148,33 @@ class ClassifierModule(L.LightningModule):
         x, y = batch
         if self.features_cached:
             return x.float(), y
+        return self.model_input(x, augment=self.trainer.training), y
+
+    def model_input(self, x: torch.Tensor, augment: bool) -> torch.Tensor:
+        """uint8 images on the device -> what the model reads: [0, 1] floats, augmented when
+        training, channels-last. One pipeline for training batches and BN re-estimation."""
         x = x.float().div_(255.0)
-        if self.trainer.training and self.cfg.augment != "none":
+        if augment and self.cfg.augment != "none":
             if self._aug_gen is None or self._aug_gen.device != x.device:
-                self._aug_gen = torch.Generator(device=x.device)
-                self._aug_gen.manual_seed(self.cfg.seed + 1)
+                self._aug_gen = augmentation_generator(self.cfg.seed, self.trainer.global_rank,
+                                                       x.device)
             x = augment_batch(x, self.cfg.augment, self._aug_gen)
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, y
+        return x
+
+    def restore_augmentation(self, state: torch.Tensor) -> None:
+        """A resumed run's augmentation generator. The checkpoint holds rank 0's (rank 0
+        writes it): rank 0 goes on exactly where it stopped; any other rank starts a stream of
+        its own for the epoch it resumes at, instead of repeating rank 0's draws."""
+        rank = self.trainer.global_rank
+        gen = torch.Generator(device=self.device)
+        if rank == 0:
+            gen.set_state(state)
+        else:
+            key = np.random.SeedSequence([self.cfg.seed, rank, self.trainer.current_epoch])
+            gen.manual_seed(int(key.generate_state(1, np.uint64)[0]))
+        self._aug_gen = gen
 
     # -- loss ---------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -497,8 +522,19 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
     if config.wise_ft < 1:  # config validation: only with a head-only phase
         if finetune.wise_ft(module.model, run_dir / "checkpoints" / finetune.HEAD_TRAINED,
                             config.wise_ft):
-            log.info("WiSE-FT: final weights = %g x fine-tuned + %g x those at the unfreeze",
-                     config.wise_ft, 1 - config.wise_ft)
+            # The mixed statistics are not the mixed network's: estimated again from the
+            # training batches (epoch 1's order and sampler, not augmented), before any
+            # threshold is chosen. WiSE-FT never caches features (it needs the unfreeze).
+            loader = make_loader(ArrayDataset(train_x, train_y), config.batch_size, train=True,
+                                 seed=config.seed, balanced=config.sampler == "balanced")
+            device = next(module.model.parameters()).device
+            t0 = time.perf_counter()
+            n = finetune.reestimate_bn(
+                module.model, (module.model_input(x.to(device), augment=False)
+                               for x, _ in loader))
+            log.info("WiSE-FT: final weights = %g x fine-tuned + %g x those at the unfreeze; "
+                     "batch-norm statistics estimated again on %d training batches (%.1f s)",
+                     config.wise_ft, 1 - config.wise_ft, n, time.perf_counter() - t0)
         else:
             log.info("WiSE-FT: the best epoch came before the unfreeze; its weights are kept")
     finetune.thaw(module.model)
