@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from cxrlab.checkpoints import AtomicCheckpointIO
+from cxrlab.training.checkpoints import AtomicCheckpointIO
 from cxrlab.models import create_model
 
 

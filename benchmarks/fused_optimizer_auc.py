@@ -23,9 +23,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cxrlab import training as train
+from cxrlab.training.loop import loop as train
 from cxrlab.config import RunConfig
-from cxrlab.lifecycle import train_run
+from cxrlab.training.lifecycle import train_run
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray" / "train"
 

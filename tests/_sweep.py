@@ -45,7 +45,7 @@ def _state(run_dir: Path) -> str | None:
 
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory) -> Sweeps:
-    from cxrlab import ablation as ablate
+    from cxrlab.evaluation import ablation as ablate
 
     root = tmp_path_factory.mktemp("sweep")
     with pytest.MonkeyPatch.context() as mp:

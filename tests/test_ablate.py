@@ -9,10 +9,10 @@ import sys
 import pytest
 import yaml
 
-from cxrlab import ablation as ablate
+from cxrlab.evaluation import ablation as ablate
 from cxrlab.cli import main
 from cxrlab.errors import CxrlabError
-from cxrlab.stats import paired_difference, t_interval, verdict
+from cxrlab.evaluation.stats import paired_difference, t_interval, verdict
 
 T_975_2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom
 BASE = {"data": "somewhere", "model": "cnn", "image_size": 32}

@@ -1,4 +1,4 @@
-"""cxrlab.allocator: freed tensor memory is reused, not faulted in again from the kernel."""
+"""cxrlab.training.allocator: freed tensor memory is reused, not faulted in again from the kernel."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from cxrlab.allocator import on_glibc, user_chose_allocator
+from cxrlab.training.allocator import on_glibc, user_chose_allocator
 
 # Touch and free 64 MB, then take 60 MB and print the page faults that took: reused from the
 # heap, no fault; from the kernel (glibc maps anything over 32 MB afresh), one per page.
 REUSE = """
-import resource, torch, cxrlab.allocator as a
+import resource, torch, cxrlab.training.allocator as a
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 x = torch.ones(16 * 2**20); del x

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cxrlab.report import SECTIONS_ABLATION, SECTIONS_RUN, write_report
+from cxrlab.reporting.report import SECTIONS_ABLATION, SECTIONS_RUN, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from cxrlab.config import RunConfig
-from cxrlab.lifecycle import train_run
-from cxrlab.scoring import predict_paths
+from cxrlab.training.lifecycle import train_run
+from cxrlab.evaluation.scoring import predict_paths
 from tests.conftest import make_kermany_folder
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -32,7 +32,7 @@ def free_port() -> int:
 def server(tmp_path_factory):
     import uvicorn
 
-    from cxrlab.serve import create_app
+    from cxrlab.deploy.serve import create_app
 
     root = tmp_path_factory.mktemp("browser")
     data = make_kermany_folder(root / "data", 8, 8, size=48)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxrlab.budget import (
+from cxrlab.training.budget import (
     AUTO_SECONDS,
     Timings,
     parse_budget,
@@ -120,7 +120,7 @@ def test_warmup_timing_counts_the_slow_calls():
     """A run's time is the sum of its steps: a slow one among them must count."""
     import torch
 
-    from cxrlab.budget import _time
+    from cxrlab.training.budget import _time
 
     delays = iter([0.0, 0.01, 0.01, 0.1, 0.01, 0.01])  # untimed first call, then 5
     seconds = _time(lambda: time.sleep(next(delays)), torch.device("cpu"), 5)
@@ -142,7 +142,7 @@ def test_remaining_seconds():
 def test_progress_bar_eta():
     from types import SimpleNamespace
 
-    from cxrlab.budget import RunProgressBar
+    from cxrlab.training.budget import RunProgressBar
 
     trainer = SimpleNamespace(current_epoch=0, max_epochs=3, num_training_batches=10,
                               fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
@@ -216,7 +216,7 @@ def test_bad_budget_is_one_line(xray, tmp_path, capsys, monkeypatch):
 
 
 def test_sweeps_are_never_budgeted():
-    from cxrlab.ablation import parse_spec, plan
+    from cxrlab.evaluation.ablation import parse_spec, plan
 
     spec = {"base": {"data": "x", "model": "cnn", "accelerator": "cpu"},
             "factors": {"lr": [1e-3, 1e-4]}, "seeds": 1}

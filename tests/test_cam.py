@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cxrlab.cam import GradCam, gradcam, overlay
+from cxrlab.deploy.cam import GradCam, gradcam, overlay
 from cxrlab.config import RunConfig
 from cxrlab.errors import CxrlabError
-from cxrlab.lifecycle import train_run
+from cxrlab.training.lifecycle import train_run
 from cxrlab.models.base import ImageClassifier
 from tests.conftest import make_kermany_folder
 

@@ -1,4 +1,4 @@
-"""cxrlab.comparison and `cxrlab compare`: paired differences between two runs' validations."""
+"""cxrlab.evaluation.comparison and `cxrlab compare`: paired differences between two runs' validations."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxrlab.comparison import compare_runs
+from cxrlab.evaluation.comparison import compare_runs
 from cxrlab.config import RunConfig
 from cxrlab.errors import CxrlabError
-from cxrlab.lifecycle import train_run
+from cxrlab.training.lifecycle import train_run
 from cxrlab.run import (
     RunInfo,
     read_split_csv,

@@ -30,7 +30,7 @@ def test_training_is_deterministic_without_the_nan_fill_and_restores_the_flags(
     import torch
     import torch.utils.deterministic as tud
 
-    from cxrlab.training import ClassifierModule
+    from cxrlab.training.loop import ClassifierModule
 
     seen = []
     step = ClassifierModule.training_step
@@ -60,7 +60,7 @@ def test_the_nan_fill_changes_no_number(tmp_path, capsys, monkeypatch, model, au
 
     import torch.utils.deterministic as tud
 
-    import cxrlab.training
+    import cxrlab.training.loop
 
     data = make_kermany_folder(tmp_path / "data", 12, 12, size=32)
     recipe = [*RECIPE, "--model", model, "--augment", augment, "--no-pretrained"]
@@ -73,7 +73,7 @@ def test_the_nan_fill_changes_no_number(tmp_path, capsys, monkeypatch, model, au
         monkeypatch.setattr(tud, "fill_uninitialized_memory", True)
         yield
 
-    monkeypatch.setattr(cxrlab.training, "deterministic_without_nan_fill", with_fill)
+    monkeypatch.setattr(cxrlab.training.loop, "deterministic_without_nan_fill", with_fill)
     code, _, err = run_cli(["train", data, "--out", tmp_path / "with", *recipe], capsys,
                            monkeypatch)
     assert code == 0, err

@@ -15,8 +15,8 @@ from cxrlab.config import RunConfig
 from cxrlab.data.images import decode_image, guess_channels, image_header, read_image
 from cxrlab.data.sources import load_source
 from cxrlab.errors import CxrlabError
-from cxrlab.lifecycle import train_run
-from cxrlab.scoring import predict_paths
+from cxrlab.training.lifecycle import train_run
+from cxrlab.evaluation.scoring import predict_paths
 from tests.conftest import make_kermany_folder
 
 

@@ -1,4 +1,4 @@
-"""cxrlab.evaluate: every metric against hand arithmetic on small fixed examples."""
+"""cxrlab.evaluation.metrics: every metric against hand arithmetic on small fixed examples."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cxrlab.errors import CxrlabError
-from cxrlab.evaluate import (
+from cxrlab.evaluation.metrics import (
     METRIC_KEYS,
     _RankKernel,
     choose_threshold,
@@ -467,7 +467,7 @@ def test_other_positive_keeps_every_decision(seed, positive, rule):
     # `evaluate --positive OTHER` once applied the run's threshold, chosen on P(positive), to
     # P(other): a case scored 0.3 with threshold 0.4 flipped class. Now every case keeps its
     # class, also float32 scores one ulp either side of the threshold.
-    from cxrlab.inference import complement_threshold
+    from cxrlab.deploy.inference import complement_threshold
 
     rng = np.random.default_rng(seed)
     p = (1 / (1 + np.exp(-rng.normal(0, 2, 200)))).astype(np.float32)  # like the model's
@@ -495,7 +495,7 @@ def test_other_positive_keeps_every_decision(seed, positive, rule):
 def test_other_positive_threshold_rounds_down():
     # 1 - t is not a float here and rounds up to 0.75; a case scored 0.25 < t would then
     # have P(other) = 0.75, not > 0.75, and flip.
-    from cxrlab.inference import complement_threshold
+    from cxrlab.deploy.inference import complement_threshold
 
     t = 0.25 + 2.0**-54
     P2, t2 = complement_threshold(np.array([[0.75, 0.25], [0.5, 0.5]]), 1, t)
@@ -506,7 +506,7 @@ def test_other_positive_threshold_rounds_down():
 def test_predictions_decide_as_metrics_count():
     # A threshold halfway between two float32 scores (choose_threshold's midpoint) rounds, in
     # float32, onto one of them: predict called that case positive while evaluate did not.
-    from cxrlab.inference import decide
+    from cxrlab.deploy.inference import decide
 
     lo = np.float32(0.3)
     hi = np.nextafter(lo, np.float32(1))

@@ -14,11 +14,11 @@ from cxrlab.cli import main
 from cxrlab.config import RunConfig
 from cxrlab.data.cache import load_images
 from cxrlab.errors import CxrlabError
-from cxrlab.export import OnnxPredictor, export_onnx, make_predictor
-from cxrlab.inference import decide, predict_probs
-from cxrlab.lifecycle import train_run
+from cxrlab.deploy.export import OnnxPredictor, export_onnx, make_predictor
+from cxrlab.deploy.inference import decide, predict_probs
+from cxrlab.training.lifecycle import train_run
 from cxrlab.run import load_run, read_predictions
-from cxrlab.scoring import predict_paths
+from cxrlab.evaluation.scoring import predict_paths
 from tests.conftest import SHARED_DATA
 
 
@@ -166,7 +166,7 @@ def int8_weights(proto) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def int8_file(real_run, tmp_path_factory) -> Path:
-    from cxrlab.quantize import export_int8
+    from cxrlab.deploy.quantize import export_int8
 
     return export_int8(real_run[0], tmp_path_factory.mktemp("int8") / "q.onnx")[0]
 
@@ -200,7 +200,7 @@ def test_int8_export_is_quantized_and_its_check_is_true(real_run, int8_file):
     speed = check["images_per_second"]
     assert speed["fp32"] > 0 and speed["int8"] > 0  # which is faster depends on the CPU
     # the same run, images and ranges: the same graph (only the timings may differ)
-    from cxrlab.quantize import export_int8
+    from cxrlab.deploy.quantize import export_int8
 
     again = export_int8(run, int8_file.parent / "again.onnx")[0]
     assert onnx.load(again).graph == proto.graph
@@ -215,17 +215,17 @@ def csv_rows(path: Path) -> list[dict]:
 
 def test_int8_weights_have_7_bits_where_the_cpu_has_no_vnni(real_run, int8_file, tmp_path,
                                                             monkeypatch):
-    import cxrlab.export
-    import cxrlab.quantize
+    import cxrlab.deploy.export
+    import cxrlab.deploy.quantize
 
-    monkeypatch.setattr(cxrlab.quantize, "cpu_has_vnni", lambda: False)
-    path, check = cxrlab.quantize.export_int8(real_run[0], tmp_path / "novnni.onnx")
+    monkeypatch.setattr(cxrlab.deploy.quantize, "cpu_has_vnni", lambda: False)
+    path, check = cxrlab.deploy.quantize.export_int8(real_run[0], tmp_path / "novnni.onnx")
     assert check["reduce_range"] and not check["vnni"]
     assert max(np.abs(w).max() for w in int8_weights(onnx.load(path))) <= 64
     # with VNNI each output channel's largest weight uses the full 8 bits
     assert max(np.abs(w).max() for w in int8_weights(onnx.load(int8_file))) == 127
     # a file made for VNNI is refused where there is none (its decisions change there)
-    monkeypatch.setattr(cxrlab.export, "cpu_has_vnni", lambda: False)
+    monkeypatch.setattr(cxrlab.deploy.export, "cpu_has_vnni", lambda: False)
     with pytest.raises(CxrlabError, match="--portable"):
         OnnxPredictor(int8_file)
     OnnxPredictor(path)  # the 7-bit one is fine
@@ -235,11 +235,11 @@ def test_int8_portable_has_7_bits_even_with_vnni(real_run, int8_file, tmp_path, 
                                                   capsys):
     import warnings
 
-    import cxrlab.export
-    import cxrlab.quantize
+    import cxrlab.deploy.export
+    import cxrlab.deploy.quantize
 
     run, files = real_run
-    monkeypatch.setattr(cxrlab.quantize, "cpu_has_vnni", lambda: True)
+    monkeypatch.setattr(cxrlab.deploy.quantize, "cpu_has_vnni", lambda: True)
     out = tmp_path / "portable.onnx"
     code, stdout, err = cli(["export", run, "--onnx", out, "--int8", "--portable",
                              "--calibration-images", 8], monkeypatch, capsys)
@@ -249,7 +249,7 @@ def test_int8_portable_has_7_bits_even_with_vnni(real_run, int8_file, tmp_path, 
     assert check["reduce_range"] and not check["vnni"] and check["cpu_vnni"]
     assert max(np.abs(w).max() for w in int8_weights(onnx.load(out))) <= 64
     # made for any CPU: served where there is no VNNI, without a word
-    monkeypatch.setattr(cxrlab.export, "cpu_has_vnni", lambda: False)
+    monkeypatch.setattr(cxrlab.deploy.export, "cpu_has_vnni", lambda: False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         OnnxPredictor(out)
@@ -316,7 +316,7 @@ def test_int8_errors_leave_nothing(real_run, tmp_path, monkeypatch, capsys):
 def test_int8_agreement_for_three_classes():
     from types import SimpleNamespace
 
-    from cxrlab.quantize import agreement
+    from cxrlab.deploy.quantize import agreement
 
     run = SimpleNamespace(info=SimpleNamespace(positive=None), threshold=None)
     y = np.array([0, 1, 2, 2])
@@ -333,7 +333,7 @@ def test_int8_agreement_for_three_classes():
 def test_serve_answers_with_the_int8_file(real_run, int8_file):
     from fastapi.testclient import TestClient
 
-    from cxrlab.serve import create_app
+    from cxrlab.deploy.serve import create_app
 
     run, files = real_run
     want = OnnxPredictor(int8_file)(load_images(files[-1:], 64, 1, cache_dir=None)[0])[0]

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from cxrlab.config import RunConfig
-from cxrlab.finetune import head_parameters
+from cxrlab.training.finetune import head_parameters
 from cxrlab.models import create_model
-from cxrlab.training import fit
+from cxrlab.training.loop import fit
 from tests.test_cli import run_cli
 
 
@@ -134,8 +134,8 @@ def test_unfreeze_applies_to_a_run_resumed_after_the_unfreeze_epoch():
     # must still train from the first resumed epoch on.
     from types import SimpleNamespace
 
-    from cxrlab.finetune import UnfreezeBackbone
-    from cxrlab.training import ClassifierModule
+    from cxrlab.training.finetune import UnfreezeBackbone
+    from cxrlab.training.loop import ClassifierModule
 
     cfg = RunConfig(data="x", model="resnet18", freeze_backbone=True, unfreeze_after=1)
     model = create_model("resnet18", num_classes=1, in_chans=1)

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cxrlab.checkpoints import AtomicCheckpointIO
+from cxrlab.training.checkpoints import AtomicCheckpointIO
 from cxrlab.data.images import read_image
 from cxrlab.data.sources import load_source, require_trainable
 from cxrlab.errors import CxrlabError
@@ -183,7 +183,7 @@ def test_read_only_out_dir_chmod(data, tmp_path, capsys, monkeypatch):
 def test_read_only_or_full_out_dir_is_refused_before_training(data, tmp_path, capsys,
                                                              monkeypatch):
     import cxrlab.run as runmod
-    import cxrlab.training as trainmod
+    import cxrlab.training.loop as trainmod
 
     fit_calls = []
     monkeypatch.setattr(trainmod, "fit", lambda *a, **k: fit_calls.append(1))

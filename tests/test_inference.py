@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cxrlab.inference import folded, predict_probs
+from cxrlab.deploy.inference import folded, predict_probs
 from cxrlab.models import create_model
 
 

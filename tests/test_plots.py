@@ -1,4 +1,4 @@
-"""cxrlab.plots: every figure writes a PNG that opens, at a sensible size, for 2 and 3 classes,
+"""cxrlab.reporting.plots: every figure writes a PNG that opens, at a sensible size, for 2 and 3 classes,
 and draws the numbers it is given (read back from the Figure before it is saved)."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from cxrlab import plots
-from cxrlab.plots import (
+from cxrlab.reporting import plots
+from cxrlab.reporting.plots import (
     plot_confusion,
     plot_history,
     plot_pr,

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from cxrlab import training as train
+from cxrlab.training.loop import loop as train
 from cxrlab.config import RunConfig
 from cxrlab.data.cache import load_images
-from cxrlab.inference import decide, predict_probs
-from cxrlab.lifecycle import train_run
-from cxrlab.report import recompute_val_predictions
+from cxrlab.deploy.inference import decide, predict_probs
+from cxrlab.training.lifecycle import train_run
+from cxrlab.reporting.report import recompute_val_predictions
 from cxrlab.run import load_run, read_predictions, read_split_csv
-from cxrlab.serve import Inference
+from cxrlab.deploy.serve import Inference
 from tests.conftest import make_kermany_folder
 from tests.test_cli import run_cli
 
@@ -104,7 +104,7 @@ def test_predict_serve_and_report_give_the_runs_own_scores(bf16_run, other_machi
 
 def test_auto_trains_efficientnet_in_fp32_on_a_bf16_cpu_and_resnet_in_bf16(monkeypatch):
     """Measured: EfficientNet-Lite's depthwise steps ran faster in fp32 on a bf16 CPU."""
-    from cxrlab.inference import use_bf16
+    from cxrlab.deploy.inference import use_bf16
     from cxrlab.models import create_model
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

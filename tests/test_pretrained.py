@@ -60,7 +60,7 @@ def test_flower_probe_separates_classes(shared_data):
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     from cxrlab.data.cache import load_images
-    from cxrlab.finetune import pooled_features
+    from cxrlab.training.finetune import pooled_features
 
     root = shared_data / "flowers"
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from sklearn.calibration import calibration_curve
 
-from cxrlab.calibration import reliability
+from cxrlab.evaluation.calibration import reliability
 from cxrlab.cli import main
 from cxrlab.errors import CxrlabError
-from cxrlab.report import (
+from cxrlab.reporting.report import (
     SECTIONS_ABLATION,
     SECTIONS_RUN,
     load_run_data,

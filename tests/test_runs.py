@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cxrlab.run_table import runs
+from cxrlab.reporting.run_table import runs
 from tests.conftest import make_kermany_folder
 from tests.test_cli import assert_user_error, run_cli
 
@@ -18,7 +18,7 @@ def runs_root(tmp_path_factory) -> Path:
     """Two tiny real runs (one nested, as ablations and folds are), a corrupt one, a
     half-written one and one whose process died."""
     from cxrlab.config import RunConfig
-    from cxrlab.lifecycle import train_run
+    from cxrlab.training.lifecycle import train_run
 
     root = tmp_path_factory.mktemp("runs")
     data = make_kermany_folder(root.parent / "runs-data", 10, 10, size=32)

@@ -19,9 +19,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cxrlab.config import RunConfig
-from cxrlab.lifecycle import train_run
-from cxrlab.scoring import predict_paths
-from cxrlab.serve import BodyLimit, MicroBatcher, create_app
+from cxrlab.training.lifecycle import train_run
+from cxrlab.evaluation.scoring import predict_paths
+from cxrlab.deploy.serve import BodyLimit, MicroBatcher, create_app
 from tests.conftest import make_kermany_folder
 from tests.test_dicom import write_dicom
 

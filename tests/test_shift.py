@@ -1,5 +1,5 @@
-"""Intake shift: the stress test (cxrlab.shift), the intake check (cxrlab.intake) and site
-calibration (cxrlab.site_calibration), on real X-rays and on a tiny trained run."""
+"""Intake shift: the stress test (cxrlab.site.shift), the intake check (cxrlab.site.intake) and site
+calibration (cxrlab.site.calibration), on real X-rays and on a tiny trained run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrlab import intake, shift
+from cxrlab.site import intake, shift
 from cxrlab.data.cache import load_images
 from cxrlab.data.images import read_image
 from tests.conftest import make_kermany_folder
@@ -89,7 +89,7 @@ def test_stress_test_scores_each_shift_through_the_given_predictor():
 
 
 def test_platt_and_temperature_undo_a_known_miscalibration():
-    from cxrlab.site_calibration import _logit, apply_binary, platt, temperature
+    from cxrlab.site.calibration import _logit, apply_binary, platt, temperature
 
     rng = np.random.default_rng(0)
     z = rng.normal(0, 2, 4000)
@@ -149,7 +149,7 @@ def site(tmp_path_factory):
     """A run that has learnt the synthetic task, and a new site's sample and held-out images
     (flat films: contrast x0.4) on which its threshold calls normals positive."""
     from cxrlab.config import RunConfig
-    from cxrlab.lifecycle import train_run
+    from cxrlab.training.lifecycle import train_run
 
     root = tmp_path_factory.mktemp("site")
     data = make_kermany_folder(root / "data", 24, 24, size=48)
@@ -207,7 +207,7 @@ def test_evaluate_checks_intake_and_stress_tests(site, tmp_path, capsys, monkeyp
     assert json.loads((run / shift.RESULT_JSON).read_text()) == s
     assert Image.open(run / shift.RESULT_PNG).size[0] > 400
 
-    from cxrlab.report import write_report
+    from cxrlab.reporting.report import write_report
 
     page = write_report(run, tmp_path / "r.html").read_text()
     assert 'id="shift"' in page and "Stress test" in page
@@ -220,10 +220,10 @@ def balanced(m: dict) -> float:
 
 
 def test_calibrate_moves_the_threshold_for_the_new_site(site, tmp_path, capsys, monkeypatch):
-    from cxrlab.inference import predict_probs
+    from cxrlab.deploy.inference import predict_probs
     from cxrlab.run import load_run
-    from cxrlab.scoring import evaluate_run, predict_paths
-    from cxrlab.site_calibration import apply_binary
+    from cxrlab.evaluation.scoring import evaluate_run, predict_paths
+    from cxrlab.site.calibration import apply_binary
 
     run, new_run = site["run"], tmp_path / "site_run"
     before = tree_digest(run)
@@ -259,7 +259,7 @@ def test_calibrate_moves_the_threshold_for_the_new_site(site, tmp_path, capsys, 
     assert np.allclose(got, expect, atol=1e-4)
     assert all(r["threshold"] == new_t for r in rows)
 
-    from cxrlab.report import load_run_data, shift_sections
+    from cxrlab.reporting.report import load_run_data, shift_sections
 
     (sid, _, body), = shift_sections(load_run_data(new_run))  # the report says where from
     assert sid == "site-calibration" and "sample_flat" in body

@@ -1,4 +1,4 @@
-"""Site calibration (cxrlab.site_calibration) on tiny trained runs: the calibration folded into
+"""Site calibration (cxrlab.site.calibration) on tiny trained runs: the calibration folded into
 model.pt agrees with the run's threshold and val_predictions.csv whichever class is positive
 (and for K classes), and its intervals resample patients, as every other interval of a run."""
 
@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from cxrlab.data.cache import load_images
-from cxrlab.inference import decide, predict_probs
+from cxrlab.deploy.inference import decide, predict_probs
 from cxrlab.run import load_run, read_predictions
-from cxrlab.shift import apply_shift
+from cxrlab.site.shift import apply_shift
 from tests.conftest import make_kermany_folder, write_xray_like
 
 # test_shift's site run: learns the synthetic task in seconds
@@ -34,7 +34,7 @@ def flat_copy(src: Path, dst: Path) -> Path:
 
 def train(data: Path, out: Path, **extra) -> Path:
     from cxrlab.config import RunConfig
-    from cxrlab.lifecycle import train_run
+    from cxrlab.training.lifecycle import train_run
 
     cfg = RunConfig.build(dict(data=str(data), **TINY, **extra), source="option")
     train_run(cfg, out, progress=False)
@@ -45,7 +45,7 @@ def train(data: Path, out: Path, **extra) -> Path:
 def normal_positive(tmp_path_factory):
     """A run whose positive class is NORMAL (class 0), calibrated on a flat-contrast sample
     with 4 films per patient."""
-    from cxrlab.site_calibration import calibrate_run
+    from cxrlab.site.calibration import calibrate_run
 
     root = tmp_path_factory.mktemp("cal0")
     run = train(make_kermany_folder(root / "data", 24, 24, size=48), root / "run",
@@ -67,8 +67,8 @@ def model_probs(run_dir: Path, paths: list) -> np.ndarray:
 
 
 def test_positive_class_0_model_pt_agrees_with_threshold_and_predictions(normal_positive):
-    from cxrlab.scoring import evaluate_run, predict_paths
-    from cxrlab.site_calibration import apply_binary
+    from cxrlab.evaluation.scoring import evaluate_run, predict_paths
+    from cxrlab.site.calibration import apply_binary
 
     run, new, sample = normal_positive["run"], normal_positive["new"], normal_positive["sample"]
     info = json.loads((new / "run.json").read_text())
@@ -114,7 +114,7 @@ def test_calibrated_intervals_resample_patients(normal_positive):
 
 
 def test_threshold_interval_draws_whole_patients():
-    from cxrlab.site_calibration import bootstrap_threshold
+    from cxrlab.site.calibration import bootstrap_threshold
 
     # 4 positive and 4 negative patients of 8 films each, scored alike within a patient: the
     # threshold sits between the lowest positive and highest negative patient present. Drawing
@@ -135,8 +135,8 @@ def test_threshold_interval_draws_whole_patients():
 
 
 def test_three_classes_temperature_lives_in_model_pt(tmp_path):
-    from cxrlab.scoring import predict_paths
-    from cxrlab.site_calibration import apply_temperature, calibrate_run
+    from cxrlab.evaluation.scoring import predict_paths
+    from cxrlab.site.calibration import apply_temperature, calibrate_run
 
     def folder(root: Path, n: int, seed: int) -> Path:
         rng = np.random.default_rng(seed)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from cxrlab.config import RunConfig
-from cxrlab.inference import probabilities
+from cxrlab.deploy.inference import probabilities
 from cxrlab.models import create_model
-from cxrlab.training import ClassifierModule
+from cxrlab.training.loop import ClassifierModule
 
 
 @pytest.mark.parametrize("positive", [0, 1])
@@ -17,9 +17,9 @@ def test_positive_class_does_not_flip_the_logit(positive):
     # reads `positive`: threshold, metrics, the per-epoch summary and the decisions.
     import numpy as np
 
-    from cxrlab.evaluate import choose_threshold, compute_metrics
-    from cxrlab.inference import decide
-    from cxrlab.training import epoch_summary
+    from cxrlab.evaluation.metrics import choose_threshold, compute_metrics
+    from cxrlab.deploy.inference import decide
+    from cxrlab.training.loop import epoch_summary
 
     logits = torch.tensor([[4.0], [-4.0]])
     probs = probabilities(logits)
@@ -61,7 +61,7 @@ def test_inference_puts_a_loaded_model_in_the_input_layout():
     # reorder the weights on every call. predict_probs aligns the model once; same numbers.
     import numpy as np
 
-    from cxrlab.inference import predict_probs
+    from cxrlab.deploy.inference import predict_probs
     from cxrlab.models import create_model
 
     torch.manual_seed(0)
@@ -80,7 +80,7 @@ def test_fewer_training_images_than_a_batch_still_train(balanced):
     # gave no batch at all and "training produced no checkpoint".
     import numpy as np
 
-    from cxrlab.training import ArrayDataset, make_loader
+    from cxrlab.training.loop import ArrayDataset, make_loader
 
     labels = np.array([0] * 6 + [1] * 18)
     ds = ArrayDataset(np.zeros((24, 1, 8, 8), np.uint8), labels)
@@ -95,7 +95,7 @@ def test_validation_batches_are_never_augmented(tmp_path, monkeypatch):
     # depend on random warps. Every augmented image must be a training image.
     import numpy as np
 
-    import cxrlab.training as train
+    import cxrlab.training.loop as train
 
     seen = []
 

@@ -3,13 +3,13 @@
 From Python or a notebook: `cxrlab.train(...)`, `cxrlab.load(run_dir)`, `cxrlab.compare(a, b)`,
 `cxrlab.ablate(spec, out)`, `cxrlab.data_summary(data)` (see `cxrlab.api`). The API is imported
 on first use (PEP 562), so `import cxrlab.errors` and the `cxrlab` command stay fast.
-Importing cxrlab keeps freed tensor memory in the process (`cxrlab.allocator`: up to 2.2x
+Importing cxrlab keeps freed tensor memory in the process (`cxrlab.training.allocator`: up to 2.2x
 faster CPU steps; `CXRLAB_MALLOC=system` opts out).
 """
 
 from typing import TYPE_CHECKING, Any
 
-from cxrlab.allocator import keep_freed_memory
+from cxrlab.training.allocator import keep_freed_memory
 from cxrlab.errors import CxrlabError
 
 keep_freed_memory()

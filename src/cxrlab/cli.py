@@ -140,7 +140,7 @@ def train(
 
 
 def _print_crossval(result: dict, out: Path) -> None:
-    from cxrlab.crossval import render
+    from cxrlab.training.crossval import render
 
     render(result, console)
     console.print(f"Folds and crossval.json written to [bold]{out}[/]")
@@ -157,7 +157,7 @@ def _print_result(result) -> None:
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
-    from cxrlab.evaluate import format_metrics_table
+    from cxrlab.evaluation.metrics import format_metrics_table
 
     table = format_metrics_table(metrics)
     table.title = title
@@ -177,7 +177,7 @@ def compare(
 ) -> None:
     """B − A on the validation images both runs share, with paired bootstrap intervals."""
     from cxrlab.api import compare as compare_runs
-    from cxrlab.comparison import render
+    from cxrlab.evaluation.comparison import render
     from cxrlab.run import write_json
 
     result = compare_runs(run_a, run_b, n_boot=boot)
@@ -218,7 +218,7 @@ def evaluate(
         write_json(json_out, metrics)
         console.print(f"Metrics written to [bold]{json_out}[/]")
     if shift:
-        from cxrlab import shift as stress
+        from cxrlab.site import shift as stress
 
         stress.render(metrics["shift"], console)
         js, png = run_dir / stress.RESULT_JSON, run_dir / stress.RESULT_PNG
@@ -238,7 +238,7 @@ def calibrate(
     boot: Annotated[int, typer.Option(min=100, help="bootstrap resamples")] = 1000,
 ) -> None:
     """Refit the threshold and probabilities on a new site's sample; writes a new run."""
-    from cxrlab.site_calibration import calibrate_run, describe
+    from cxrlab.site.calibration import calibrate_run, describe
 
     r = calibrate_run(run_dir, data, out, image_col, label_col, split, skip_bad, n_boot=boot)
     console.print(describe(r), highlight=False)
@@ -303,7 +303,7 @@ def export(
     kind = "int8 ONNX" if int8 else "ONNX"
     console.print(f"{kind} model written to [bold]{out}[/] ({out.stat().st_size / 1e6:.1f} MB)")
     if int8:
-        from cxrlab.export import OnnxPredictor
+        from cxrlab.deploy.export import OnnxPredictor
 
         console.print(int8_summary(OnnxPredictor(out).int8_check))
 
@@ -343,7 +343,7 @@ def serve(
     = None,
 ) -> None:
     """A web service and page for the run: POST /predict, GET / , /health, /docs."""
-    from cxrlab.serve import serve_run
+    from cxrlab.deploy.serve import serve_run
 
     serve_run(run_dir, host=host, port=port, max_upload_mb=max_upload_mb,
               batch_wait_ms=batch_wait_ms, onnx=onnx)
@@ -363,7 +363,7 @@ def ablate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Train every variant x seed (complete runs are skipped), then compare them, paired."""
-    from cxrlab import ablation as ab
+    from cxrlab.evaluation import ablation as ab
 
     study = ab.load_spec(spec)
     parsed = ab.parse_shard(shard)
@@ -395,7 +395,7 @@ def report(
         "--out", "-o", help="HTML file (default: PATH/report.html)")] = None,
 ) -> None:
     """One self-contained HTML page: data, configuration, curves, calibration, gallery."""
-    from cxrlab.report import write_report
+    from cxrlab.reporting.report import write_report
 
     written = write_report(path, out)
     console.print(f"Report written to [bold]{written}[/]")
@@ -411,7 +411,7 @@ def runs_cmd(
 ) -> None:
     """Every run under ROOT in one table: model, epochs, val AUC [95% CI], state, date."""
     from cxrlab.api import runs
-    from cxrlab.run_table import render
+    from cxrlab.reporting.run_table import render
 
     rows = runs(root, sort=sort, reverse=reverse)
     if as_json:

@@ -22,7 +22,7 @@ from pydantic import (
 from cxrlab.errors import CxrlabError
 
 Augment = Literal["none", "flip", "light", "intensity", "framing", "notebook"]
-LOGGERS = ("tensorboard", "csv", "mlflow")  # experiment trackers (cxrlab.tracking)
+LOGGERS = ("tensorboard", "csv", "mlflow")  # experiment trackers (cxrlab.reporting.tracking)
 
 
 class RunConfig(BaseModel):
@@ -101,7 +101,7 @@ class RunConfig(BaseModel):
     patience: int = Field(5, ge=1, description="early stopping on validation loss")
     time_budget: str = Field(
         "auto", description="plan epochs (and image size) to end within this: 90s, 30m, 1.5h, "
-        "45 (minutes) or none; auto = 30m on a CPU with the recipe's epochs (cxrlab.budget). "
+        "45 (minutes) or none; auto = 30m on a CPU with the recipe's epochs (cxrlab.training.budget). "
         "A planned run's config.yaml says none: it names the planned epochs"
     )
     class_weights: bool = True
@@ -127,7 +127,7 @@ class RunConfig(BaseModel):
         "auto", description="ddp: one process per device; batch_size is per device"
     )
 
-    # -- experiment tracking (cxrlab.tracking): where else the run's numbers go -------------
+    # -- experiment tracking (cxrlab.reporting.tracking): where else the run's numbers go -------------
     loggers: list[str] = Field(
         default_factory=list, description="any of tensorboard, csv, mlflow (Lightning's "
         "loggers, writing inside the run directory unless MLflow is given a tracking URI)"
@@ -150,7 +150,7 @@ class RunConfig(BaseModel):
     @field_validator("time_budget", mode="before")
     @classmethod
     def _budget(cls, v):
-        from cxrlab.budget import parse_budget
+        from cxrlab.training.budget import parse_budget
 
         try:
             return parse_budget(v)

@@ -6,7 +6,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from cxrlab.config import RunConfig
-from cxrlab.lifecycle import TrainResult, train_run
+from cxrlab.training.lifecycle import TrainResult, train_run
 
 # Quick on any CPU, bf16 or not: the default model's ImageNet backbone stays frozen, its pooled
 # features are computed once (no augmentation) and only the head trains on them, so the cost is

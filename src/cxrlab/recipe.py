@@ -34,7 +34,7 @@ def recipe_defaults(model: str, pretrained: str | None, given: set[str]) -> dict
 
 
 def _early_stages(model: str) -> int:
-    from cxrlab.finetune import early_stages
+    from cxrlab.training.finetune import early_stages
 
     try:
         return early_stages(model)

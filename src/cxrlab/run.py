@@ -9,11 +9,11 @@
     threshold     the decision threshold chosen on validation (2 classes)
     metrics.json  validation metrics at that threshold, with intervals
     val_predictions.csv  path, label and class probabilities of each validation image
-    intake.json   per-image statistics of the training+validation images (cxrlab.intake)
-    shift.json, shift.png  the stress test, when `evaluate --shift` was run (cxrlab.shift)
+    intake.json   per-image statistics of the training+validation images (cxrlab.site.intake)
+    shift.json, shift.png  the stress test, when `evaluate --shift` was run (cxrlab.site.shift)
     plan.json     a time-budgeted run: its budget, the warm-up timings and the plan (budget.py)
     *.png         curves, confusion matrix, ROC, prediction grid
-    tb/ csv-logs/ mlruns/ tracking.json   with --logger (cxrlab.tracking)
+    tb/ csv-logs/ mlruns/ tracking.json   with --logger (cxrlab.reporting.tracking)
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from cxrlab.distributed import rewrap_after_unfreeze
+from cxrlab.training.distributed import rewrap_after_unfreeze
 from cxrlab.errors import CxrlabError
 
 log = logging.getLogger("cxrlab")
@@ -184,7 +184,7 @@ def pooled_features(model: nn.Module, images: np.ndarray | torch.Tensor, batch_s
     """(N, num_features) float32 global-average-pooled backbone features of uint8 images."""
     was_training = model.training
     model.eval()
-    from cxrlab.inference import float_batches
+    from cxrlab.deploy.inference import float_batches
 
     device = next(model.parameters()).device
     out = []

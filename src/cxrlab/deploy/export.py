@@ -54,7 +54,7 @@ class ProbabilityModel(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         logits = self.model(image.float() / 255.0).float()
-        if logits.shape[1] == 1:  # same columns as cxrlab.inference.probabilities
+        if logits.shape[1] == 1:  # same columns as cxrlab.deploy.inference.probabilities
             p = torch.sigmoid(logits)
             return torch.cat([1 - p, p], dim=1)
         return torch.softmax(logits, dim=1)
@@ -243,7 +243,7 @@ def make_predictor(run: LoadedRun, backend: str = "torch", onnx_file: Path | Non
     """A callable uint8 (N, C, S, S) -> probabilities (N, K) for the chosen backend.
     'onnx' exports the run to a temporary file unless one is given (checked against the run)."""
     if backend == "torch":
-        from cxrlab.inference import predict_probs
+        from cxrlab.deploy.inference import predict_probs
 
         return lambda images: predict_probs(run.model, images)
     if backend != "onnx":

@@ -2,7 +2,7 @@
 
 `train_run` and `resume_run` are what `cxrlab train` calls; the run directory's files are
 cxrlab.run's, the data cxrlab.data.prepared's, the evaluation written after training
-cxrlab.scoring's.
+cxrlab.evaluation.scoring's.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
     Under data-parallel training every process runs this; only rank 0 touches `out`.
     `mlflow_uri`: where `--logger mlflow` logs (default: MLFLOW_TRACKING_URI, else the run).
     """
-    from cxrlab import budget
-    from cxrlab.distributed import is_rank_zero
-    from cxrlab.finetune import check_frozen_stages
+    from cxrlab.training.loop import budget
+    from cxrlab.training.distributed import is_rank_zero
+    from cxrlab.training.finetune import check_frozen_stages
     from cxrlab.models import create_model, list_models, resolve_pretrained
 
     started = time.time()
@@ -65,7 +65,7 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
     if config.model not in list_models():
         raise CxrlabError(f"--model {config.model}: unknown model; choose from: "
                           f"{', '.join(list_models())}")
-    from cxrlab.tracking import check_available
+    from cxrlab.reporting.tracking import check_available
 
     check_available(config.loggers)
     check_frozen_stages(config)
@@ -161,7 +161,7 @@ def resume_run(run_dir: Path, progress: bool = True,
     """
     from contextlib import ExitStack
 
-    from cxrlab.distributed import is_rank_zero
+    from cxrlab.training.distributed import is_rank_zero
     from cxrlab.run import load_info
 
     run_dir = Path(run_dir)
@@ -181,13 +181,13 @@ def _resume(run_dir: Path, info: RunInfo, rank0: bool, progress: bool,
             hardware: dict | None) -> TrainResult:
     import tempfile
 
-    from cxrlab.checkpoints import LAST
+    from cxrlab.training.checkpoints import LAST
     from cxrlab.models import create_model, resolve_pretrained
 
     config = RunConfig.load(run_dir / "config.yaml")
     if hardware:
         config = RunConfig.build({**config.model_dump(), **hardware}, source="option")
-    from cxrlab.tracking import check_available
+    from cxrlab.reporting.tracking import check_available
 
     check_available(config.loggers)
     data = prepare_data(config)
@@ -224,10 +224,10 @@ def _resume(run_dir: Path, info: RunInfo, rank0: bool, progress: bool,
 def _train_and_report(model, config: RunConfig, data: PreparedData, positive: int | None,
                       out: Path, progress: bool, ckpt_path: Path | None = None,
                       mlflow_uri: str | None = None, budgeted=None) -> TrainResult:
-    from cxrlab.distributed import is_rank_zero
-    from cxrlab.scoring import score_training
-    from cxrlab.tracking import log_final, make_loggers
-    from cxrlab.training import fit
+    from cxrlab.training.distributed import is_rank_zero
+    from cxrlab.evaluation.scoring import score_training
+    from cxrlab.reporting.tracking import log_final, make_loggers
+    from cxrlab.training.loop import fit
 
     classes = data.source.classes
     tx, ty, _ = data.subset("train")

@@ -97,7 +97,7 @@ class Inference:
         import torch
 
         from cxrlab import __version__
-        from cxrlab.export import make_predictor
+        from cxrlab.deploy.export import make_predictor
         from cxrlab.run import load_run
 
         self.run = load_run(run_dir)
@@ -132,7 +132,7 @@ class Inference:
             return self._forward(image[None])[0]
 
     def predict(self, image: np.ndarray) -> dict:
-        from cxrlab.inference import decide
+        from cxrlab.deploy.inference import decide
 
         p = self.probabilities(image)
         k = int(decide(p[None], self.run.info.positive, self.run.threshold)[0])
@@ -147,7 +147,7 @@ class Inference:
         }
 
     def cam_data_url(self, image: np.ndarray) -> str:
-        from cxrlab.cam import GradCam, overlay_png_bytes, png_data_url
+        from cxrlab.deploy.cam import GradCam, overlay_png_bytes, png_data_url
 
         with self._cam_lock:  # built on first use: a copy of the model, kept
             if self._cam is None:
@@ -250,7 +250,7 @@ def create_app(run_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
-        return resources.files("cxrlab").joinpath("serve_page.html").read_text()
+        return resources.files("cxrlab.deploy").joinpath("serve_page.html").read_text()
 
     return app
 

@@ -96,7 +96,7 @@ def img(png: bytes, alt: str) -> str:
 
 
 def figure_png(draw, *args, **kwargs) -> bytes:
-    """Run a `cxrlab.plots` function into a temporary file and return the PNG bytes."""
+    """Run a `cxrlab.reporting.plots` function into a temporary file and return the PNG bytes."""
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / "fig.png"
         draw(*args, p, **kwargs) if args else draw(p, **kwargs)
@@ -164,7 +164,7 @@ class RunData:
 def recompute_val_predictions(run_dir: Path, split_rows: list[dict]):
     """Older runs: predict the validation images of split.csv again with model.pt."""
     from cxrlab.data.cache import load_images
-    from cxrlab.inference import predict_probs
+    from cxrlab.deploy.inference import predict_probs
     from cxrlab.run import load_run
 
     run = load_run(run_dir)
@@ -277,7 +277,7 @@ def last_epochs_spread(history: list[dict], key: str, k: int = LAST_EPOCHS):
 
 
 def run_page(run_dir: Path) -> str:
-    from cxrlab import plots
+    from cxrlab.reporting import plots
 
     r = load_run_data(run_dir)
     m = r.metrics
@@ -326,8 +326,8 @@ def run_page(run_dir: Path) -> str:
 def shift_sections(r: RunData) -> list[tuple[str, str, str]]:
     """Present only for runs that have them: where a site calibration came from (run.json)
     and the stress test (RUN/shift.json, from `evaluate --shift`)."""
-    from cxrlab import plots
-    from cxrlab.shift import load
+    from cxrlab.reporting import plots
+    from cxrlab.site.shift import load
 
     out = []
     cal = r.info.get("site_calibration")
@@ -383,7 +383,7 @@ def convergence_run(history: list[dict]) -> str:
 
 
 def calibration_html(r: RunData) -> str:
-    from cxrlab.calibration import reliability
+    from cxrlab.evaluation.calibration import reliability
 
     cal = reliability(r.val_y, r.val_probs, r.positive)
     return (img(reliability_png(cal), "reliability diagram")
@@ -394,7 +394,7 @@ def calibration_html(r: RunData) -> str:
 
 
 def reliability_png(cal: dict) -> bytes:
-    from cxrlab.plots import _figure
+    from cxrlab.reporting.plots import _figure
 
     fig = _figure((9, 4.2))
     ax, hx = fig.subplots(1, 2)
@@ -433,7 +433,7 @@ def val_intervals(r: RunData) -> tuple[dict, str]:
     m = r.metrics
     if m.get("interval_method") or not val_patients(r):
         return m.get("ci") or {}, m.get("interval_method") or "image bootstrap"
-    from cxrlab.evaluate import compute_metrics
+    from cxrlab.evaluation.metrics import compute_metrics
 
     again = compute_metrics(r.val_y, r.val_probs, r.classes, positive=r.positive,
                             threshold=r.threshold, seed=int(r.config.get("seed", 0)),
@@ -448,7 +448,7 @@ def selection_note(r: RunData) -> str:
 
 
 def metrics_html(r: RunData) -> str:
-    from cxrlab.evaluate import METRIC_KEYS, compute_metrics
+    from cxrlab.evaluation.metrics import METRIC_KEYS, compute_metrics
 
     m = r.metrics
     seed = int(r.config.get("seed", 0))
@@ -483,7 +483,7 @@ def metrics_html(r: RunData) -> str:
 def gallery_html(r: RunData) -> str:
     """Wrong predictions first (most confident first), then the least confident right ones."""
     from cxrlab.data.cache import load_images
-    from cxrlab.inference import decide
+    from cxrlab.deploy.inference import decide
 
     if not len(r.val_y):
         return '<p class="muted">No validation images.</p>'
@@ -523,9 +523,9 @@ def gallery_html(r: RunData) -> str:
 
 
 def cam_heatmaps(run_dir: Path, images: np.ndarray):
-    """Grad-CAM maps from `cxrlab.cam` when that module exists; plain images otherwise."""
+    """Grad-CAM maps from `cxrlab.deploy.cam` when that module exists; plain images otherwise."""
     try:
-        from cxrlab.cam import gradcam
+        from cxrlab.deploy.cam import gradcam
     except ImportError:
         return None, "Plain images (Grad-CAM not available in this version)."
     try:
@@ -572,7 +572,7 @@ def tile_png(image: np.ndarray, heat: np.ndarray | None) -> bytes:
 
 
 def ablation_page(out: Path) -> str:
-    from cxrlab.ablation import load_result
+    from cxrlab.evaluation.ablation import load_result
 
     res = load_result(out)
     spec = yaml.safe_load((out / "ablation.yaml").read_text())
@@ -614,13 +614,13 @@ def ablation_page(out: Path) -> str:
 
 
 def _est_cell(e: dict, scale: float = 1.0, digits: int = 3) -> str:
-    from cxrlab.ablation import _cell
+    from cxrlab.evaluation.ablation import _cell
 
     return _cell(e, scale, digits, sep="<br>", ci='<span class="muted">[{}]</span>')
 
 
 def variants_html(res: dict) -> str:
-    from cxrlab.ablation import METRICS
+    from cxrlab.evaluation.ablation import METRICS
 
     splits = ["val", "test"] if any(r.get("test") for r in res["runs"]) else ["val"]
     header = ["variant", "seeds", *[(lab if s == "val" else f"test {lab}")
@@ -649,8 +649,8 @@ def effects_html(res: dict) -> str:
 
 
 def effects_png(res: dict) -> bytes:
-    from cxrlab.ablation import METRICS
-    from cxrlab.plots import _figure
+    from cxrlab.evaluation.ablation import METRICS
+    from cxrlab.reporting.plots import _figure
 
     main = [e for e in res["effects"] if not e["context"] and e["split"] == "val"]
     labels = list(dict.fromkeys(f"{e['factor']} {e['level']} vs {e['reference']}"
@@ -699,7 +699,7 @@ def seed_curves_html(out: Path, res: dict) -> str:
 
 
 def seed_curves_png(curves: dict[str, list[tuple[int, list[dict]]]]) -> bytes:
-    from cxrlab.plots import _figure
+    from cxrlab.reporting.plots import _figure
 
     keys = (("val_loss", "validation loss"), ("val_auc", "validation ROC AUC"),
             ("val_acc", "validation accuracy"))

@@ -240,7 +240,7 @@ def plot_prediction_grid(
 
 
 def plot_shift(result: dict[str, Any], path: str | Path) -> Path:
-    """Stress test (cxrlab.shift): AUC, sensitivity and specificity against severity (0 = the
+    """Stress test (cxrlab.site.shift): AUC, sensitivity and specificity against severity (0 = the
     unshifted images), one line per shift, so the shifts that hurt stand out."""
     import matplotlib as mpl
 

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from cxrlab.errors import CxrlabError
-from cxrlab.evaluate import (
+from cxrlab.evaluation.metrics import (
     _nanmean_rows,
     _RankKernel,
     group_codes,
     interval_method,
     resample_weights,
 )
-from cxrlab.inference import decide
+from cxrlab.deploy.inference import decide
 from cxrlab.run import load_info, patient_keys, read_predictions, read_threshold
 
 LABELS = {"roc_auc": "ROC AUC", "pr_auc": "PR AUC", "accuracy": "accuracy",

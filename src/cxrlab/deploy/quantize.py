@@ -30,8 +30,8 @@ import numpy as np
 
 from cxrlab.cpu import cpu_has_vnni, cpu_name
 from cxrlab.errors import CxrlabError
-from cxrlab.export import check_out, fp32_graph, save_onnx, set_metadata
-from cxrlab.inference import decide
+from cxrlab.deploy.export import check_out, fp32_graph, save_onnx, set_metadata
+from cxrlab.deploy.inference import decide
 from cxrlab.run import LoadedRun, load_run, read_predictions, read_split_csv
 
 CALIBRATION_IMAGES = 256
@@ -146,7 +146,7 @@ def images_per_second(session, images: np.ndarray) -> float:
     whether int8 pays here at all (the notebook CNN ran slower in int8 on Zen 4)."""
     import time
 
-    from cxrlab.export import OnnxPredictor
+    from cxrlab.deploy.export import OnnxPredictor
 
     OnnxPredictor.scores(session, images[:64])
     best = float("inf")
@@ -169,7 +169,7 @@ def export_int8(run: LoadedRun | Path, out: Path, overwrite: bool = False,
     and is stored in the file's metadata (`int8_check`, JSON) beside the usual keys."""
     import onnxruntime as ort
 
-    from cxrlab.export import OnnxPredictor
+    from cxrlab.deploy.export import OnnxPredictor
 
     out = check_out(out, overwrite)
     if calibration_images < 1:

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cxrlab.config import RunConfig
 from cxrlab.errors import CxrlabError
 from cxrlab.run import atomic_write_text, move_aside, run_state, write_json
-from cxrlab.stats import Estimate, paired_difference, t_interval, verdict
+from cxrlab.evaluation.stats import Estimate, paired_difference, t_interval, verdict
 
 log = logging.getLogger("cxrlab")
 
@@ -288,8 +288,8 @@ def run_sweep(spec: AblationSpec, out: Path, shard: tuple[int, int] | None = Non
               on_event: Callable[[SweepEvent], None] | None = None) -> SweepResult:
     """Train this shard's runs that are not complete; evaluate each on `test` if given."""
     from cxrlab.data import cache
-    from cxrlab.lifecycle import train_run
-    from cxrlab.scoring import evaluate_run
+    from cxrlab.training.lifecycle import train_run
+    from cxrlab.evaluation.scoring import evaluate_run
 
     out = Path(out)
     if spec.test is not None and not Path(spec.test).exists():

@@ -209,7 +209,7 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
     Works on a deep copy inside `fork_rng`: the run's weights and random streams are exactly
     as if this never ran."""
     from cxrlab.data.augment import augment_batch
-    from cxrlab.finetune import (
+    from cxrlab.training.finetune import (
         backbone_bn_eval,
         freeze_stages,
         frozen_bn_eval,
@@ -217,8 +217,8 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
         set_backbone_trainable,
         trainable_parameters,
     )
-    from cxrlab.inference import folded, use_bf16
-    from cxrlab.training import make_optimizer
+    from cxrlab.deploy.inference import folded, use_bf16
+    from cxrlab.training.loop import make_optimizer
 
     device = train_device(config)
     bf16 = use_bf16(config.precision, model)

@@ -26,7 +26,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 
 from cxrlab.config import RunConfig
 from cxrlab.errors import CxrlabError
-from cxrlab.evaluate import group_codes, interval_method, resample_weights
+from cxrlab.evaluation.metrics import group_codes, interval_method, resample_weights
 from cxrlab.run import (
     load_info,
     move_aside,
@@ -35,7 +35,7 @@ from cxrlab.run import (
     run_state,
     write_json,
 )
-from cxrlab.stats import t_interval
+from cxrlab.evaluation.stats import t_interval
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "crossval.yaml"
@@ -66,7 +66,7 @@ def run_crossval(config: RunConfig, out: Path, progress: bool = True,
     configuration: complete folds are kept, a killed fold resumes from its checkpoint (or is
     set aside as `fold-<i>.failed-<time>` when it has none) — nothing trained is redone or lost.
     """
-    from cxrlab.lifecycle import resume_run, train_run
+    from cxrlab.training.lifecycle import resume_run, train_run
     from cxrlab.run import check_out_dir, prepare_out_dir
 
     if config.folds is None or config.fold is not None:
@@ -117,7 +117,7 @@ def _tell(on_fold, i: int, what: str) -> None:
 
 def pool(out: Path, folds: int) -> dict:
     """Per-fold figures with t-intervals, and pooled out-of-fold decisions over every image."""
-    from cxrlab.inference import decide
+    from cxrlab.deploy.inference import decide
     from cxrlab.run import read_predictions
 
     per_fold, seen, predictions, patients = [], {}, [], []

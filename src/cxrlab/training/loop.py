@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from cxrlab.config import RunConfig
 from cxrlab.data.augment import augment_batch
 from cxrlab.errors import CxrlabError
-from cxrlab.inference import folded, probabilities, use_bf16
+from cxrlab.deploy.inference import folded, probabilities, use_bf16
 from cxrlab.run import HISTORY_COLUMNS, write_history
 
 log = logging.getLogger("cxrlab")
@@ -101,7 +101,7 @@ class ClassifierModule(L.LightningModule):
         # Fine-tuning (see finetune.py): batches are pooled features when they are cached.
         self.features_cached = False
         self.backbone_frozen = False
-        from cxrlab.finetune import freeze_stages
+        from cxrlab.training.finetune import freeze_stages
 
         freeze_stages(model, config.frozen_stages)
         if config.freeze_backbone:
@@ -109,7 +109,7 @@ class ClassifierModule(L.LightningModule):
         self.train(self.training)
 
     def set_backbone_frozen(self, frozen: bool) -> None:
-        from cxrlab.finetune import set_backbone_trainable
+        from cxrlab.training.finetune import set_backbone_trainable
 
         self.backbone_frozen = frozen
         set_backbone_trainable(self.model, not frozen)
@@ -120,7 +120,7 @@ class ClassifierModule(L.LightningModule):
         so does that of the frozen stages."""
         super().train(mode)
         if mode and hasattr(self, "backbone_frozen"):  # not while nn.Module.__init__ runs
-            from cxrlab.finetune import backbone_bn_eval, frozen_bn_eval
+            from cxrlab.training.finetune import backbone_bn_eval, frozen_bn_eval
 
             if self.backbone_frozen:
                 backbone_bn_eval(self.model)
@@ -193,7 +193,7 @@ class ClassifierModule(L.LightningModule):
         logits = torch.cat([o[0] for o in outs])
         y = torch.cat([o[1] for o in outs])
         if self.trainer.world_size > 1:
-            from cxrlab.distributed import gather_in_order
+            from cxrlab.training.distributed import gather_in_order
 
             n_val = len(self.trainer.val_dataloaders.dataset) if stage == "val" else None
             logits, y = gather_in_order(self, [logits, y], n_val)
@@ -227,7 +227,7 @@ class ClassifierModule(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------
     def configure_optimizers(self):
-        from cxrlab.finetune import backbone_parameters, head_parameters, trainable_parameters
+        from cxrlab.training.finetune import backbone_parameters, head_parameters, trainable_parameters
 
         c = self.cfg
         params = trainable_parameters(self.model)
@@ -340,13 +340,13 @@ class HistoryCSV:
 
 
 def progress_bar(budgeted=None, head_epochs: int = 0):
-    """Rich's bar in a terminal, with the whole run's ETA (cxrlab.budget); in a Jupyter kernel
+    """Rich's bar in a terminal, with the whole run's ETA (cxrlab.training.budget); in a Jupyter kernel
     Lightning's tqdm bar, which updates in place there with its ETA (tqdm.auto widgets when
     ipywidgets is installed, else carriage returns on stderr), where Rich's live display needs
     ipywidgets and otherwise shows nothing until the end."""
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from cxrlab.budget import RunProgressBar
+    from cxrlab.training.budget import RunProgressBar
 
     if in_jupyter():
         return TQDMProgressBar()
@@ -408,13 +408,13 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
     interpolated towards those at the unfreeze when `config.wise_ft` < 1 (WiSE-FT).
 
     A checkpoint (checkpoints/last.ckpt) is written atomically at the end of every epoch;
-    `ckpt_path` continues a run from one (see cxrlab.checkpoints). A frozen backbone without
+    `ckpt_path` continues a run from one (see cxrlab.training.checkpoints). A frozen backbone without
     augmentation trains on cached pooled features (`cache_features=False` recomputes them
-    every batch: the benchmark's baseline). `loggers`: Lightning loggers (cxrlab.tracking);
-    `budgeted` (cxrlab.budget) watches the time plan.
+    every batch: the benchmark's baseline). `loggers`: Lightning loggers (cxrlab.reporting.tracking);
+    `budgeted` (cxrlab.training.budget) watches the time plan.
     """
-    from cxrlab import finetune
-    from cxrlab.checkpoints import AtomicCheckpointIO, TrainingState
+    from cxrlab.training.loop import finetune
+    from cxrlab.training.checkpoints import AtomicCheckpointIO, TrainingState
 
     quiet_lightning()
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -455,12 +455,12 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
         callbacks.append(finetune.UnfreezeBackbone(
             config.unfreeze_after, run_dir / "checkpoints" / finetune.HEAD_TRAINED
             if config.wise_ft < 1 else None))
-    from cxrlab.budget import BudgetWatch
+    from cxrlab.training.budget import BudgetWatch
 
     if budgeted is not None:
         callbacks.append(BudgetWatch(budgeted.plan, budgeted.started, budgeted.timings.fixed))
     if progress:
-        from cxrlab.budget import head_epochs
+        from cxrlab.training.budget import head_epochs
 
         callbacks.append(progress_bar(budgeted, head_epochs(config)))
     with deterministic_without_nan_fill():

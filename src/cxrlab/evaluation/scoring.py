@@ -1,7 +1,7 @@
 """Scoring a run: the evaluation written after training, `evaluate` on new data, `predict`.
 
-All of it scores through cxrlab.inference (fp32, one decision rule) and reads or writes the run
-directory through cxrlab.run. Not to be confused with cxrlab.evaluate, which holds the metrics,
+All of it scores through cxrlab.deploy.inference (fp32, one decision rule) and reads or writes the run
+directory through cxrlab.run. Not to be confused with cxrlab.evaluation.metrics, which holds the metrics,
 thresholds and bootstrap intervals these compute with.
 """
 
@@ -18,7 +18,7 @@ from cxrlab.data.prepared import PreparedData, resolve_positive
 from cxrlab.data.sources import is_image_file, load_source
 from cxrlab.data.split import patient_key
 from cxrlab.errors import CxrlabError
-from cxrlab.inference import complement_threshold, decide, predict_probs
+from cxrlab.deploy.inference import complement_threshold, decide, predict_probs
 from cxrlab.run import (
     LoadedRun,
     load_run,
@@ -38,8 +38,8 @@ def score_training(model: torch.nn.Module, config: RunConfig, data: PreparedData
     """A just-trained run's evaluation, written into its directory: the threshold chosen on
     validation, metrics.json (+ metrics_test.json), val_predictions.csv, intake.json and the
     plots. Returns (validation metrics, test metrics or None)."""
-    from cxrlab import plots
-    from cxrlab.evaluate import choose_threshold, compute_metrics
+    from cxrlab.reporting import plots
+    from cxrlab.evaluation.metrics import choose_threshold, compute_metrics
 
     classes = data.source.classes
     vx, vy, vidx = data.subset("val")
@@ -61,7 +61,7 @@ def score_training(model: torch.nn.Module, config: RunConfig, data: PreparedData
     metrics["train_seconds"] = round(seconds, 1)
     metrics["train_precision"] = precision  # `auto` resolved: differs between machines
     write_json(out / "metrics.json", metrics)
-    from cxrlab.intake import write_reference
+    from cxrlab.site.intake import write_reference
 
     seen = np.flatnonzero(np.isin(data.splits, ("train", "val")))  # what the run was shown
     write_reference(out, data.images, [r.path for r in data.records], config.seed, seen)
@@ -124,14 +124,14 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
                  n_boot: int = 1000, shift: bool = False, onnx: Path | None = None) -> dict:
     """Metrics of a finished run on any labelled source, at the run's threshold.
 
-    Also checks the images against the run's training intake (cxrlab.intake: warnings, and
-    metrics["intake"]); `shift` adds the stress test (cxrlab.shift) as metrics["shift"].
+    Also checks the images against the run's training intake (cxrlab.site.intake: warnings, and
+    metrics["intake"]); `shift` adds the stress test (cxrlab.site.shift) as metrics["shift"].
     `positive` may name the other class: the metrics are then about that class, with the
     same decisions (see `complement_threshold`); the stress test stays the run's own.
     `onnx`: score with that file from `cxrlab export` (an int8 one on a held-out set, say)
     instead of the run's fp32 model; metrics["onnx"] names it.
     """
-    from cxrlab.evaluate import compute_metrics
+    from cxrlab.evaluation.metrics import compute_metrics
 
     if onnx is not None and shift:
         raise CxrlabError("--shift with --onnx: the stress test (RUN/shift.json) is the run's "
@@ -139,7 +139,7 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
     run = load_run(run_dir)
     predictor = None
     if onnx is not None:  # checked against the run before any image is decoded
-        from cxrlab.export import make_predictor
+        from cxrlab.deploy.export import make_predictor
 
         predictor = make_predictor(run, "onnx", Path(onnx))
     records = labelled_records(run.classes, data, image_col, label_col, split,
@@ -170,11 +170,11 @@ def evaluate_run(run_dir: Path, data: Path, image_col: str | None = None,
     metrics["skipped"] = [[str(p), why] for p, why in bad]
     if predictor is not None:
         metrics["onnx"] = {"file": str(onnx), "precision": predictor.precision}
-    from cxrlab.intake import check_intake
+    from cxrlab.site.intake import check_intake
 
     metrics["intake"] = check_intake(run, [r.path for r in records], images, probs, pos)
     if shift:
-        from cxrlab.shift import stress_test
+        from cxrlab.site.shift import stress_test
 
         metrics["shift"] = stress_test(predict, images, y, run.info.positive, run.threshold,
                                        seed=run.config.seed)
@@ -206,16 +206,16 @@ def expand_paths(paths: list[Path]) -> list[Path]:
 def predict_paths(run: LoadedRun | Path, paths: list[Path], skip_bad: bool = False,
                   backend: str = "torch", onnx_file: Path | None = None,
                   cam_dir: Path | None = None, layer: str | None = None) -> list[dict]:
-    """One row per image; `backend` torch or onnx (cxrlab.export); `cam_dir` adds a Grad-CAM
-    PNG per image (cxrlab.cam) and its path as row["cam"]."""
-    from cxrlab.export import make_predictor
+    """One row per image; `backend` torch or onnx (cxrlab.deploy.export); `cam_dir` adds a Grad-CAM
+    PNG per image (cxrlab.deploy.cam) and its path as row["cam"]."""
+    from cxrlab.deploy.export import make_predictor
 
     if not isinstance(run, LoadedRun):
         run = load_run(run)
     files = expand_paths(paths)
     cam = None
     if cam_dir is not None:  # a bad --layer fails before any work
-        from cxrlab.cam import GradCam
+        from cxrlab.deploy.cam import GradCam
 
         cam = GradCam(run.model, layer, run.info.positive)
     predictor = make_predictor(run, backend, onnx_file)
@@ -225,7 +225,7 @@ def predict_paths(run: LoadedRun | Path, paths: list[Path], skip_bad: bool = Fal
     files = [f for f in files if f not in bad_paths]
     rows = prediction_rows(run, [str(f) for f in files], predictor(images))
     if cam is not None:
-        from cxrlab.cam import write_cam_pngs
+        from cxrlab.deploy.cam import write_cam_pngs
 
         pngs = write_cam_pngs(run, files, images, rows, Path(cam_dir), cam=cam)
         for row, png in zip(rows, pngs, strict=True):

@@ -4,7 +4,7 @@ Each shift is a small pure function `f(images, level, seed) -> images` on the ui
 model sees (N, C, S, S): deterministic for a seed, batched (numpy / torch / PIL), never in
 place. `SHIFTS` gives each one three graded levels, mild to severe, chosen to look like what a
 new site's scanner, post-processing or export can do to chest films. `stress_test` scores the
-run on every (shift, level) through the one inference path (`cxrlab.inference.predict_probs`) at
+run on every (shift, level) through the one inference path (`cxrlab.deploy.inference.predict_probs`) at
 the run's own threshold, beside the unshifted baseline.
 """
 
@@ -170,7 +170,7 @@ def score(y: np.ndarray, probs: np.ndarray, positive: int | None,
     """AUC, accuracy and (2 classes) sensitivity/specificity at the run's threshold."""
     from sklearn.metrics import roc_auc_score
 
-    from cxrlab.inference import decide
+    from cxrlab.deploy.inference import decide
 
     pred = decide(probs, positive, threshold)
     out = {"accuracy": float((pred == y).mean()) if len(y) else None,
@@ -232,7 +232,7 @@ def render(result: dict, console) -> None:
 def save(run_dir: Path, result: dict) -> tuple[Path, Path]:
     """RUN/shift.json and RUN/shift.png, each written atomically (an earlier stress test's
     pair is replaced; nothing else in the run is touched)."""
-    from cxrlab import plots
+    from cxrlab.reporting import plots
     from cxrlab.errors import CxrlabError
     from cxrlab.run import write_json
 

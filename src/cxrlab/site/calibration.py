@@ -108,7 +108,7 @@ def bootstrap_threshold(is_pos: np.ndarray, score: np.ndarray, rule: str, target
     evidence, and drawing them singly gives too narrow an interval. Stratified: each resample
     keeps the sample's count of patients with positive films only, negative only, and both
     (without groups: of positive and of negative images, as before)."""
-    from cxrlab.evaluate import choose_threshold, group_codes, interval_method
+    from cxrlab.evaluation.metrics import choose_threshold, group_codes, interval_method
 
     is_pos = np.asarray(is_pos, dtype=bool)
     codes = group_codes(groups, len(is_pos))
@@ -138,7 +138,7 @@ def _sample(run, data: Path, image_col, label_col, split, skip_bad):
 
     from cxrlab.data.cache import load_images
     from cxrlab.data.split import patient_key
-    from cxrlab.scoring import labelled_records
+    from cxrlab.evaluation.scoring import labelled_records
 
     records = labelled_records(run.classes, data, image_col, label_col, split)
 
@@ -164,8 +164,8 @@ def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = 
                   label_col: str | None = None, split: str | None = None,
                   skip_bad: bool = False, n_boot: int = 1000) -> dict:
     """Fit the calibration on DATA and write it as the new complete run OUT; returns a summary."""
-    from cxrlab.evaluate import choose_threshold
-    from cxrlab.inference import predict_probs
+    from cxrlab.evaluation.metrics import choose_threshold
+    from cxrlab.deploy.inference import predict_probs
     from cxrlab.run import check_out_dir, load_run
 
     out = Path(out)
@@ -281,8 +281,8 @@ def _folded_state(run, cal: dict) -> dict:
 
 def _calibrate_files(run, new: Path, cal: dict, threshold: float | None, state: dict,
                      n_boot: int) -> None:
-    from cxrlab import plots
-    from cxrlab.evaluate import compute_metrics
+    from cxrlab.reporting import plots
+    from cxrlab.evaluation.metrics import compute_metrics
     from cxrlab.run import (
         patient_keys,
         read_predictions,
@@ -309,7 +309,7 @@ def _calibrate_files(run, new: Path, cal: dict, threshold: float | None, state: 
         paths, vy, vp = read_predictions(vp_file, classes)
         vp = mapping(vp)
     else:  # a run from before val_predictions.csv: score its validation images again
-        from cxrlab.report import recompute_val_predictions
+        from cxrlab.reporting.report import recompute_val_predictions
         from cxrlab.run import read_split_csv
 
         paths, vy, vp = recompute_val_predictions(new, read_split_csv(new / "split.csv"))
