@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cxrlab.training.loop import loop as train
+from cxrlab.training import loop as train
 from cxrlab.config import RunConfig
 from cxrlab.training.lifecycle import train_run
 

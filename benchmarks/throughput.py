@@ -249,7 +249,7 @@ class Bench:
 
     # -- (a)/(e) ceiling -------------------------------------------------------------------
     def ceiling(self, bf16: bool, channels_last: bool):
-        from cxrlab.training.loop import make_optimizer
+        from cxrlab.training.optim import make_optimizer
 
         torch = self.torch
         module = self.new_module().to(self.device)

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from cxrlab.evaluation import ablation as ablate
+from cxrlab.training import sweep
 from cxrlab.cli import main
 from cxrlab.errors import CxrlabError
 from cxrlab.evaluation.stats import paired_difference, t_interval, verdict
@@ -221,7 +222,7 @@ def test_killed_sweep_resumes_without_repeating_a_run(tiny_sweep):
     # images were decoded at most once for all the runs of the process
     assert t.resume.cache_events.count("decoded") <= 1
     # a further run trains nothing
-    again = ablate.run_sweep(ablate.load_spec(t.spec_path), t.a)
+    again = sweep.run_sweep(ablate.load_spec(t.spec_path), t.a)
     assert not again.trained and not again.moved and len(again.skipped) == 4
 
 
@@ -265,7 +266,7 @@ def test_changed_spec_into_the_same_dir_is_refused(tiny_sweep, tmp_path):
     raw = yaml.safe_load(t.spec_path.read_text())
     raw["base"]["epochs"] = 2
     with pytest.raises(CxrlabError, match="holds a different ablation"):
-        ablate.run_sweep(ablate.parse_spec(raw), t.a)
+        sweep.run_sweep(ablate.parse_spec(raw), t.a)
 
 
 def test_cli_collect_prints_the_table(tiny_sweep, capsys, monkeypatch):

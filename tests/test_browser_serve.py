@@ -13,7 +13,7 @@ import pytest
 
 from cxrlab.config import RunConfig
 from cxrlab.training.lifecycle import train_run
-from cxrlab.evaluation.scoring import predict_paths
+from cxrlab.deploy.predict import predict_paths
 from tests.conftest import make_kermany_folder
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -13,13 +13,12 @@ import yaml
 from cxrlab.training.budget import (
     AUTO_SECONDS,
     Timings,
-    parse_budget,
     plan_run,
     predict_seconds,
     remaining_seconds,
     resolve_budget,
 )
-from cxrlab.config import RunConfig
+from cxrlab.config import RunConfig, parse_budget
 from cxrlab.errors import CxrlabError
 from tests.conftest import make_kermany_folder
 from tests.test_cli import assert_user_error, run_cli

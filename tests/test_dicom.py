@@ -16,7 +16,7 @@ from cxrlab.data.images import decode_image, guess_channels, image_header, read_
 from cxrlab.data.sources import load_source
 from cxrlab.errors import CxrlabError
 from cxrlab.training.lifecycle import train_run
-from cxrlab.evaluation.scoring import predict_paths
+from cxrlab.deploy.predict import predict_paths
 from tests.conftest import make_kermany_folder
 
 

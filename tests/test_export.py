@@ -18,7 +18,7 @@ from cxrlab.deploy.export import OnnxPredictor, export_onnx, make_predictor
 from cxrlab.deploy.inference import decide, predict_probs
 from cxrlab.training.lifecycle import train_run
 from cxrlab.run import load_run, read_predictions
-from cxrlab.evaluation.scoring import predict_paths
+from cxrlab.deploy.predict import predict_paths
 from tests.conftest import SHARED_DATA
 
 

@@ -71,7 +71,7 @@ def test_export_records_the_weights_and_int8_carries_them(runs):
 @pytest.mark.parametrize("kind", ["onnx", "int8"])
 def test_another_runs_file_is_refused_by_the_api(runs, kind):
     from cxrlab.api import Run
-    from cxrlab.evaluation.scoring import evaluate_run
+    from cxrlab.site.assess import evaluate_run
     from cxrlab.deploy.serve import create_app
 
     f, b = runs[kind], runs["b"]

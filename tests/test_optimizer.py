@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cxrlab.config import RunConfig
-from cxrlab.training.loop import make_optimizer
+from cxrlab.training.optim import make_optimizer
 
 PLAIN = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 

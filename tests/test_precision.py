@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxrlab.training.loop import loop as train
+from cxrlab.training import loop as train
 from cxrlab.config import RunConfig
 from cxrlab.data.cache import load_images
 from cxrlab.deploy.inference import decide, predict_probs

@@ -27,7 +27,7 @@ RECIPE = ["--model", "cnn", "--image-size", "32", "--epochs", "3", "--batch-size
 # there: a kill mid-epoch, every time, without timing guesses.
 KILLABLE = """
 import sys, time, pathlib
-from cxrlab.training.loop import loop as train
+from cxrlab.training import loop as train
 marker = pathlib.Path(sys.argv[1])
 step = train.ClassifierModule.training_step
 def stalling_step(self, batch, batch_idx):

@@ -20,7 +20,7 @@ from PIL import Image
 
 from cxrlab.config import RunConfig
 from cxrlab.training.lifecycle import train_run
-from cxrlab.evaluation.scoring import predict_paths
+from cxrlab.deploy.predict import predict_paths
 from cxrlab.deploy.serve import BodyLimit, MicroBatcher, create_app
 from tests.conftest import make_kermany_folder
 from tests.test_dicom import write_dicom

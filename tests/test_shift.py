@@ -222,7 +222,8 @@ def balanced(m: dict) -> float:
 def test_calibrate_moves_the_threshold_for_the_new_site(site, tmp_path, capsys, monkeypatch):
     from cxrlab.deploy.inference import predict_probs
     from cxrlab.run import load_run
-    from cxrlab.evaluation.scoring import evaluate_run, predict_paths
+    from cxrlab.deploy.predict import predict_paths
+    from cxrlab.site.assess import evaluate_run
     from cxrlab.site.calibration import apply_binary
 
     run, new_run = site["run"], tmp_path / "site_run"

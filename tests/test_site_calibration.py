@@ -67,7 +67,8 @@ def model_probs(run_dir: Path, paths: list) -> np.ndarray:
 
 
 def test_positive_class_0_model_pt_agrees_with_threshold_and_predictions(normal_positive):
-    from cxrlab.evaluation.scoring import evaluate_run, predict_paths
+    from cxrlab.deploy.predict import predict_paths
+    from cxrlab.site.assess import evaluate_run
     from cxrlab.site.calibration import apply_binary
 
     run, new, sample = normal_positive["run"], normal_positive["new"], normal_positive["sample"]
@@ -135,7 +136,7 @@ def test_threshold_interval_draws_whole_patients():
 
 
 def test_three_classes_temperature_lives_in_model_pt(tmp_path):
-    from cxrlab.evaluation.scoring import predict_paths
+    from cxrlab.deploy.predict import predict_paths
     from cxrlab.site.calibration import apply_temperature, calibrate_run
 
     def folder(root: Path, n: int, seed: int) -> Path:

@@ -107,7 +107,7 @@ def test_three_loggers_hold_the_runs_numbers(tmp_path, capsys, monkeypatch):
 def test_resume_logs_to_the_same_places(tmp_path, capsys, monkeypatch):
     """A run that failed in its second epoch, resumed: one MLflow run, one TensorBoard
     folder and one metrics.csv hold both epochs, equal to history.csv."""
-    from cxrlab.training.loop import loop as train
+    from cxrlab.training import loop as train
 
     data = make_kermany_folder(tmp_path / "data", 12, 12, size=32)
     run = tmp_path / "run"

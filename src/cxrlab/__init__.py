@@ -9,8 +9,8 @@ faster CPU steps; `CXRLAB_MALLOC=system` opts out).
 
 from typing import TYPE_CHECKING, Any
 
-from cxrlab.training.allocator import keep_freed_memory
 from cxrlab.errors import CxrlabError
+from cxrlab.training.allocator import keep_freed_memory
 
 keep_freed_memory()
 

@@ -139,13 +139,14 @@ def ablate(spec: PathLike | dict, out: PathLike, *, progress: bool = False,
     """Train every variant x seed of an ablation spec (a YAML file or the same mapping as a
     dict; complete runs are skipped), then compare them paired by seed (`cxrlab ablate`)."""
     from cxrlab.evaluation import ablation as ab
+    from cxrlab.training.sweep import run_sweep
 
     out = Path(out)
     with _quiet():
         study = ab.parse_spec(spec) if isinstance(spec, dict) else ab.load_spec(Path(spec))
-        ab.run_sweep(study, out, ab.parse_shard(shard), progress=progress,
-                     on_event=lambda e: logging.getLogger("cxrlab").info(
-                         "[%d/%d] %s: %s %s", e.index, e.total, e.run.name, e.kind, e.detail))
+        run_sweep(study, out, ab.parse_shard(shard), progress=progress,
+                  on_event=lambda e: logging.getLogger("cxrlab").info(
+                      "[%d/%d] %s: %s %s", e.index, e.total, e.run.name, e.kind, e.detail))
     return Sweep(ab.collect(study, out), out)
 
 
@@ -265,7 +266,7 @@ class Run:
         `shift=True` also scores the run under graded synthetic intake shifts (under
         "shift"), and writes RUN/shift.json and RUN/shift.png, which the report shows.
         `onnx`: score with that exported file (e.g. `export_onnx(..., int8=True)`) instead."""
-        from cxrlab.evaluation.scoring import evaluate_run
+        from cxrlab.site.assess import evaluate_run
 
         metrics = evaluate_run(self.path, Path(data), image_col, label_col, split, positive,
                                skip_bad, shift=shift, onnx=None if onnx is None else Path(onnx))
@@ -287,7 +288,7 @@ class Run:
         `cam_dir`: write a Grad-CAM PNG per image file there (`cxrlab predict --cam`).
         """
         from cxrlab.deploy.export import make_predictor
-        from cxrlab.evaluation.scoring import predict_paths, prediction_rows
+        from cxrlab.deploy.predict import predict_paths, prediction_rows
 
         items = _as_list(images)
         run = self.loaded
@@ -637,7 +638,7 @@ def _config_values(data: PathLike | None, options: dict[str, Any],
                               f"{rule}: the target is for the sensitivity rule; give one of them")
         options["threshold_rule"] = "sensitivity"
     if options.get("time_budget") is not None:
-        from cxrlab.training.budget import parse_budget
+        from cxrlab.config import parse_budget
 
         options["time_budget"] = parse_budget(options["time_budget"], name("time_budget"))
     loggers = options.pop("logger", None)

@@ -368,14 +368,16 @@ def ablate(
     study = ab.load_spec(spec)
     parsed = ab.parse_shard(shard)
     if not collect:
-        def show(e: ab.SweepEvent) -> None:
+        from cxrlab.training import sweep
+
+        def show(e: sweep.SweepEvent) -> None:
             where = f"[{e.index}/{e.total}] {e.run.name}"
             if e.kind == "training":
                 err_console.print(f"{where}: training", highlight=False)
             else:
                 err_console.print(f"{where}: {e.kind} {e.detail}".rstrip(), highlight=False)
 
-        res = ab.run_sweep(study, out, parsed, progress=not quiet, on_event=show)
+        res = sweep.run_sweep(study, out, parsed, progress=not quiet, on_event=show)
         err_console.print(f"trained {len(res.trained)}, skipped {len(res.skipped)} complete, "
                           f"set aside {len(res.moved)} half-written in {res.seconds:.0f} s")
         if parsed is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -36,11 +37,16 @@ import yaml
 from cxrlab.config import RunConfig
 from cxrlab.errors import CxrlabError
 
+# Imported inside the functions that need them: fcntl, torch (heavy or
+# optional; importing them here would slow every command that imports this module).
+
 if TYPE_CHECKING:  # torch is imported where a model is loaded: `cxrlab runs` needs none
     import torch
 
     from cxrlab.data.sources import Source
     from cxrlab.data.split import SplitResult
+
+log = logging.getLogger("cxrlab")
 
 RUN_FILES = ("config.yaml", "run.json")
 
@@ -364,3 +370,18 @@ def move_aside(run_dir: Path) -> Path:
         target = run_dir.with_name(f"{run_dir.name}.failed-{stamp}-{k}")
     run_dir.rename(target)
     return target
+
+
+SHIFT_JSON = "shift.json"  # written by cxrlab.site.shift (`evaluate --shift`)
+
+
+def read_shift(run_dir: Path) -> dict | None:
+    """The saved stress test of a run, or None."""
+    path = Path(run_dir) / SHIFT_JSON
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        log.warning("%s: not readable JSON; stress test ignored", path)
+        return None

@@ -16,10 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from cxrlab.data.cache import n_workers
-from cxrlab.data.images import GREY_MODES, image_header, read_image
+from cxrlab.data.images import GREY_MODES, guess_channels, image_header, read_image
 from cxrlab.data.sources import Source
 from cxrlab.data.split import assign_splits
 from cxrlab.errors import CxrlabError
+
+# Imported inside the functions that need them: matplotlib, rich, torch and
+# cxrlab.data.augment (torch): `cxrlab data summary` reads no tensors and must not load torch.
 
 
 @dataclass
@@ -205,8 +208,7 @@ def write_grid(source: Source, path: Path | str, policy: str, size: int = 128,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from cxrlab.data.augment import augment_batch  # lazy: torch-heavy, only the grid needs it
-    from cxrlab.data.images import guess_channels
+    from cxrlab.data.augment import augment_batch
 
     rng = np.random.default_rng(seed)
     channels = guess_channels([r.path for r in source.records])

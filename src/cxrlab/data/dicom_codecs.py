@@ -28,6 +28,9 @@ import logging
 import sys
 import threading
 
+# Imported inside the functions that need them: gdcm, pydicom (heavy or
+# optional; importing them here would slow every command that imports this module).
+
 # UIDs as strings: importing pydicom would import gdcm before _import_gdcm can guard it.
 JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
 JPEG_LS = ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81")  # lossless, near-lossless

@@ -27,7 +27,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from cxrlab.data.images import read_image
 from cxrlab.errors import CxrlabError
+
+# Imported inside the functions that need them: matplotlib, monai (heavy or
+# optional; importing them here would slow every command that imports this module).
 
 CHUNK = 16  # images per forward/backward pass: bounds the memory of the kept activations
 
@@ -209,8 +213,6 @@ def write_cam_pngs(run, files: list[Path], images: np.ndarray, rows: list[dict],
                    cam: GradCam | None = None) -> list[Path]:
     """One `<name>.cam.png` per image in out_dir: the image at its own resolution (up to
     768 px) with the heatmap and the prediction. Only files named *.cam.png are replaced."""
-    from cxrlab.data.images import read_image
-
     cam = cam or GradCam(run.model, layer, run.info.positive)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():

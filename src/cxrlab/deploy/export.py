@@ -31,9 +31,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxrlab import __version__
 from cxrlab.cpu import cpu_has_vnni
+from cxrlab.deploy.inference import predict_probs
 from cxrlab.errors import CxrlabError
 from cxrlab.run import LoadedRun, load_run
+
+# Imported inside the functions that need them: onnx, onnxruntime (heavy or
+# optional; importing them here would slow every command that imports this module).
 
 log = logging.getLogger("cxrlab")
 
@@ -73,8 +78,6 @@ def weights_sha256(model: nn.Module) -> str:
 
 
 def run_metadata(run: LoadedRun) -> dict[str, str]:
-    from cxrlab import __version__
-
     pos = run.info.positive
     return {
         "classes": json.dumps(run.classes),
@@ -243,8 +246,6 @@ def make_predictor(run: LoadedRun, backend: str = "torch", onnx_file: Path | Non
     """A callable uint8 (N, C, S, S) -> probabilities (N, K) for the chosen backend.
     'onnx' exports the run to a temporary file unless one is given (checked against the run)."""
     if backend == "torch":
-        from cxrlab.deploy.inference import predict_probs
-
         return lambda images: predict_probs(run.model, images)
     if backend != "onnx":
         raise CxrlabError(f"--backend {backend}: choose torch or onnx")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import weakref
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -104,8 +105,6 @@ def complement_threshold(probs: np.ndarray, positive: int,
     float32 scores) and t' is 1 - threshold rounded down, so that no case within a rounding
     error of the threshold flips either.
     """
-    from fractions import Fraction
-
     t = 0.5 if threshold is None else float(threshold)
     p = np.array(probs, dtype=np.float64)
     p[:, 1 - positive] = 1.0 - p[:, positive]

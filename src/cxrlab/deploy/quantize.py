@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,10 +30,14 @@ from pathlib import Path
 import numpy as np
 
 from cxrlab.cpu import cpu_has_vnni, cpu_name
-from cxrlab.errors import CxrlabError
-from cxrlab.deploy.export import check_out, fp32_graph, save_onnx, set_metadata
+from cxrlab.data.cache import load_images
+from cxrlab.deploy.export import OnnxPredictor, check_out, fp32_graph, save_onnx, set_metadata
 from cxrlab.deploy.inference import decide
+from cxrlab.errors import CxrlabError
 from cxrlab.run import LoadedRun, load_run, read_predictions, read_split_csv
+
+# Imported inside the functions that need them: onnx, onnxruntime, sklearn (heavy or
+# optional; importing them here would slow every command that imports this module).
 
 CALIBRATION_IMAGES = 256
 SPEED_IMAGES = 128  # timed in fp32 and int8, from the calibration images
@@ -52,8 +57,6 @@ def calibration_paths(run: LoadedRun, n: int) -> list[Path]:
 
 
 def load(paths: list[Path], run: LoadedRun, what: str) -> np.ndarray:
-    from cxrlab.data.cache import load_images
-
     for p in paths:
         if not p.is_file():
             raise CxrlabError(f"--int8: {what} image {p} not found (int8 needs the run's "
@@ -144,9 +147,6 @@ def quantize_run_graph(proto, calib: np.ndarray, reduce_range: bool):
 def images_per_second(session, images: np.ndarray) -> float:
     """ONNX Runtime's rate on this CPU, batches of 64, best of two passes after a warm-up:
     whether int8 pays here at all (the notebook CNN ran slower in int8 on Zen 4)."""
-    import time
-
-    from cxrlab.deploy.export import OnnxPredictor
 
     OnnxPredictor.scores(session, images[:64])
     best = float("inf")
@@ -169,7 +169,6 @@ def export_int8(run: LoadedRun | Path, out: Path, overwrite: bool = False,
     and is stored in the file's metadata (`int8_check`, JSON) beside the usual keys."""
     import onnxruntime as ort
 
-    from cxrlab.deploy.export import OnnxPredictor
 
     out = check_out(out, overwrite)
     if calibration_images < 1:

@@ -32,7 +32,16 @@ from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 
+from cxrlab import __version__
+from cxrlab.data.images import decode_image
+from cxrlab.deploy.cam import GradCam, overlay_png_bytes, png_data_url
+from cxrlab.deploy.export import make_predictor
+from cxrlab.deploy.inference import decide
 from cxrlab.errors import CxrlabError
+from cxrlab.run import load_run
+
+# Imported inside the functions that need them: starlette, torch, uvicorn (heavy or
+# optional; importing them here would slow every command that imports this module).
 
 log = logging.getLogger("cxrlab")
 DEFAULT_MAX_UPLOAD_MB = 20.0
@@ -96,10 +105,6 @@ class Inference:
                  max_pixels: int = DEFAULT_MAX_PIXELS, onnx: Path | None = None):
         import torch
 
-        from cxrlab import __version__
-        from cxrlab.deploy.export import make_predictor
-        from cxrlab.run import load_run
-
         self.run = load_run(run_dir)
         self.version = __version__
         self.max_pixels = max_pixels
@@ -120,8 +125,6 @@ class Inference:
         return self.run.classes
 
     def decode(self, data: bytes, name: str) -> np.ndarray:
-        from cxrlab.data.images import decode_image
-
         return decode_image(data, self.run.info.in_chans, self.run.config.image_size,
                             name=name, max_pixels=self.max_pixels)
 
@@ -132,8 +135,6 @@ class Inference:
             return self._forward(image[None])[0]
 
     def predict(self, image: np.ndarray) -> dict:
-        from cxrlab.deploy.inference import decide
-
         p = self.probabilities(image)
         k = int(decide(p[None], self.run.info.positive, self.run.threshold)[0])
         return {
@@ -147,8 +148,6 @@ class Inference:
         }
 
     def cam_data_url(self, image: np.ndarray) -> str:
-        from cxrlab.deploy.cam import GradCam, overlay_png_bytes, png_data_url
-
         with self._cam_lock:  # built on first use: a copy of the model, kept
             if self._cam is None:
                 self._cam = GradCam(self.run.model, positive=self.run.info.positive)
@@ -205,8 +204,6 @@ def create_app(run_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
                max_pixels: int = DEFAULT_MAX_PIXELS, onnx: Path | str | None = None):
     """The FastAPI app for one run; the model is loaded here, once. `onnx`: answer with
     that file from `cxrlab export` (checked against the run) in ONNX Runtime."""
-    from cxrlab import __version__
-
     engine = Inference(Path(run_dir), batch_wait_ms, max_batch, max_pixels,
                        None if onnx is None else Path(onnx))
 

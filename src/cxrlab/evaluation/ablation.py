@@ -1,4 +1,6 @@
-"""Ablation studies: many ordinary runs, one question, honest statistics.
+"""Ablation studies: many ordinary runs, one question, honest statistics. This module holds
+the spec, its plan of runs and the reading of the results (paired by seed, with intervals);
+the sweep that trains the runs is cxrlab.training.sweep.
 
 A spec (YAML) names a base configuration (the keys of RUN_DIR/config.yaml), factors with
 levels, a design and seeds. Every variant is trained once per seed with the same seeds, so
@@ -28,9 +30,7 @@ import itertools
 import json
 import logging
 import math
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,8 +39,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cxrlab.config import RunConfig
 from cxrlab.errors import CxrlabError
-from cxrlab.run import atomic_write_text, move_aside, run_state, write_json
 from cxrlab.evaluation.stats import Estimate, paired_difference, t_interval, verdict
+from cxrlab.run import atomic_write_text, read_history, write_json
+
+# Imported inside the functions that need them: rich (heavy or
+# optional; importing them here would slow every command that imports this module).
 
 log = logging.getLogger("cxrlab")
 
@@ -235,7 +238,7 @@ def shard_runs(runs: list[PlannedRun], shard: tuple[int, int] | None) -> list[Pl
 
 
 # ---------------------------------------------------------------------------------------
-# running
+# the output directory
 
 
 def _spec_text(spec: AblationSpec) -> str:
@@ -261,75 +264,6 @@ def claim_out_dir(spec: AblationSpec, out: Path) -> None:
     atomic_write_text(saved, text)
 
 
-@dataclass
-class SweepEvent:
-    """What happened to one run: skipped (complete), moved (broken, set aside), trained,
-    tested (evaluated on the spec's test data)."""
-
-    kind: str
-    run: PlannedRun
-    index: int  # 1-based within this shard
-    total: int
-    detail: str = ""
-
-
-@dataclass
-class SweepResult:
-    out: Path
-    trained: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    moved: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    cache_events: list[str] = field(default_factory=list)  # how each run got its images
-
-
-def run_sweep(spec: AblationSpec, out: Path, shard: tuple[int, int] | None = None,
-              progress: bool = False,
-              on_event: Callable[[SweepEvent], None] | None = None) -> SweepResult:
-    """Train this shard's runs that are not complete; evaluate each on `test` if given."""
-    from cxrlab.data import cache
-    from cxrlab.training.lifecycle import train_run
-    from cxrlab.evaluation.scoring import evaluate_run
-
-    out = Path(out)
-    if spec.test is not None and not Path(spec.test).exists():
-        raise CxrlabError(f"test: {spec.test}: no such file or folder")
-    claim_out_dir(spec, out)
-    runs = shard_runs(plan(spec), shard)
-    result = SweepResult(out)
-    t0 = time.perf_counter()
-    emit = on_event or (lambda e: None)
-    for k, r in enumerate(runs, 1):
-        run_dir = out / "runs" / r.name
-        state = run_state(run_dir, r.config)
-        if state == "broken":
-            moved = move_aside(run_dir)
-            result.moved.append(moved.name)
-            emit(SweepEvent("moved", r, k, len(runs), moved.name))
-        if state == "complete":
-            result.skipped.append(r.name)
-            emit(SweepEvent("skipped", r, k, len(runs)))
-        else:
-            emit(SweepEvent("training", r, k, len(runs)))
-            res = train_run(r.config, run_dir, progress=progress)
-            result.cache_events.append(cache.last.event)
-            result.trained.append(r.name)
-            emit(SweepEvent("trained", r, k, len(runs),
-                            f"AUC {_fmt(res.metrics.get('roc_auc'))}, acc "
-                            f"{_fmt(res.metrics.get('accuracy'))}, {res.epochs} epochs, "
-                            f"{res.seconds:.0f} s"))
-        if spec.test is not None and not (run_dir / TEST_FILE).is_file():
-            m = evaluate_run(run_dir, Path(spec.test))
-            write_json(run_dir / TEST_FILE, m)
-            emit(SweepEvent("tested", r, k, len(runs), f"test AUC {_fmt(m.get('roc_auc'))}"))
-    result.seconds = time.perf_counter() - t0
-    return result
-
-
-def _fmt(v: float | None) -> str:
-    return "—" if v is None else f"{v:.3f}"
-
-
 # ---------------------------------------------------------------------------------------
 # collecting: the answer
 
@@ -343,8 +277,6 @@ def best_epoch(history: list[dict]) -> int | None:
 
 def read_run(run_dir: Path) -> dict | None:
     """One complete run's numbers, or None when it is not complete."""
-    from cxrlab.run import read_history
-
     try:
         info = json.loads((run_dir / "run.json").read_text())
         metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrlab.deploy.inference import decide
 from cxrlab.errors import CxrlabError
 from cxrlab.evaluation.metrics import (
     _nanmean_rows,
@@ -22,8 +23,10 @@ from cxrlab.evaluation.metrics import (
     interval_method,
     resample_weights,
 )
-from cxrlab.deploy.inference import decide
 from cxrlab.run import load_info, patient_keys, read_predictions, read_threshold
+
+# Imported inside the functions that need them: rich (heavy or
+# optional; importing them here would slow every command that imports this module).
 
 LABELS = {"roc_auc": "ROC AUC", "pr_auc": "PR AUC", "accuracy": "accuracy",
           "recall": "sensitivity", "specificity": "specificity",

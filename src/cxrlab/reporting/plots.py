@@ -22,6 +22,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
+# Imported inside the functions that need them: matplotlib (heavy or
+# optional; importing them here would slow every command that imports this module).
+
 DPI = 110
 TRAIN_COLOR, VAL_COLOR, WRONG_COLOR = "tab:blue", "tab:orange", "tab:red"
 

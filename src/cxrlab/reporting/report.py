@@ -29,6 +29,10 @@ import yaml
 from cxrlab.errors import CxrlabError
 from cxrlab.run import atomic_write_text
 
+# The rest of cxrlab (scores, plots, Grad-CAM) is imported inside the functions that use it:
+# esc/fmt/table here also render the API's notebook views (Run._repr_html_), which must not
+# load torch and matplotlib to show a table.
+
 log = logging.getLogger("cxrlab")
 
 SECTIONS_RUN = ("summary", "data", "configuration", "learning-curves", "convergence",
@@ -327,7 +331,7 @@ def shift_sections(r: RunData) -> list[tuple[str, str, str]]:
     """Present only for runs that have them: where a site calibration came from (run.json)
     and the stress test (RUN/shift.json, from `evaluate --shift`)."""
     from cxrlab.reporting import plots
-    from cxrlab.site.shift import load
+    from cxrlab.run import read_shift
 
     out = []
     cal = r.info.get("site_calibration")
@@ -341,7 +345,7 @@ def shift_sections(r: RunData) -> list[tuple[str, str, str]]:
             f"original threshold on the new scale: {fmt(cal.get('original_threshold_rescaled'), 4)}"
             "). The validation figures above are the original validation images scored by the "
             "calibrated model.</p>")))
-    stress = load(r.run_dir)
+    stress = read_shift(r.run_dir)
     if stress:
         b = stress["baseline"]
         rows = [["none", "0", "", fmt(b.get("roc_auc")), fmt(b.get("sensitivity")),

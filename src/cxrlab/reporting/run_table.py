@@ -17,6 +17,9 @@ import yaml
 from cxrlab.errors import CxrlabError
 from cxrlab.run import read_history, read_threshold
 
+# Imported inside the functions that need them: fcntl, rich (heavy or
+# optional; importing them here would slow every command that imports this module).
+
 SORTS = ("auc", "date", "name", "time")
 
 

@@ -14,6 +14,7 @@ logging to the same run. Lightning logs from rank 0 only under data-parallel tra
 
 from __future__ import annotations
 
+import csv
 import importlib
 import json
 import logging
@@ -21,8 +22,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
+from PIL import Image
+
 from cxrlab.config import RunConfig
 from cxrlab.errors import CxrlabError
+from cxrlab.run import write_json
 
 log = logging.getLogger("cxrlab")
 TRACKING_FILE = "tracking.json"
@@ -70,8 +76,6 @@ def make_loggers(config: RunConfig, run_dir: Path, mlflow_uri: str | None = None
     state: dict[str, Any] = {"loggers": list(config.loggers)}
     for name in config.loggers:
         if name == "tensorboard":
-            from lightning.pytorch.loggers import TensorBoardLogger
-
             loggers.append(TensorBoardLogger(run_dir, name="tb", version="",
                                              default_hp_metric=False))
         elif name == "csv":
@@ -88,7 +92,6 @@ def make_loggers(config: RunConfig, run_dir: Path, mlflow_uri: str | None = None
             params = config.model_dump()
             for logger in loggers:
                 logger.log_hyperparams(params)
-        from cxrlab.run import write_json
 
         write_json(path, state)
     return loggers
@@ -100,10 +103,6 @@ def _csv_logger(run_dir: Path):
     Lightning deletes an existing metrics.csv when its writer starts; the rows written before
     the resume are put back, and the writer continues under the same header.
     """
-    import csv
-
-    from lightning.pytorch.loggers import CSVLogger
-
     logger = CSVLogger(run_dir, name="csv-logs", version="")
     path = Path(logger.log_dir) / "metrics.csv"
     old = path.read_bytes() if path.is_file() else None
@@ -121,8 +120,6 @@ def _mlflow_logger(run_dir: Path, uri: str | None, run_id: str | None):
     MLflow 3 keeps its file store in maintenance mode behind MLFLOW_ALLOW_FILE_STORE; it is
     what needs no server and no database here (a fresh SQLite store took ~20 s to create).
     """
-    from lightning.pytorch.loggers import MLFlowLogger
-
     if uri is None:
         uri = (run_dir.absolute() / "mlruns").as_uri()
     if uri.startswith("file:") or "://" not in uri:
@@ -169,12 +166,7 @@ def log_final(loggers: list, run_dir: Path, metrics: dict, epochs: int) -> None:
 
 def _log_final_one(logger, run_dir: Path, final: dict[str, float], pngs: list[Path],
                    epochs: int) -> None:
-    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
-
     if isinstance(logger, TensorBoardLogger):
-        import numpy as np
-        from PIL import Image
-
         logger.log_hyperparams(RunConfig.load(run_dir / "config.yaml").model_dump(),
                                metrics=final)
         for png in pngs:

@@ -41,6 +41,21 @@ import numpy as np
 import torch
 
 from cxrlab.errors import CxrlabError
+from cxrlab.evaluation.metrics import choose_threshold, group_codes, interval_method
+from cxrlab.data.cache import load_images
+from cxrlab.data.split import patient_key
+from cxrlab.evaluation.scoring import labelled_records
+from cxrlab.evaluation.metrics import choose_threshold
+from cxrlab.deploy.inference import predict_probs
+from cxrlab.run import check_out_dir, load_run
+from cxrlab.reporting import plots
+from cxrlab.evaluation.metrics import compute_metrics
+from cxrlab.run import patient_keys, read_predictions, write_json, write_predictions_csv, write_threshold
+from cxrlab.reporting.report import recompute_val_predictions
+from cxrlab.run import read_split_csv
+from collections import Counter
+# Imported inside the functions that need them: scipy, sklearn (heavy or
+# optional; importing them here would slow every command that imports this module).
 
 log = logging.getLogger("cxrlab")
 
@@ -108,8 +123,6 @@ def bootstrap_threshold(is_pos: np.ndarray, score: np.ndarray, rule: str, target
     evidence, and drawing them singly gives too narrow an interval. Stratified: each resample
     keeps the sample's count of patients with positive films only, negative only, and both
     (without groups: of positive and of negative images, as before)."""
-    from cxrlab.evaluation.metrics import choose_threshold, group_codes, interval_method
-
     is_pos = np.asarray(is_pos, dtype=bool)
     codes = group_codes(groups, len(is_pos))
     pat = np.arange(len(is_pos)) if codes is None else codes
@@ -134,12 +147,6 @@ def _sample(run, data: Path, image_col, label_col, split, skip_bad):
     """The labelled sample's images, labels and patient keys (read from the file names with
     the run's group_regex, as `evaluate` reads them; None when no name gives one); refused
     (before any work) when a class has fewer than MIN_PER_CLASS images."""
-    from collections import Counter
-
-    from cxrlab.data.cache import load_images
-    from cxrlab.data.split import patient_key
-    from cxrlab.evaluation.scoring import labelled_records
-
     records = labelled_records(run.classes, data, image_col, label_col, split)
 
     def check(recs) -> None:
@@ -164,10 +171,6 @@ def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = 
                   label_col: str | None = None, split: str | None = None,
                   skip_bad: bool = False, n_boot: int = 1000) -> dict:
     """Fit the calibration on DATA and write it as the new complete run OUT; returns a summary."""
-    from cxrlab.evaluation.metrics import choose_threshold
-    from cxrlab.deploy.inference import predict_probs
-    from cxrlab.run import check_out_dir, load_run
-
     out = Path(out)
     check_out_dir(out)
     if out.resolve().is_relative_to(Path(run_dir).resolve()):
@@ -281,16 +284,6 @@ def _folded_state(run, cal: dict) -> dict:
 
 def _calibrate_files(run, new: Path, cal: dict, threshold: float | None, state: dict,
                      n_boot: int) -> None:
-    from cxrlab.reporting import plots
-    from cxrlab.evaluation.metrics import compute_metrics
-    from cxrlab.run import (
-        patient_keys,
-        read_predictions,
-        write_json,
-        write_predictions_csv,
-        write_threshold,
-    )
-
     classes, pos = run.classes, run.info.positive
     if pos is not None:
         def mapping(p: np.ndarray) -> np.ndarray:
@@ -309,9 +302,6 @@ def _calibrate_files(run, new: Path, cal: dict, threshold: float | None, state: 
         paths, vy, vp = read_predictions(vp_file, classes)
         vp = mapping(vp)
     else:  # a run from before val_predictions.csv: score its validation images again
-        from cxrlab.reporting.report import recompute_val_predictions
-        from cxrlab.run import read_split_csv
-
         paths, vy, vp = recompute_val_predictions(new, read_split_csv(new / "split.csv"))
     write_predictions_csv(vp_file, paths, [classes[k] for k in vy], vp, classes)
     # patients as split.csv has them, as training's own metrics.json drew its intervals

@@ -26,6 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from cxrlab.errors import CxrlabError
+from cxrlab.data.images import image_header
+from cxrlab.run import write_json
+from cxrlab.data.cache import load_images
+from cxrlab.run import read_split_csv
+from cxrlab.run import write_json
+from cxrlab.run import read_predictions
+# Imported inside the functions that need them: scipy (heavy or
+# optional; importing them here would slow every command that imports this module).
 
 log = logging.getLogger("cxrlab")
 
@@ -77,8 +85,6 @@ def image_stats(images: np.ndarray, chunk: int = 256) -> dict[str, np.ndarray]:
 
 def header_stats(paths: list[Path]) -> dict[str, np.ndarray]:
     """Width, height and aspect of the original files (headers only: cheap)."""
-    from cxrlab.data.images import image_header
-
     wh = []
     for p in paths:
         try:
@@ -111,8 +117,6 @@ def reference(images: np.ndarray, paths: list[Path], seed: int = 0,
 
 def write_reference(run_dir: Path, images: np.ndarray, paths: list[Path], seed: int = 0,
                     index: np.ndarray | None = None) -> None:
-    from cxrlab.run import write_json
-
     write_json(Path(run_dir) / INTAKE_JSON, reference(images, paths, seed, index))
 
 
@@ -125,9 +129,6 @@ def load_reference(run) -> dict | None:
             return json.loads(path.read_text())
         except ValueError:
             log.warning("%s: not readable JSON; recomputing it", path)
-    from cxrlab.data.cache import load_images
-    from cxrlab.run import read_split_csv
-
     try:
         rows = [r for r in read_split_csv(run.run_dir / "split.csv")
                 if r["split"] in ("train", "val")]
@@ -150,8 +151,6 @@ def load_reference(run) -> dict | None:
     ref = reference(images, [p for p in paths if p not in bad_paths], run.config.seed)
     ref["n_images"] = len(rows)
     try:
-        from cxrlab.run import write_json
-
         write_json(path, ref)
     except OSError:
         pass  # a read-only run still gets the check
@@ -211,8 +210,6 @@ def check_intake(run, paths: list[Path], images: np.ndarray, probs: np.ndarray,
 
 
 def _validation_scores(run, positive: int | None) -> np.ndarray | None:
-    from cxrlab.run import read_predictions
-
     path = run.run_dir / "val_predictions.csv"
     if not path.is_file():
         return None

@@ -22,10 +22,17 @@ import torch
 import torch.nn.functional as F
 
 from cxrlab.data.images import recompress_jpeg
+from cxrlab.run import SHIFT_JSON
+from cxrlab.deploy.inference import decide
+from cxrlab.reporting import plots
+from cxrlab.errors import CxrlabError
+from cxrlab.run import write_json
+# Imported inside the functions that need them: rich, sklearn (heavy or
+# optional; importing them here would slow every command that imports this module).
 
 log = logging.getLogger("cxrlab")
 
-RESULT_JSON = "shift.json"
+RESULT_JSON = SHIFT_JSON  # RUN/shift.json: read back by cxrlab.run.read_shift (the report)
 RESULT_PNG = "shift.png"
 
 
@@ -170,7 +177,6 @@ def score(y: np.ndarray, probs: np.ndarray, positive: int | None,
     """AUC, accuracy and (2 classes) sensitivity/specificity at the run's threshold."""
     from sklearn.metrics import roc_auc_score
 
-    from cxrlab.deploy.inference import decide
 
     pred = decide(probs, positive, threshold)
     out = {"accuracy": float((pred == y).mean()) if len(y) else None,
@@ -232,10 +238,6 @@ def render(result: dict, console) -> None:
 def save(run_dir: Path, result: dict) -> tuple[Path, Path]:
     """RUN/shift.json and RUN/shift.png, each written atomically (an earlier stress test's
     pair is replaced; nothing else in the run is touched)."""
-    from cxrlab.reporting import plots
-    from cxrlab.errors import CxrlabError
-    from cxrlab.run import write_json
-
     run_dir = Path(run_dir)
     js, png = run_dir / RESULT_JSON, run_dir / RESULT_PNG
     try:
@@ -245,15 +247,3 @@ def save(run_dir: Path, result: dict) -> tuple[Path, Path]:
         raise CxrlabError(f"{run_dir}: cannot write the stress test there ({e.strerror})"
                           ) from None
     return js, png
-
-
-def load(run_dir: Path) -> dict | None:
-    """The saved stress test of a run, or None."""
-    path = Path(run_dir) / RESULT_JSON
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        log.warning("%s: not readable JSON; stress test ignored", path)
-        return None

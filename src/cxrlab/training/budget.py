@@ -13,54 +13,33 @@ from __future__ import annotations
 import copy
 import io
 import logging
-import math
-import re
 import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 
+from cxrlab.config import RunConfig, budget_seconds, format_seconds
+from cxrlab.data.augment import augment_batch
+from cxrlab.deploy.inference import folded, use_bf16
 from cxrlab.errors import CxrlabError
+from cxrlab.training.finetune import (
+    backbone_bn_eval,
+    freeze_stages,
+    frozen_bn_eval,
+    head_parameters,
+    set_backbone_trainable,
+    trainable_parameters,
+)
+from cxrlab.training.optim import make_optimizer
 
 log = logging.getLogger("cxrlab")
 
 AUTO_SECONDS = 30 * 60  # the README's promise for the default recipe on a CPU
-_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 
 
 # ---------------------------------------------------------------------------------------
 # what was asked
-
-
-def parse_budget(value: str | int | float | None, option: str = "--time-budget") -> str:
-    """'90s', '30m', '1.5h', '45' (minutes), 'none' or 'auto' -> normalised text ('30m',
-    '90s', 'none', 'auto'); anything else is a CxrlabError naming `option`."""
-    if value is None:
-        return "none"
-    text = str(value).strip().lower()
-    if text in ("none", "auto"):
-        return text
-    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|m|min|h)?", text)
-    seconds = float(m.group(1)) * _UNITS[m.group(2) or "m"] if m else 0.0
-    if not m or not math.isfinite(seconds) or seconds < 1:
-        raise CxrlabError(f"{option} {value}: expected a duration such as 90s, 30m, 1.5h, "
-                          "45 (minutes), none or auto")
-    return format_seconds(seconds)
-
-
-def budget_seconds(normalised: str) -> float | None:
-    """Seconds of a normalised explicit budget; None for 'none' (and 'auto', unresolved)."""
-    if normalised in ("none", "auto"):
-        return None
-    return float(normalised[:-1]) * _UNITS[normalised[-1]]
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds % 3600 == 0:
-        return f"{seconds // 3600}h"
-    return f"{seconds // 60}m" if seconds % 60 == 0 else f"{seconds}s"
 
 
 def train_device(config) -> torch.device:
@@ -208,18 +187,6 @@ def measure(model: torch.nn.Module, config, train_x, val_x, n_head: int,
 
     Works on a deep copy inside `fork_rng`: the run's weights and random streams are exactly
     as if this never ran."""
-    from cxrlab.data.augment import augment_batch
-    from cxrlab.training.finetune import (
-        backbone_bn_eval,
-        freeze_stages,
-        frozen_bn_eval,
-        head_parameters,
-        set_backbone_trainable,
-        trainable_parameters,
-    )
-    from cxrlab.deploy.inference import folded, use_bf16
-    from cxrlab.training.loop import make_optimizer
-
     device = train_device(config)
     bf16 = use_bf16(config.precision, model)
     cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
@@ -317,7 +284,6 @@ def plan_config(config, budget_s: float, model: torch.nn.Module, data, started: 
         log.warning("time budget %s: even %d epochs at %d px are predicted to take %.1f min; "
                     "the run will exceed its budget", format_seconds(budget_s), plan.epochs,
                     plan.image_size, plan.predicted_s / 60)
-    from cxrlab.config import RunConfig
 
     planned = RunConfig.build({**config.model_dump(), "epochs": plan.epochs,
                                "image_size": plan.image_size, "time_budget": "none"})

@@ -25,17 +25,27 @@ from scipy.stats import binomtest
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 
 from cxrlab.config import RunConfig
+from cxrlab.data.sources import load_source
+from cxrlab.data.split import assign_splits
+from cxrlab.deploy.inference import decide
 from cxrlab.errors import CxrlabError
 from cxrlab.evaluation.metrics import group_codes, interval_method, resample_weights
+from cxrlab.evaluation.stats import t_interval
 from cxrlab.run import (
+    check_out_dir,
     load_info,
     move_aside,
     patient_keys,
+    prepare_out_dir,
+    read_predictions,
     read_threshold,
     run_state,
     write_json,
 )
-from cxrlab.evaluation.stats import t_interval
+from cxrlab.training.lifecycle import resume_run, train_run
+
+# Imported inside the functions that need them: rich (heavy or
+# optional; importing them here would slow every command that imports this module).
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "crossval.yaml"
@@ -66,9 +76,6 @@ def run_crossval(config: RunConfig, out: Path, progress: bool = True,
     configuration: complete folds are kept, a killed fold resumes from its checkpoint (or is
     set aside as `fold-<i>.failed-<time>` when it has none) — nothing trained is redone or lost.
     """
-    from cxrlab.training.lifecycle import resume_run, train_run
-    from cxrlab.run import check_out_dir, prepare_out_dir
-
     if config.folds is None or config.fold is not None:
         raise CxrlabError("--folds: give the number of folds (2-20) for cross-validation")
     out = Path(out)
@@ -102,9 +109,6 @@ def run_crossval(config: RunConfig, out: Path, progress: bool = True,
 
 
 def _check_folds(config: RunConfig) -> None:
-    from cxrlab.data.sources import load_source
-    from cxrlab.data.split import assign_splits
-
     source = load_source(Path(config.data), config.image_col, config.label_col)
     assign_splits(source, config.val_fraction, config.seed, config.group_regex, config.folds, 1)
 
@@ -117,9 +121,6 @@ def _tell(on_fold, i: int, what: str) -> None:
 
 def pool(out: Path, folds: int) -> dict:
     """Per-fold figures with t-intervals, and pooled out-of-fold decisions over every image."""
-    from cxrlab.deploy.inference import decide
-    from cxrlab.run import read_predictions
-
     per_fold, seen, predictions, patients = [], {}, [], []
     classes = None
     for i in range(1, folds + 1):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 
 
 def global_rank() -> int:
@@ -61,8 +62,6 @@ def rewrap_after_unfreeze(trainer) -> None:
     epoch start on every process; it broadcasts rank 0's weights, identical anyway) makes the
     new wrapper average the backbone's gradients too. One process: nothing to do.
     """
-    from lightning.pytorch.strategies import DDPStrategy
-
     if trainer.world_size < 2 or not isinstance(trainer.strategy, DDPStrategy):
         return
     strategy = trainer.strategy

@@ -22,8 +22,6 @@ filters, and the fewer pretrained weights one intake bends, the less there is to
 
 from __future__ import annotations
 
-import functools
-import itertools
 import logging
 import time
 from pathlib import Path
@@ -33,8 +31,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from cxrlab.training.distributed import rewrap_after_unfreeze
+from cxrlab.deploy.inference import float_batches
 from cxrlab.errors import CxrlabError
+from cxrlab.models import starts_pretrained
+from cxrlab.models.stages import model_stages
+from cxrlab.training.distributed import rewrap_after_unfreeze
 
 log = logging.getLogger("cxrlab")
 
@@ -114,19 +115,8 @@ def freeze_stages(model: nn.Module, n: int) -> None:
         p.requires_grad_(False)
 
 
-@functools.cache
-def model_stages(name: str) -> tuple[tuple[tuple[str, ...], ...], tuple[int, ...]]:
-    """A registered model's stages and their output strides (built once, small, on CPU)."""
-    from cxrlab.models import create_model
-
-    model = create_model(name, num_classes=1, in_chans=1)
-    return tuple(model.stage_names()), tuple(stage_strides(model))
-
-
 def check_frozen_stages(config) -> None:
     """`--frozen-stages` fits the model: refused before any data is read."""
-    from cxrlab.models import starts_pretrained
-
     stages, _ = model_stages(config.model)
     if config.frozen_stages > len(stages):
         raise _too_many_stages(config.frozen_stages, config.model, stages)
@@ -134,12 +124,6 @@ def check_frozen_stages(config) -> None:
         raise CxrlabError(f"--frozen-stages {config.frozen_stages}: {config.model} starts from "
                           f"random weights here (no --pretrained), and frozen stages would stay "
                           f"random; give --pretrained or --frozen-stages 0")
-
-
-def early_stages(name: str, max_stride: int = 8) -> int:
-    """How many leading stages work at 1/`max_stride` of the input's side or finer."""
-    _, strides = model_stages(name)
-    return sum(1 for _ in itertools.takewhile(lambda s: s <= max_stride, strides))
 
 
 def thaw(model: nn.Module) -> None:
@@ -155,23 +139,6 @@ def frozen_bn_eval(model: nn.Module) -> None:
     _bn_eval(frozen_modules(model))
 
 
-def stage_strides(model: nn.Module, side: int = 64) -> list[int]:
-    """Each stage's output stride (input side / output side), from one small forward."""
-    sides: list[int] = []
-    hooks = [model.get_submodule(stage[-1]).register_forward_hook(
-        lambda _m, _i, out: sides.append(out.shape[-1])) for stage in model.stage_names()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model.forward_features(torch.zeros(1, model.in_chans, side, side))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return [max(1, round(side / s)) for s in sides]
-
-
 def can_cache_features(model: nn.Module, config) -> bool:
     """Frozen for the whole run, no augmentation, and a head that starts by pooling."""
     return (config.freeze_backbone and config.unfreeze_after is None
@@ -184,7 +151,6 @@ def pooled_features(model: nn.Module, images: np.ndarray | torch.Tensor, batch_s
     """(N, num_features) float32 global-average-pooled backbone features of uint8 images."""
     was_training = model.training
     model.eval()
-    from cxrlab.deploy.inference import float_batches
 
     device = next(model.parameters()).device
     out = []

@@ -2,14 +2,17 @@
 
 `train_run` and `resume_run` are what `cxrlab train` calls; the run directory's files are
 cxrlab.run's, the data cxrlab.data.prepared's, the evaluation written after training
-cxrlab.evaluation.scoring's.
+cxrlab.training.finish's.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import tempfile
 import time
 import traceback
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,16 +22,25 @@ from lightning.pytorch import seed_everything
 from cxrlab.config import RunConfig
 from cxrlab.data.prepared import PreparedData, prepare_data, resolve_positive
 from cxrlab.errors import CxrlabError
+from cxrlab.models import create_model, list_models, resolve_pretrained
+from cxrlab.reporting.tracking import check_available, log_final, make_loggers
 from cxrlab.run import (
     RunInfo,
     check_free_space,
     check_out_dir,
+    load_info,
     prepare_out_dir,
     run_lock,
     save_info,
     write_json,
     write_split_csv,
 )
+from cxrlab.training import budget
+from cxrlab.training.checkpoints import LAST
+from cxrlab.training.distributed import is_rank_zero
+from cxrlab.training.finetune import check_frozen_stages
+from cxrlab.training.finish import score_training
+from cxrlab.training.loop import fit
 
 log = logging.getLogger("cxrlab")
 
@@ -52,11 +64,6 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
     Under data-parallel training every process runs this; only rank 0 touches `out`.
     `mlflow_uri`: where `--logger mlflow` logs (default: MLFLOW_TRACKING_URI, else the run).
     """
-    from cxrlab.training.loop import budget
-    from cxrlab.training.distributed import is_rank_zero
-    from cxrlab.training.finetune import check_frozen_stages
-    from cxrlab.models import create_model, list_models, resolve_pretrained
-
     started = time.time()
     out = Path(out)
     rank0 = is_rank_zero()
@@ -65,7 +72,6 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
     if config.model not in list_models():
         raise CxrlabError(f"--model {config.model}: unknown model; choose from: "
                           f"{', '.join(list_models())}")
-    from cxrlab.reporting.tracking import check_available
 
     check_available(config.loggers)
     check_frozen_stages(config)
@@ -125,8 +131,6 @@ def _guarded(info: RunInfo, out: Path, work) -> TrainResult:
     A killed process (SIGKILL, power cut) leaves `running`; `cxrlab train --resume` continues
     both. A full or read-only disk during training becomes a one-line error.
     """
-    import errno
-
     try:
         result = work()
     except BaseException as e:
@@ -159,11 +163,6 @@ def resume_run(run_dir: Path, progress: bool = True,
     optimizer, scheduler, random generators, early stopping, best checkpoint and history.
     `hardware` may change devices / num_nodes / strategy / accelerator (then it need not).
     """
-    from contextlib import ExitStack
-
-    from cxrlab.training.distributed import is_rank_zero
-    from cxrlab.run import load_info
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CxrlabError(f"--resume {run_dir}: run directory not found")
@@ -179,15 +178,9 @@ def resume_run(run_dir: Path, progress: bool = True,
 
 def _resume(run_dir: Path, info: RunInfo, rank0: bool, progress: bool,
             hardware: dict | None) -> TrainResult:
-    import tempfile
-
-    from cxrlab.training.checkpoints import LAST
-    from cxrlab.models import create_model, resolve_pretrained
-
     config = RunConfig.load(run_dir / "config.yaml")
     if hardware:
         config = RunConfig.build({**config.model_dump(), **hardware}, source="option")
-    from cxrlab.reporting.tracking import check_available
 
     check_available(config.loggers)
     data = prepare_data(config)
@@ -224,11 +217,6 @@ def _resume(run_dir: Path, info: RunInfo, rank0: bool, progress: bool,
 def _train_and_report(model, config: RunConfig, data: PreparedData, positive: int | None,
                       out: Path, progress: bool, ckpt_path: Path | None = None,
                       mlflow_uri: str | None = None, budgeted=None) -> TrainResult:
-    from cxrlab.training.distributed import is_rank_zero
-    from cxrlab.evaluation.scoring import score_training
-    from cxrlab.reporting.tracking import log_final, make_loggers
-    from cxrlab.training.loop import fit
-
     classes = data.source.classes
     tx, ty, _ = data.subset("train")
     vx, vy, _ = data.subset("val")

@@ -8,7 +8,7 @@ loop, early stopping, checkpoints and the progress bar.
 from __future__ import annotations
 
 import logging
-import math
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,14 +18,30 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+import torch.utils.deterministic as tud
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from sklearn.metrics import precision_score, recall_score, roc_auc_score
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from cxrlab.config import RunConfig
 from cxrlab.data.augment import augment_batch
-from cxrlab.errors import CxrlabError
 from cxrlab.deploy.inference import folded, probabilities, use_bf16
+from cxrlab.errors import CxrlabError
 from cxrlab.run import HISTORY_COLUMNS, write_history
+from cxrlab.training import finetune
+from cxrlab.training.budget import BudgetWatch, RunProgressBar, head_epochs
+from cxrlab.training.checkpoints import AtomicCheckpointIO, TrainingState
+from cxrlab.training.distributed import gather_in_order
+from cxrlab.training.finetune import (
+    backbone_bn_eval,
+    backbone_parameters,
+    freeze_stages,
+    frozen_bn_eval,
+    head_parameters,
+    set_backbone_trainable,
+    trainable_parameters,
+)
+from cxrlab.training.optim import make_optimizer, warmup_cosine
 
 log = logging.getLogger("cxrlab")
 
@@ -101,7 +117,6 @@ class ClassifierModule(L.LightningModule):
         # Fine-tuning (see finetune.py): batches are pooled features when they are cached.
         self.features_cached = False
         self.backbone_frozen = False
-        from cxrlab.training.finetune import freeze_stages
 
         freeze_stages(model, config.frozen_stages)
         if config.freeze_backbone:
@@ -109,8 +124,6 @@ class ClassifierModule(L.LightningModule):
         self.train(self.training)
 
     def set_backbone_frozen(self, frozen: bool) -> None:
-        from cxrlab.training.finetune import set_backbone_trainable
-
         self.backbone_frozen = frozen
         set_backbone_trainable(self.model, not frozen)
         self.train(self.training)
@@ -120,7 +133,6 @@ class ClassifierModule(L.LightningModule):
         so does that of the frozen stages."""
         super().train(mode)
         if mode and hasattr(self, "backbone_frozen"):  # not while nn.Module.__init__ runs
-            from cxrlab.training.finetune import backbone_bn_eval, frozen_bn_eval
 
             if self.backbone_frozen:
                 backbone_bn_eval(self.model)
@@ -193,8 +205,6 @@ class ClassifierModule(L.LightningModule):
         logits = torch.cat([o[0] for o in outs])
         y = torch.cat([o[1] for o in outs])
         if self.trainer.world_size > 1:
-            from cxrlab.training.distributed import gather_in_order
-
             n_val = len(self.trainer.val_dataloaders.dataset) if stage == "val" else None
             logits, y = gather_in_order(self, [logits, y], n_val)
         with torch.no_grad():
@@ -227,8 +237,6 @@ class ClassifierModule(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------
     def configure_optimizers(self):
-        from cxrlab.training.finetune import backbone_parameters, head_parameters, trainable_parameters
-
         c = self.cfg
         params = trainable_parameters(self.model)
         if c.freeze_backbone and c.unfreeze_after is None:
@@ -243,7 +251,7 @@ class ClassifierModule(L.LightningModule):
         if c.schedule == "cosine":
             steps = self.trainer.estimated_stepping_batches
             warmup = min(int(0.03 * steps) + 1, 200)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(warmup, steps))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, steps))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         if c.schedule == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.3, patience=1)
@@ -252,34 +260,9 @@ class ClassifierModule(L.LightningModule):
         return opt
 
 
-def make_optimizer(params, c: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    """The run's optimizer. Fused (one kernel over all parameters) on CPU and CUDA: the same
-    update up to float rounding, and on a 2-core CPU the per-parameter loop cost 10-15% of a
-    training step of the notebook CNN (AdamW over 3.5M parameters: ~200 ms -> ~5 ms)."""
-    fused = device.type in ("cpu", "cuda")
-    if c.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
-                               nesterov=c.momentum > 0, fused=fused)
-    if c.optimizer == "adam":
-        return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay, fused=fused)
-    return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay, fused=fused)
-
-
-def _warmup_cosine(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-    return f
-
-
 def epoch_summary(y: np.ndarray, probs: np.ndarray, positive: int | None,
                   loss: float) -> dict[str, float | None]:
     """The per-epoch curve values: cheap, at 0.5 (2 classes) or argmax (more)."""
-    from sklearn.metrics import precision_score, recall_score, roc_auc_score
-
     out: dict[str, float | None] = {"loss": loss}
     if positive is not None:
         pred = (probs[:, positive] >= 0.5).astype(int)
@@ -344,9 +327,6 @@ def progress_bar(budgeted=None, head_epochs: int = 0):
     Lightning's tqdm bar, which updates in place there with its ETA (tqdm.auto widgets when
     ipywidgets is installed, else carriage returns on stderr), where Rich's live display needs
     ipywidgets and otherwise shows nothing until the end."""
-    from lightning.pytorch.callbacks import TQDMProgressBar
-
-    from cxrlab.training.budget import RunProgressBar
 
     if in_jupyter():
         return TQDMProgressBar()
@@ -358,8 +338,6 @@ def progress_bar(budgeted=None, head_epochs: int = 0):
 
 def in_jupyter() -> bool:
     """Running inside an IPython kernel (Jupyter, VS Code notebooks), not a terminal."""
-    import sys
-
     shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
     return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
@@ -387,8 +365,6 @@ def deterministic_without_nan_fill():
     budget's warm-up, timed before Lightning turns deterministic mode on, never saw it. The
     flags are restored so that scoring after training, and a notebook's own code, run as
     before."""
-    import torch.utils.deterministic as tud
-
     saved = (torch.are_deterministic_algorithms_enabled(),
              torch.is_deterministic_algorithms_warn_only_enabled(), tud.fill_uninitialized_memory)
     tud.fill_uninitialized_memory = False
@@ -413,9 +389,6 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
     every batch: the benchmark's baseline). `loggers`: Lightning loggers (cxrlab.reporting.tracking);
     `budgeted` (cxrlab.training.budget) watches the time plan.
     """
-    from cxrlab.training.loop import finetune
-    from cxrlab.training.checkpoints import AtomicCheckpointIO, TrainingState
-
     quiet_lightning()
     L.seed_everything(config.seed, workers=True, verbose=False)
     weights = class_weights(np.asarray(train_y), n_classes) if config.class_weights else None
@@ -455,13 +428,10 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
         callbacks.append(finetune.UnfreezeBackbone(
             config.unfreeze_after, run_dir / "checkpoints" / finetune.HEAD_TRAINED
             if config.wise_ft < 1 else None))
-    from cxrlab.training.budget import BudgetWatch
 
     if budgeted is not None:
         callbacks.append(BudgetWatch(budgeted.plan, budgeted.started, budgeted.timings.fixed))
     if progress:
-        from cxrlab.training.budget import head_epochs
-
         callbacks.append(progress_bar(budgeted, head_epochs(config)))
     with deterministic_without_nan_fill():
         trainer = L.Trainer(
