@@ -27,11 +27,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cxrlab.training.checkpoints import AtomicCheckpointIO
 from cxrlab.data.images import read_image
 from cxrlab.data.sources import load_source, require_trainable
 from cxrlab.errors import CxrlabError
 from cxrlab.run import read_split_csv
+from cxrlab.training.checkpoints import AtomicCheckpointIO
 from tests.conftest import make_kermany_folder
 from tests.test_cli import assert_user_error, not_complete, run_cli
 

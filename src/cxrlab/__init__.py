@@ -9,6 +9,7 @@ faster CPU steps; `CXRLAB_MALLOC=system` opts out).
 
 from typing import TYPE_CHECKING, Any
 
+from cxrlab._version import __version__
 from cxrlab.errors import CxrlabError
 from cxrlab.training.allocator import keep_freed_memory
 
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
         train,
     )
 
-__version__ = "0.1.0"
 
 __all__ = ["Comparison", "CrossVal", "CxrlabError", "DataSummary", "History", "Metrics", "Run",
            "Sweep", "__version__", "ablate", "compare", "data_summary", "load", "runs", "train"]

@@ -103,7 +103,7 @@ class RunConfig(BaseModel):
     patience: int = Field(5, ge=1, description="early stopping on validation loss")
     time_budget: str = Field(
         "auto", description="plan epochs (and image size) to end within this: 90s, 30m, 1.5h, "
-        "45 (minutes) or none; auto = 30m on a CPU with the recipe's epochs (cxrlab.training.budget). "
+        "45 (minutes) or none; auto = 30m on a CPU with the recipe's epochs (training/budget). "
         "A planned run's config.yaml says none: it names the planned epochs"
     )
     class_weights: bool = True
@@ -129,7 +129,7 @@ class RunConfig(BaseModel):
         "auto", description="ddp: one process per device; batch_size is per device"
     )
 
-    # -- experiment tracking (cxrlab.reporting.tracking): where else the run's numbers go -------------
+    # -- experiment tracking (cxrlab.reporting.tracking): where else the run's numbers go --
     loggers: list[str] = Field(
         default_factory=list, description="any of tensorboard, csv, mlflow (Lightning's "
         "loggers, writing inside the run directory unless MLflow is given a tracking URI)"
@@ -179,7 +179,7 @@ class RunConfig(BaseModel):
         return self
 
     def _recipe(self) -> None:
-        """Fill what was left out from the recipe for where the weights start (recipe_defaults, below)."""
+        """Fill what was left out from the recipe for where the weights start (below)."""
         for name, value in recipe_defaults(self.model, self.pretrained,
                                            set(self.model_fields_set)).items():
             object.__setattr__(self, name, value)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrlab import __version__
+from cxrlab._version import __version__
 from cxrlab.cpu import cpu_has_vnni
 from cxrlab.deploy.inference import predict_probs
 from cxrlab.errors import CxrlabError

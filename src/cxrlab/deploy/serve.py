@@ -32,7 +32,7 @@ from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 
-from cxrlab import __version__
+from cxrlab._version import __version__
 from cxrlab.data.images import decode_image
 from cxrlab.deploy.cam import GradCam, overlay_png_bytes, png_data_url
 from cxrlab.deploy.export import make_predictor

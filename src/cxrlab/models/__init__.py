@@ -3,6 +3,9 @@
 Each architecture registers one-line factories with `@register_model` (timm-style); everything
 that builds a model goes through `create_model`, so names, options and errors are the same for
 the CLI, the trainer and the tests.
+
+May import: errors only: config (the recipe) and everything else sit above the models
+(tests/test_layers.py).
 """
 
 from __future__ import annotations

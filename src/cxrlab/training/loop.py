@@ -323,7 +323,7 @@ class HistoryCSV:
 
 
 def progress_bar(budgeted=None, head_epochs: int = 0):
-    """Rich's bar in a terminal, with the whole run's ETA (cxrlab.training.budget); in a Jupyter kernel
+    """Rich's bar in a terminal, with the whole run's ETA (training/budget.py); in a Jupyter kernel
     Lightning's tqdm bar, which updates in place there with its ETA (tqdm.auto widgets when
     ipywidgets is installed, else carriage returns on stderr), where Rich's live display needs
     ipywidgets and otherwise shows nothing until the end."""
@@ -360,7 +360,7 @@ def deterministic_without_nan_fill():
     (`torch.utils.deterministic.fill_uninitialized_memory`: a debugging aid that makes reads
     of memory no kernel wrote visible). No kernel a run uses reads such memory: the default
     recipe's predictions are byte for byte the same without the fill, and a seeded run still
-    repeats itself (tests/test_determinism.py). The fill cost a sixth of the default
+    repeats itself (tests/training/test_determinism.py). The fill cost a sixth of the default
     recipe's full epoch (median 63 s against 52 s on a Zen 4 CPU, README), and the time
     budget's warm-up, timed before Lightning turns deterministic mode on, never saw it. The
     flags are restored so that scoring after training, and a notebook's own code, run as
@@ -384,9 +384,9 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
     interpolated towards those at the unfreeze when `config.wise_ft` < 1 (WiSE-FT).
 
     A checkpoint (checkpoints/last.ckpt) is written atomically at the end of every epoch;
-    `ckpt_path` continues a run from one (see cxrlab.training.checkpoints). A frozen backbone without
+    `ckpt_path` continues a run from one (see training/checkpoints.py). A frozen backbone without
     augmentation trains on cached pooled features (`cache_features=False` recomputes them
-    every batch: the benchmark's baseline). `loggers`: Lightning loggers (cxrlab.reporting.tracking);
+    every batch: the benchmark's baseline). `loggers`: Lightning loggers (reporting/tracking.py);
     `budgeted` (cxrlab.training.budget) watches the time plan.
     """
     quiet_lightning()

@@ -1,4 +1,5 @@
-"""cxrlab.training.crossval and `cxrlab train --folds`: real tiny runs, pooled figures checked by hand."""
+"""cxrlab.training.crossval and `cxrlab train --folds`: real tiny runs, pooled figures checked
+by hand."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 import yaml
 
 from cxrlab.config import RunConfig
-from cxrlab.training.crossval import fold_dir, pool, render, run_crossval
 from cxrlab.errors import CxrlabError
+from cxrlab.training.crossval import fold_dir, pool, render, run_crossval
 from tests.conftest import make_kermany_folder
 from tests.test_cli import run_cli
 

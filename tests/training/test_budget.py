@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cxrlab.config import RunConfig, parse_budget
+from cxrlab.errors import CxrlabError
 from cxrlab.training.budget import (
     AUTO_SECONDS,
     Timings,
@@ -18,11 +20,9 @@ from cxrlab.training.budget import (
     remaining_seconds,
     resolve_budget,
 )
-from cxrlab.config import RunConfig, parse_budget
-from cxrlab.errors import CxrlabError
 from tests.conftest import make_kermany_folder
 from tests.test_cli import assert_user_error, run_cli
-from tests.test_resume import history_without_timing, metrics_without_timing
+from tests.training.test_resume import history_without_timing, metrics_without_timing
 
 # the default recipe on a 2-core CPU without bf16: 130 steps, 1043 validation images
 CPU = Timings(image_size=192, full_step=2.4, head_step=0.9, val_image=0.05,

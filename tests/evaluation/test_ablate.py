@@ -9,11 +9,11 @@ import sys
 import pytest
 import yaml
 
-from cxrlab.evaluation import ablation as ablate
-from cxrlab.training import sweep
 from cxrlab.cli import main
 from cxrlab.errors import CxrlabError
+from cxrlab.evaluation import ablation as ablate
 from cxrlab.evaluation.stats import paired_difference, t_interval, verdict
+from cxrlab.training import sweep
 
 T_975_2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom
 BASE = {"data": "somewhere", "model": "cnn", "image_size": 32}
@@ -126,7 +126,7 @@ def test_docs_slurm_array_runs_every_shard_once():
     import subprocess
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "docs" / "cluster.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "cluster.md").read_text()
     block = next(b for b in readme.split("```bash")[1:] if "--shard" in b.split("```")[0])
     block = block.split("```")[0]
     ids = _slurm_array_ids(re.search(r"#SBATCH --array=(\S+)", block).group(1))

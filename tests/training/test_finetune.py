@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from cxrlab.config import RunConfig
-from cxrlab.training.finetune import head_parameters
 from cxrlab.models import create_model
+from cxrlab.training.finetune import head_parameters
 from cxrlab.training.loop import fit
 from tests.test_cli import run_cli
 

@@ -1,4 +1,5 @@
-"""cxrlab.evaluation.comparison and `cxrlab compare`: paired differences between two runs' validations."""
+"""cxrlab.evaluation.comparison and `cxrlab compare`: paired differences between two
+runs' validations."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxrlab.evaluation.comparison import compare_runs
 from cxrlab.config import RunConfig
 from cxrlab.errors import CxrlabError
-from cxrlab.training.lifecycle import train_run
+from cxrlab.evaluation.comparison import compare_runs
 from cxrlab.run import (
     RunInfo,
     read_split_csv,
@@ -20,6 +20,7 @@ from cxrlab.run import (
     write_predictions_csv,
     write_threshold,
 )
+from cxrlab.training.lifecycle import train_run
 from tests.conftest import make_kermany_folder
 
 CLASSES = ["NORMAL", "PNEUMONIA"]

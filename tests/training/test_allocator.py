@@ -1,4 +1,5 @@
-"""cxrlab.training.allocator: freed tensor memory is reused, not faulted in again from the kernel."""
+"""cxrlab.training.allocator: freed tensor memory is reused, not faulted in again from the
+kernel."""
 
 from __future__ import annotations
 

@@ -19,11 +19,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cxrlab.config import RunConfig
-from cxrlab.training.lifecycle import train_run
 from cxrlab.deploy.predict import predict_paths
 from cxrlab.deploy.serve import BodyLimit, MicroBatcher, create_app
+from cxrlab.training.lifecycle import train_run
 from tests.conftest import make_kermany_folder
-from tests.test_dicom import write_dicom
+from tests.data.test_dicom import write_dicom
 
 
 @pytest.fixture(scope="module")

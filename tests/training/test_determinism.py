@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import make_kermany_folder
 from tests.test_cli import run_cli
-from tests.test_resume import assert_same_run, history_without_timing
+from tests.training.test_resume import assert_same_run, history_without_timing
 
 RECIPE = ["--model", "cnn", "--image-size", "32", "--epochs", "2", "--batch-size", "8",
           "--augment", "notebook", "--seed", "11", "--quiet"]

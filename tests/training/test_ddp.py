@@ -17,9 +17,9 @@ import torch
 
 from cxrlab.config import RunConfig
 from cxrlab.data.cache import load_images
-from cxrlab.training.distributed import gather_in_order
 from cxrlab.deploy.inference import probabilities
 from cxrlab.run import load_run, read_split_csv
+from cxrlab.training.distributed import gather_in_order
 from cxrlab.training.loop import ClassifierModule, class_weights, epoch_summary
 from tests.conftest import make_kermany_folder
 

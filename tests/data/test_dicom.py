@@ -14,9 +14,9 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from cxrlab.config import RunConfig
 from cxrlab.data.images import decode_image, guess_channels, image_header, read_image
 from cxrlab.data.sources import load_source
+from cxrlab.deploy.predict import predict_paths
 from cxrlab.errors import CxrlabError
 from cxrlab.training.lifecycle import train_run
-from cxrlab.deploy.predict import predict_paths
 from tests.conftest import make_kermany_folder
 
 
@@ -348,7 +348,7 @@ def test_a_folder_named_dl_does_not_break_the_gdcm_import(tmp_path):
     code = ("from cxrlab.data.images import read_image; import sys; "
             "print(read_image(sys.argv[1], 1).max())")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+        [str(Path(__file__).parents[2] / "src"), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

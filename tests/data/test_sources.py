@@ -41,7 +41,7 @@ def test_class_folders(kermany_folder):
 def test_hidden_and_non_image_files_are_ignored(kermany_folder):
     normal = kermany_folder / "NORMAL"
     (normal / "notes.txt").write_text("not an image")
-    (normal / "scan.doc").write_bytes(b"DICM")  # DICOM is an image: tests/test_dicom.py
+    (normal / "scan.doc").write_bytes(b"DICM")  # DICOM is an image: tests/data/test_dicom.py
     _png(normal / ".hidden.png")
     _png(normal / ".ipynb_checkpoints" / "IM-0001-0001-checkpoint.png")
     _png(kermany_folder / ".trash" / "x.png")  # a hidden class folder

@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cxrlab.deploy.cam import GradCam, gradcam, overlay
 from cxrlab.config import RunConfig
+from cxrlab.deploy.cam import GradCam, gradcam, overlay
 from cxrlab.errors import CxrlabError
-from cxrlab.training.lifecycle import train_run
 from cxrlab.models.base import ImageClassifier
+from cxrlab.training.lifecycle import train_run
 from tests.conftest import make_kermany_folder
 
 SIDE, SQUARE = 32, 8

@@ -17,8 +17,8 @@ def test_positive_class_does_not_flip_the_logit(positive):
     # reads `positive`: threshold, metrics, the per-epoch summary and the decisions.
     import numpy as np
 
-    from cxrlab.evaluation.metrics import choose_threshold, compute_metrics
     from cxrlab.deploy.inference import decide
+    from cxrlab.evaluation.metrics import choose_threshold, compute_metrics
     from cxrlab.training.loop import epoch_summary
 
     logits = torch.tensor([[4.0], [-4.0]])

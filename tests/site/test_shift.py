@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrlab.site import intake, shift
 from cxrlab.data.cache import load_images
 from cxrlab.data.images import read_image
+from cxrlab.site import intake, shift
 from tests.conftest import make_kermany_folder
 from tests.test_cli import assert_user_error, run_cli
 
@@ -221,8 +221,8 @@ def balanced(m: dict) -> float:
 
 def test_calibrate_moves_the_threshold_for_the_new_site(site, tmp_path, capsys, monkeypatch):
     from cxrlab.deploy.inference import predict_probs
-    from cxrlab.run import load_run
     from cxrlab.deploy.predict import predict_paths
+    from cxrlab.run import load_run
     from cxrlab.site.assess import evaluate_run
     from cxrlab.site.calibration import apply_binary
 

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from cxrlab.training import loop as train
 from cxrlab.config import RunConfig
 from cxrlab.data.cache import load_images
 from cxrlab.deploy.inference import decide, predict_probs
-from cxrlab.training.lifecycle import train_run
+from cxrlab.deploy.serve import Inference
 from cxrlab.reporting.report import recompute_val_predictions
 from cxrlab.run import load_run, read_predictions, read_split_csv
-from cxrlab.deploy.serve import Inference
+from cxrlab.training import loop as train
+from cxrlab.training.lifecycle import train_run
 from tests.conftest import make_kermany_folder
 from tests.test_cli import run_cli
 

@@ -1,5 +1,5 @@
-"""cxrlab.reporting.plots: every figure writes a PNG that opens, at a sensible size, for 2 and 3 classes,
-and draws the numbers it is given (read back from the Figure before it is saved)."""
+"""cxrlab.reporting.plots: every figure writes a PNG that opens, at a sensible size, for 2 and 3
+classes, and draws the numbers it is given (read back from the Figure before it is saved)."""
 
 from __future__ import annotations
 

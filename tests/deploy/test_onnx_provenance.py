@@ -11,8 +11,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from cxrlab.errors import CxrlabError
 from cxrlab.deploy.export import OnnxPredictor, export_onnx, make_predictor, weights_sha256
+from cxrlab.errors import CxrlabError
 from cxrlab.run import load_run, write_threshold
 from tests.conftest import SHARED_DATA
 from tests.test_cli import assert_user_error, run_cli
@@ -23,9 +23,9 @@ def runs(tmp_path_factory) -> dict:
     """Run A (12 films a class, 64 px, frozen EfficientNet-Lite0), its fp32 and int8 files,
     and run B: A site-calibrated on 10 other films a class (`cxrlab calibrate`)."""
     from cxrlab.config import RunConfig
-    from cxrlab.training.lifecycle import train_run
     from cxrlab.deploy.quantize import export_int8
     from cxrlab.site.calibration import calibrate_run
+    from cxrlab.training.lifecycle import train_run
 
     train = SHARED_DATA / "chest_xray" / "train"
     if not train.is_dir():
@@ -71,8 +71,8 @@ def test_export_records_the_weights_and_int8_carries_them(runs):
 @pytest.mark.parametrize("kind", ["onnx", "int8"])
 def test_another_runs_file_is_refused_by_the_api(runs, kind):
     from cxrlab.api import Run
-    from cxrlab.site.assess import evaluate_run
     from cxrlab.deploy.serve import create_app
+    from cxrlab.site.assess import evaluate_run
 
     f, b = runs[kind], runs["b"]
     want = f"--onnx {f}: exported from other weights"

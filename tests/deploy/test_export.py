@@ -13,12 +13,12 @@ import pytest
 from cxrlab.cli import main
 from cxrlab.config import RunConfig
 from cxrlab.data.cache import load_images
-from cxrlab.errors import CxrlabError
 from cxrlab.deploy.export import OnnxPredictor, export_onnx, make_predictor
 from cxrlab.deploy.inference import decide, predict_probs
-from cxrlab.training.lifecycle import train_run
-from cxrlab.run import load_run, read_predictions
 from cxrlab.deploy.predict import predict_paths
+from cxrlab.errors import CxrlabError
+from cxrlab.run import load_run, read_predictions
+from cxrlab.training.lifecycle import train_run
 from tests.conftest import SHARED_DATA
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from cxrlab.config import RunConfig
-from cxrlab.training.lifecycle import train_run
 from cxrlab.deploy.predict import predict_paths
+from cxrlab.training.lifecycle import train_run
 from tests.conftest import make_kermany_folder
 
 CHROMIUM = Path("/usr/bin/chromium")

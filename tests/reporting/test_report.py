@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from sklearn.calibration import calibration_curve
 
-from cxrlab.evaluation.calibration import reliability
 from cxrlab.cli import main
 from cxrlab.errors import CxrlabError
+from cxrlab.evaluation.calibration import reliability
 from cxrlab.reporting.report import (
     SECTIONS_ABLATION,
     SECTIONS_RUN,
