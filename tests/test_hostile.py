@@ -183,7 +183,7 @@ def test_read_only_out_dir_chmod(data, tmp_path, capsys, monkeypatch):
 def test_read_only_or_full_out_dir_is_refused_before_training(data, tmp_path, capsys,
                                                              monkeypatch):
     import cxrlab.run as runmod
-    import cxrlab.training.loop as trainmod
+    import cxrlab.training.lifecycle as trainmod  # where train_run finds fit
 
     fit_calls = []
     monkeypatch.setattr(trainmod, "fit", lambda *a, **k: fit_calls.append(1))

@@ -98,7 +98,7 @@ def test_stages_split_the_backbone_in_order(name):
     """`stage_names()` (what --frozen-stages counts) covers every backbone parameter once,
     input end first: the output stride never falls, and the last stage ends where
     forward_features does."""
-    from cxrlab.training.finetune import stage_strides
+    from cxrlab.models.stages import stage_strides
 
     model = create_model(name, num_classes=1, in_chans=1)
     stages = model.stage_names()

@@ -35,25 +35,36 @@ import logging
 import os
 import shutil
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cxrlab.errors import CxrlabError
-from cxrlab.evaluation.metrics import choose_threshold, group_codes, interval_method
 from cxrlab.data.cache import load_images
 from cxrlab.data.split import patient_key
-from cxrlab.evaluation.scoring import labelled_records
-from cxrlab.evaluation.metrics import choose_threshold
 from cxrlab.deploy.inference import predict_probs
-from cxrlab.run import check_out_dir, load_run
+from cxrlab.errors import CxrlabError
+from cxrlab.evaluation.metrics import (
+    choose_threshold,
+    compute_metrics,
+    group_codes,
+    interval_method,
+)
+from cxrlab.evaluation.scoring import labelled_records
 from cxrlab.reporting import plots
-from cxrlab.evaluation.metrics import compute_metrics
-from cxrlab.run import patient_keys, read_predictions, write_json, write_predictions_csv, write_threshold
 from cxrlab.reporting.report import recompute_val_predictions
-from cxrlab.run import read_split_csv
-from collections import Counter
+from cxrlab.run import (
+    check_out_dir,
+    load_run,
+    patient_keys,
+    read_predictions,
+    read_split_csv,
+    write_json,
+    write_predictions_csv,
+    write_threshold,
+)
+
 # Imported inside the functions that need them: scipy, sklearn (heavy or
 # optional; importing them here would slow every command that imports this module).
 

@@ -25,13 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrlab.errors import CxrlabError
-from cxrlab.data.images import image_header
-from cxrlab.run import write_json
 from cxrlab.data.cache import load_images
-from cxrlab.run import read_split_csv
-from cxrlab.run import write_json
-from cxrlab.run import read_predictions
+from cxrlab.data.images import image_header
+from cxrlab.errors import CxrlabError
+from cxrlab.run import read_predictions, read_split_csv, write_json
+
 # Imported inside the functions that need them: scipy (heavy or
 # optional; importing them here would slow every command that imports this module).
 

@@ -4,13 +4,13 @@ Each shift is a small pure function `f(images, level, seed) -> images` on the ui
 model sees (N, C, S, S): deterministic for a seed, batched (numpy / torch / PIL), never in
 place. `SHIFTS` gives each one three graded levels, mild to severe, chosen to look like what a
 new site's scanner, post-processing or export can do to chest films. `stress_test` scores the
-run on every (shift, level) through the one inference path (`cxrlab.deploy.inference.predict_probs`) at
+run on every (shift, level) through the one inference path
+(`cxrlab.deploy.inference.predict_probs`) at
 the run's own threshold, beside the unshifted baseline.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from cxrlab.data.images import recompress_jpeg
-from cxrlab.run import SHIFT_JSON
 from cxrlab.deploy.inference import decide
-from cxrlab.reporting import plots
 from cxrlab.errors import CxrlabError
-from cxrlab.run import write_json
+from cxrlab.reporting import plots
+from cxrlab.run import SHIFT_JSON, write_json
+
 # Imported inside the functions that need them: rich, sklearn (heavy or
 # optional; importing them here would slow every command that imports this module).
 
