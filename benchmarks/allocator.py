@@ -1,4 +1,4 @@
-"""What keeping freed memory (cxrlab.allocator) buys: the same steps with glibc's default
+"""What keeping freed memory (cxrlab.training.allocator) buys: the same steps with glibc's default
 allocator (CXRLAB_MALLOC=system) and with cxrlab's, each in its own child process, interleaved.
 
     python benchmarks/allocator.py                      # ~4 min on 2 cores
@@ -25,9 +25,9 @@ from throughput import cpu_has_bf16, cpu_name  # noqa: E402
 SIZES = {"efficientnet_lite0": 192, "resnet18": 224}
 CHILD = """
 import json, resource, sys, time, torch
-import cxrlab.allocator as allocator
+import cxrlab.training.allocator as allocator
 from cxrlab.models import create_model
-from cxrlab.inference import predict_probs
+from cxrlab.deploy.inference import predict_probs
 name, size, bf16, steps = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "bf16", int(sys.argv[4])
 torch.manual_seed(0)
 def usage():

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from cxrlab.checkpoints import AtomicCheckpointIO
 from cxrlab.models import create_model
+from cxrlab.training.checkpoints import AtomicCheckpointIO
 
 
 def checkpoint_of(model_name: str) -> dict:

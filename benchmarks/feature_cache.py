@@ -26,7 +26,7 @@ from lightning.pytorch import seed_everything
 from cxrlab.config import RunConfig
 from cxrlab.data.prepared import prepare_data, resolve_positive
 from cxrlab.models import create_model
-from cxrlab.training import fit
+from cxrlab.training.loop import fit
 
 
 def main() -> None:

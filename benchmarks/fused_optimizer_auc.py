@@ -5,7 +5,7 @@ trained twice, fused vs plain.
     python benchmarks/fused_optimizer_auc.py --out /tmp/fused-auc --epochs 2 --image-size 128
 
 `train.make_optimizer` builds fused optimizers (one kernel for all parameters). The update is
-the same up to float rounding (tests/test_optimizer.py); here the rounding differences are
+the same up to float rounding (tests/training/test_optimizer.py); here the rounding differences are
 allowed to compound over a whole training run and the validation AUC of the two runs is
 compared (same seed, same split, deterministic). Target: |difference| <= 0.005.
 Each variant is an ordinary run directory under --out; a finished one is read, not retrained.
@@ -23,9 +23,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cxrlab import training as train
 from cxrlab.config import RunConfig
-from cxrlab.lifecycle import train_run
+from cxrlab.training import loop as train
+from cxrlab.training.lifecycle import train_run
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray" / "train"
 

@@ -10,7 +10,7 @@ as on a Zen 3 or an Intel laptop without VNNI. The same file and images, both wa
 
 Per run, the two files `cxrlab export --int8` can write: 8-bit weights (made on a CPU with
 VNNI) and 7-bit (`--portable`, or made on a CPU without VNNI), quantized as export does
-(`cxrlab.quantize`: the run's graph, its calibration images). For each: the largest change
+(`cxrlab.deploy.quantize`: the run's graph, its calibration images). For each: the largest change
 of a probability and the decisions changed between the two kernels, and each against fp32.
 Times under valgrind mean nothing: there are no speeds here. `--instructions` counts, with
 callgrind, the instructions per image of the fp32 and the 7-bit file on the AVX2 kernels
@@ -71,8 +71,8 @@ def measure(run_dir: Path, n_images: int, tmp: Path, count: bool) -> dict:
     import onnx
 
     from cxrlab.cpu import cpu_name
-    from cxrlab.export import fp32_graph
-    from cxrlab.quantize import (
+    from cxrlab.deploy.export import fp32_graph
+    from cxrlab.deploy.quantize import (
         CALIBRATION_IMAGES,
         agreement,
         calibration_paths,

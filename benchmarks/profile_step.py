@@ -20,7 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from cxrlab.config import RunConfig
 from cxrlab.models import create_model
-from cxrlab.training import ClassifierModule, make_optimizer
+from cxrlab.training.loop import ClassifierModule
+from cxrlab.training.optim import make_optimizer
 
 FAMILIES = [  # first match wins
     ("convolution backward", r"convolution_backward|mkldnn_convolution_backward"),

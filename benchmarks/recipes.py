@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cxrlab.config import RunConfig
-from cxrlab.lifecycle import train_run
+from cxrlab.training.lifecycle import train_run
 
 RECIPES: dict[str, dict] = {
     # ImageNet EfficientNet-Lite0 (packaged weights), 192 px: one epoch of head only, then

@@ -157,7 +157,7 @@ class Bench:
                                     "freeze_backbone": False,
                                     **({} if args.frozen_stages is None
                                        else {"frozen_stages": args.frozen_stages})})
-        from cxrlab.inference import use_bf16
+        from cxrlab.deploy.inference import use_bf16
         from cxrlab.models import create_model
 
         # as a run decides: per model (EfficientNet-Lite trains in fp32 on a CPU)
@@ -170,7 +170,7 @@ class Bench:
 
     def new_module(self, weights=None):
         from cxrlab.models import create_model
-        from cxrlab.training import ClassifierModule
+        from cxrlab.training.loop import ClassifierModule
 
         torch = self.torch
         torch.manual_seed(0)
@@ -184,7 +184,7 @@ class Bench:
         from cxrlab.data import cache
         from cxrlab.data.prepared import prepare_data
         from cxrlab.models import create_model
-        from cxrlab.training import ClassifierModule, fit
+        from cxrlab.training.loop import ClassifierModule, fit
 
         # Epoch boundaries as wall-clock stamps, so every epoch is measured alike: from the
         # start of one epoch to the start of the next (or the end of training), checkpoint
@@ -249,7 +249,7 @@ class Bench:
 
     # -- (a)/(e) ceiling -------------------------------------------------------------------
     def ceiling(self, bf16: bool, channels_last: bool):
-        from cxrlab.training import make_optimizer
+        from cxrlab.training.optim import make_optimizer
 
         torch = self.torch
         module = self.new_module().to(self.device)
@@ -283,7 +283,7 @@ class Bench:
         import lightning as L
         from lightning.pytorch.callbacks import Callback, RichProgressBar
 
-        from cxrlab.training import ArrayDataset, class_weights, make_loader, quiet_lightning
+        from cxrlab.training.loop import ArrayDataset, class_weights, make_loader, quiet_lightning
 
         quiet_lightning()
         tx, ty = self.train_xy
@@ -362,7 +362,7 @@ class Bench:
     # -- (f) inference -----------------------------------------------------------------------
     def inference(self) -> dict:
         torch = self.torch
-        from cxrlab.inference import predict_probs
+        from cxrlab.deploy.inference import predict_probs
 
         module = self.new_module().to(self.device).eval()
         model = module.model
@@ -491,7 +491,7 @@ def int8_graph(graph: bytes, calibration: np.ndarray) -> bytes:
     import onnx
 
     from cxrlab.cpu import cpu_has_vnni
-    from cxrlab.quantize import quantize_graph
+    from cxrlab.deploy.quantize import quantize_graph
 
     batches = [{"x": calibration[i : i + 32].astype(np.float32) / 255.0}
                for i in range(0, len(calibration), 32)]
@@ -575,7 +575,7 @@ def say(msg: str) -> None:
 def table(results: list[dict], args, load: str, started: datetime, minutes: float):
     from rich.table import Table
 
-    from cxrlab.inference import use_bf16
+    from cxrlab.deploy.inference import use_bf16
 
     bf16 = "bf16" if use_bf16("auto") else "no bf16 (fp32)"
     t = Table(title=f"cxrlab throughput - {args.data_label}, {args.device}, {cpu_name()}, "
@@ -709,7 +709,7 @@ def main() -> None:
     Console(width=160).print(table(results, args, load.stop(), started,
                                    (time.perf_counter() - t0) / 60))
     if args.json:
-        from cxrlab.inference import use_bf16
+        from cxrlab.deploy.inference import use_bf16
 
         args.json.write_text(json.dumps({"results": results, "load": load.samples,
                                          "started": started.isoformat(), "cpu": cpu_name(),

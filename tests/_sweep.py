@@ -45,7 +45,8 @@ def _state(run_dir: Path) -> str | None:
 
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory) -> Sweeps:
-    from cxrlab import ablation as ablate
+    from cxrlab.evaluation import ablation as ablate
+    from cxrlab.training import sweep
 
     root = tmp_path_factory.mktemp("sweep")
     with pytest.MonkeyPatch.context() as mp:
@@ -80,12 +81,12 @@ def tiny_sweep(tmp_path_factory) -> Sweeps:
         assert _state(a / "runs" / names[0]) == "complete", proc.stderr.read().decode()
         assert _state(a / "runs" / names[1]) != "complete"
         first_mtime = (a / "runs" / names[0] / "model.pt").stat().st_mtime_ns
-        resume = ablate.run_sweep(study, a)
+        resume = sweep.run_sweep(study, a)
         result_a = ablate.collect(study, a)
 
         # B: the same study as two shards, then collected.
         b = root / "B"
-        shards = [ablate.run_sweep(study, b, (i, 2)) for i in (1, 2)]
+        shards = [sweep.run_sweep(study, b, (i, 2)) for i in (1, 2)]
         result_b = ablate.collect(study, b)
         return Sweeps(spec_path, a, b, names[0], names[1], first_mtime, resume, shards,
                       result_a, result_b)

@@ -326,10 +326,11 @@ def test_every_run_config_field_has_a_train_flag():
 
 
 def test_new_train_flags_reach_the_run_config(kermany_folder, tmp_path, capsys, monkeypatch):
-    import cxrlab.lifecycle
+    import cxrlab.training.lifecycle
 
     seen = []
-    monkeypatch.setattr(cxrlab.lifecycle, "train_run", lambda cfg, *a, **kw: seen.append(cfg))
+    monkeypatch.setattr(cxrlab.training.lifecycle, "train_run",
+                        lambda cfg, *a, **kw: seen.append(cfg))
     monkeypatch.setattr("cxrlab.cli._print_result", lambda result: None)
     code, _, err = run_cli(["train", kermany_folder, "--out", tmp_path / "r",
                             "--label-smoothing", "0.1", "--no-channels-last",

@@ -27,11 +27,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cxrlab.checkpoints import AtomicCheckpointIO
 from cxrlab.data.images import read_image
 from cxrlab.data.sources import load_source, require_trainable
 from cxrlab.errors import CxrlabError
 from cxrlab.run import read_split_csv
+from cxrlab.training.checkpoints import AtomicCheckpointIO
 from tests.conftest import make_kermany_folder
 from tests.test_cli import assert_user_error, not_complete, run_cli
 
@@ -183,7 +183,7 @@ def test_read_only_out_dir_chmod(data, tmp_path, capsys, monkeypatch):
 def test_read_only_or_full_out_dir_is_refused_before_training(data, tmp_path, capsys,
                                                              monkeypatch):
     import cxrlab.run as runmod
-    import cxrlab.training as trainmod
+    import cxrlab.training.lifecycle as trainmod  # where train_run finds fit
 
     fit_calls = []
     monkeypatch.setattr(trainmod, "fit", lambda *a, **k: fit_calls.append(1))

@@ -23,7 +23,7 @@ from tests.test_cli import assert_user_error, run_cli
 def seen(tmp_path_factory):
     """A tiny trained run, its training folder, and a held-out folder of other images."""
     from cxrlab.config import RunConfig
-    from cxrlab.lifecycle import train_run
+    from cxrlab.training.lifecycle import train_run
 
     root = tmp_path_factory.mktemp("overlap")
     data = make_kermany_folder(root / "data", 12, 12, size=48)
@@ -53,7 +53,7 @@ def with_copies(seen, folder: Path) -> tuple[Path, list[Path]]:
 
 
 def test_training_writes_the_digests_of_what_the_run_saw(seen):
-    from cxrlab import overlap
+    from cxrlab.evaluation import overlap
 
     rows = list(csv.DictReader((seen["run"] / overlap.DIGESTS).open()))
     assert sorted((Path(r["path"]), r["split"]) for r in rows) == sorted(
@@ -111,7 +111,7 @@ def test_a_copy_under_another_name_is_the_same_image(seen, tmp_path, capsys, mon
 
 
 def test_held_out_images_are_scored_as_before(seen, tmp_path):
-    from cxrlab.scoring import evaluate_run
+    from cxrlab.site.assess import evaluate_run
 
     m = evaluate_run(seen["run"], seen["held"], n_boot=50)
     assert m["n"] == 12 and "selection_biased" not in m
@@ -120,8 +120,8 @@ def test_held_out_images_are_scored_as_before(seen, tmp_path):
 
 
 def test_a_run_from_before_digests_matches_split_csv_by_path_and_bytes(seen, tmp_path, caplog):
-    from cxrlab import overlap
-    from cxrlab.scoring import evaluate_run
+    from cxrlab.evaluation import overlap
+    from cxrlab.site.assess import evaluate_run
 
     old = Path(shutil.copytree(seen["run"], tmp_path / "old"))
     (old / overlap.DIGESTS).unlink()
@@ -140,8 +140,8 @@ def test_a_run_from_before_digests_matches_split_csv_by_path_and_bytes(seen, tmp
 
 
 def test_a_calibrated_runs_sample_is_labelled(seen, tmp_path):
-    from cxrlab.scoring import evaluate_run
-    from cxrlab.site_calibration import calibrate_run
+    from cxrlab.site.assess import evaluate_run
+    from cxrlab.site.calibration import calibrate_run
 
     sample = make_kermany_folder(tmp_path / "sample", 10, 10, size=48, seed=7)
     calibrate_run(seen["run"], sample, tmp_path / "cal", n_boot=100)
@@ -161,7 +161,7 @@ def test_a_calibrated_runs_sample_is_labelled(seen, tmp_path):
 def test_copies_across_splits_are_counted_at_training(tmp_path, caplog):
     """Leakage training can see: a validation or test image with a training image's content."""
     from cxrlab.config import RunConfig
-    from cxrlab.lifecycle import train_run
+    from cxrlab.training.lifecycle import train_run
 
     root = tmp_path / "split"
     for split, seed in (("train", 0), ("val", 1), ("test", 2)):
@@ -189,8 +189,8 @@ def test_copies_across_splits_are_counted_at_training(tmp_path, caplog):
 def read_only_run(seen, monkeypatch):
     """Writes into the run folder fail as on a read-only mount (tests run as root, where
     chmod stops nothing): cxrlab's atomic writer and the figure raise PermissionError."""
-    import cxrlab.plots
-    import cxrlab.report
+    import cxrlab.reporting.plots
+    import cxrlab.reporting.report
     import cxrlab.run
 
     run = seen["run"].resolve()
@@ -205,8 +205,8 @@ def read_only_run(seen, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(cxrlab.run, "atomic_write_text", guarded)
-    monkeypatch.setattr(cxrlab.report, "atomic_write_text", guarded)  # imported by name
-    monkeypatch.setattr(cxrlab.plots, "plot_shift", no_figure)
+    monkeypatch.setattr(cxrlab.reporting.report, "atomic_write_text", guarded)  # imported by name
+    monkeypatch.setattr(cxrlab.reporting.plots, "plot_shift", no_figure)
     return seen["run"]
 
 
@@ -226,7 +226,7 @@ def test_shift_on_a_read_only_run_keeps_the_metrics(read_only_run, seen, tmp_pat
 
 
 def test_a_report_the_run_cannot_take_is_one_line_naming_out(read_only_run, tmp_path):
-    from cxrlab.report import write_report
+    from cxrlab.reporting.report import write_report
 
     with pytest.raises(CxrlabError, match=r"cannot write the report there \(Permission denied"
                                           r"\); give --out"):
@@ -236,7 +236,7 @@ def test_a_report_the_run_cannot_take_is_one_line_naming_out(read_only_run, tmp_
 
 def test_a_stress_test_the_run_cannot_take_is_a_warning(read_only_run, caplog):
     """What `Run.evaluate(shift=True)` does after scoring: warn, never raise."""
-    from cxrlab import shift
+    from cxrlab.site import shift
 
     caplog.set_level(logging.WARNING, logger="cxrlab")
     result = {"n": 1, "threshold": 0.5, "seed": 0, "baseline": {}, "rows": []}

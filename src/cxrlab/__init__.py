@@ -4,15 +4,16 @@ From Python or a notebook: `cxrlab.train(...)`, `cxrlab.load(run_dir)`, `cxrlab.
 `cxrlab.ablate(spec, out)`, `cxrlab.data_summary(data)` (see `cxrlab.api`); `cxrlab.demo_data()`
 is the folder of chest X-rays shipped with the package. The API is imported
 on first use (PEP 562), so `import cxrlab.errors` and the `cxrlab` command stay fast.
-Importing cxrlab keeps freed tensor memory in the process (`cxrlab.allocator`: up to 2.2x
+Importing cxrlab keeps freed tensor memory in the process (`cxrlab.training.allocator`: up to 2.2x
 faster CPU steps; `CXRLAB_MALLOC=system` opts out).
 """
 
 from typing import TYPE_CHECKING, Any
 
-from cxrlab.allocator import keep_freed_memory
+from cxrlab._version import __version__
 from cxrlab.demo import demo_data
 from cxrlab.errors import CxrlabError
+from cxrlab.training.allocator import keep_freed_memory
 
 keep_freed_memory()
 
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
         train,
     )
 
-__version__ = "0.1.0"
 
 __all__ = ["Comparison", "CrossVal", "CxrlabError", "DataSummary", "History", "Metrics", "Run",
            "Sweep", "__version__", "ablate", "compare", "data_summary", "demo_data", "load", "runs",

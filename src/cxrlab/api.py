@@ -72,8 +72,8 @@ def run_training(data: PathLike | None, out: PathLike | None, *, progress: bool,
     cross-validation dict (with its folder under "_out"). `cli` names options as flags
     (--image-size) in errors, else as keyword arguments (image_size); the CLI also requires
     `out`, where Python makes a new folder."""
-    from cxrlab.crossval import CONFIG_FILE, is_crossval_dir, run_crossval
-    from cxrlab.lifecycle import resume_run, train_run
+    from cxrlab.training.crossval import CONFIG_FILE, is_crossval_dir, run_crossval
+    from cxrlab.training.lifecycle import resume_run, train_run
 
     def name(key: str) -> str:
         if not cli:
@@ -125,7 +125,7 @@ def load(run_dir: PathLike) -> Run:
 def compare(run_a: Run | PathLike, run_b: Run | PathLike, n_boot: int = 2000) -> Comparison:
     """B − A on the validation images both runs share, with paired bootstrap 95% intervals
     (`cxrlab compare A B`)."""
-    from cxrlab.comparison import compare_runs
+    from cxrlab.evaluation.comparison import compare_runs
 
     return Comparison(compare_runs(_path(run_a), _path(run_b), n_boot=n_boot))
 
@@ -134,21 +134,22 @@ def ablate(spec: PathLike | dict, out: PathLike, *, progress: bool = False,
            shard: str | None = None) -> Sweep:
     """Train every variant x seed of an ablation spec (a YAML file or the same mapping as a
     dict; complete runs are skipped), then compare them paired by seed (`cxrlab ablate`)."""
-    from cxrlab import ablation as ab
+    from cxrlab.evaluation import ablation as ab
+    from cxrlab.training.sweep import run_sweep
 
     out = Path(out)
     with _quiet():
         study = ab.parse_spec(spec) if isinstance(spec, dict) else ab.load_spec(Path(spec))
-        ab.run_sweep(study, out, ab.parse_shard(shard), progress=progress,
-                     on_event=lambda e: logging.getLogger("cxrlab").info(
-                         "[%d/%d] %s: %s %s", e.index, e.total, e.run.name, e.kind, e.detail))
+        run_sweep(study, out, ab.parse_shard(shard), progress=progress,
+                  on_event=lambda e: logging.getLogger("cxrlab").info(
+                      "[%d/%d] %s: %s %s", e.index, e.total, e.run.name, e.kind, e.detail))
     return Sweep(ab.collect(study, out), out)
 
 
 def runs(root: PathLike = "runs", *, sort: str = "date", reverse: bool = False) -> list[dict]:
     """Every run under `root` (recursive), one dict each: model, image size, epochs, val AUC
     with its interval, accuracy, threshold, wall time, state, date (`cxrlab runs`)."""
-    from cxrlab.run_table import runs as table
+    from cxrlab.reporting.run_table import runs as table
 
     return table(root, sort=sort, reverse=reverse)
 
@@ -232,7 +233,7 @@ class Run:
     def val_predictions(self) -> list[dict]:
         """The validation images as the run decided them (val_predictions.csv): path, label,
         class, probabilities and correct, per image."""
-        from cxrlab.inference import decide
+        from cxrlab.deploy.inference import decide
 
         paths, y, probs = self._val_predictions()
         pred = decide(probs, self._info.positive, self.threshold)
@@ -265,13 +266,13 @@ class Run:
         which the report shows (a warning where the run folder is read-only; `save=False`
         leaves it untouched). `onnx`: score with that exported file (e.g.
         `export_onnx(..., int8=True)`) instead."""
-        from cxrlab.scoring import evaluate_run
+        from cxrlab.site.assess import evaluate_run
 
         metrics = evaluate_run(self.path, Path(data), image_col, label_col, split, positive,
                                skip_bad, shift=shift, onnx=None if onnx is None else Path(onnx),
                                allow_overlap=allow_overlap)
         if shift and save:
-            from cxrlab import shift as stress
+            from cxrlab.site import shift as stress
 
             stress.save(self.path, metrics["shift"])
         return Metrics(metrics)
@@ -287,8 +288,8 @@ class Run:
         same mode conversion and resize as files, so they predict exactly like their PNGs.
         `cam_dir`: write a Grad-CAM PNG per image file there (`cxrlab predict --cam`).
         """
-        from cxrlab.export import make_predictor
-        from cxrlab.scoring import predict_paths, prediction_rows
+        from cxrlab.deploy.export import make_predictor
+        from cxrlab.deploy.predict import predict_paths, prediction_rows
 
         items = _as_list(images)
         run = self.loaded
@@ -321,7 +322,7 @@ class Run:
                 layer: str | None = None) -> np.ndarray:
         """Grad-CAM heatmap of one image (path, PIL or array): float32 (S, S) in [0, 1] at the
         run's image size; for two classes the evidence for the positive class."""
-        from cxrlab.cam import gradcam
+        from cxrlab.deploy.cam import gradcam
 
         run = self.loaded
         return gradcam(run.model, self._pixels(image)[None], target, layer,
@@ -330,7 +331,7 @@ class Run:
     def show_gradcam(self, image: Any, *, target: int | None = None,
                      layer: str | None = None) -> Figure:
         """The image under its Grad-CAM heatmap, titled with the prediction (a Figure)."""
-        from cxrlab.cam import cam_figure, cam_title
+        from cxrlab.deploy.cam import cam_figure, cam_title
 
         pixels = self._pixels(image)
         row = self.predict([image])[0]
@@ -344,36 +345,36 @@ class Run:
 
         `int8`: 8-bit weights and activations, ranges from `calibration_images` training
         images; what that changes on the validation images is in the file's `int8_check`
-        metadata (`cxrlab.export.OnnxPredictor(path).int8_check`). `portable`: 7-bit weights,
+        metadata (`cxrlab.deploy.export.OnnxPredictor(path).int8_check`). `portable`: 7-bit weights,
         the same scores on any x86 CPU (otherwise made for this CPU's kind: VNNI or not)."""
         if portable and not int8:
             raise CxrlabError("--portable (portable=True): only with --int8 (int8=True); an "
                               "fp32 file is portable already")
         if int8:
-            from cxrlab.quantize import export_int8
+            from cxrlab.deploy.quantize import export_int8
 
             return export_int8(self.loaded, Path(path), overwrite=overwrite,
                                calibration_images=calibration_images, portable=portable)[0]
-        from cxrlab.export import export_onnx
+        from cxrlab.deploy.export import export_onnx
 
         return export_onnx(self.loaded, Path(path), overwrite=overwrite)
 
     def report(self, out: PathLike | None = None) -> Path:
         """Write the self-contained HTML report (default RUN/report.html); its path."""
-        from cxrlab.report import write_report
+        from cxrlab.reporting.report import write_report
 
         return write_report(self.path, None if out is None else Path(out))
 
     # -- figures ------------------------------------------------------------------------
     def plot_history(self) -> Figure:
         """Loss, accuracy, precision and recall per epoch, train beside validation."""
-        from cxrlab.plots import plot_history
+        from cxrlab.reporting.plots import plot_history
 
         return _shown(plot_history(self.history))
 
     def plot_roc(self) -> Figure:
         """Validation ROC curve(s) with AUC, the run's operating point marked."""
-        from cxrlab.plots import plot_roc
+        from cxrlab.reporting.plots import plot_roc
 
         _, y, probs = self._val_predictions()
         return _shown(plot_roc(y, probs, self.classes, positive=self._info.positive,
@@ -381,7 +382,7 @@ class Run:
 
     def plot_confusion(self) -> Figure:
         """Validation confusion matrix at the run's threshold."""
-        from cxrlab.plots import plot_confusion
+        from cxrlab.reporting.plots import plot_confusion
 
         return _shown(plot_confusion(np.array(self.metrics["confusion_matrix"]), self.classes,
                                      title="Validation confusion matrix"))
@@ -390,8 +391,8 @@ class Run:
         """Validation images titled "pred: X (p) | true: Y"; mistakes first (most confident
         first, framed in red) unless wrong_first=False."""
         from cxrlab.data.cache import load_images
-        from cxrlab.inference import decide
-        from cxrlab.plots import plot_prediction_grid
+        from cxrlab.deploy.inference import decide
+        from cxrlab.reporting.plots import plot_prediction_grid
 
         paths, y, probs = self._val_predictions()
         pred = decide(probs, self._info.positive, self.threshold)
@@ -443,7 +444,7 @@ class Run:
                 f"n={m.get('n')})")
 
     def _repr_html_(self) -> str:
-        from cxrlab.report import esc
+        from cxrlab.reporting.report import esc
 
         cfg = self.config
         head = (f"<b>Run</b> <code>{esc(self.path)}</code>: {esc(cfg.model)}, "
@@ -464,13 +465,13 @@ class Metrics(dict):
     that shows as a table: HTML in Jupyter, the CLI's table as text elsewhere."""
 
     def __repr__(self) -> str:
-        from cxrlab.evaluate import format_metrics_table
+        from cxrlab.evaluation.metrics import format_metrics_table
 
         return _rich_text(lambda c: c.print(format_metrics_table(self))).rstrip()
 
     def _table_html(self, what: str = "") -> str:
-        from cxrlab.evaluate import _LABELS, METRIC_KEYS
-        from cxrlab.report import esc, fmt, fmt_ci, table
+        from cxrlab.evaluation.metrics import _LABELS, METRIC_KEYS
+        from cxrlab.reporting.report import esc, fmt, fmt_ci, table
 
         binary = self.get("positive_class") is not None
         ci = self.get("ci") or {}
@@ -504,7 +505,7 @@ class History(list):
         return df.set_index("epoch") if "epoch" in df else df
 
     def _repr_html_(self) -> str:
-        from cxrlab.report import esc, fmt, table
+        from cxrlab.reporting.report import esc, fmt, table
 
         cols = list(self[0]) if self else []
         rows = [[esc(int(r[c])) if c == "epoch" and r[c] is not None
@@ -517,13 +518,13 @@ class Comparison(dict):
     """`compare`'s result: per metric A, B, B − A, its paired 95% interval and a verdict."""
 
     def __repr__(self) -> str:
-        from cxrlab.comparison import render
+        from cxrlab.evaluation.comparison import render
 
         return _rich_text(lambda c: render(self, c)).rstrip()
 
     def _repr_html_(self) -> str:
-        from cxrlab.comparison import LABELS
-        from cxrlab.report import esc, table
+        from cxrlab.evaluation.comparison import LABELS
+        from cxrlab.reporting.report import esc, table
 
         rows = [[esc(LABELS[r["metric"]]), f"{r['a']:.4f}", f"{r['b']:.4f}",
                  f"{r['difference']:+.4f}",
@@ -544,12 +545,12 @@ class Sweep(dict):
         self.path = Path(path)
 
     def __repr__(self) -> str:
-        from cxrlab.ablation import render
+        from cxrlab.evaluation.ablation import render
 
         return _rich_text(lambda c: render(self, c)).rstrip()
 
     def _repr_html_(self) -> str:
-        from cxrlab.report import esc, variants_html
+        from cxrlab.reporting.report import esc, variants_html
 
         main = [e for e in self["effects"] if not e["context"] and e["metric"] == "roc_auc"]
         effects = "".join(f"<li>{esc(e['sentence'])}</li>" for e in main)
@@ -568,12 +569,12 @@ class CrossVal(dict):
     @property
     def runs(self) -> list[Run]:
         """One Run per fold, in fold order."""
-        from cxrlab.crossval import fold_dir
+        from cxrlab.training.crossval import fold_dir
 
         return [Run(fold_dir(self.path, i)) for i in range(1, len(self.get("folds", [])) + 1)]
 
     def __repr__(self) -> str:
-        from cxrlab.crossval import render
+        from cxrlab.training.crossval import render
 
         return _rich_text(lambda c: render(self, c)).rstrip()
 
@@ -603,7 +604,7 @@ class DataSummary:
         return _rich_text(lambda c: render_summary(self._summary, c)).rstrip()
 
     def _repr_html_(self) -> str:
-        from cxrlab.report import esc, table
+        from cxrlab.reporting.report import esc, table
 
         s = self._summary
         splits = list(s.counts)
@@ -645,7 +646,7 @@ def _config_values(data: PathLike | None, options: dict[str, Any],
                               f"{rule}: the target is for the sensitivity rule; give one of them")
         options["threshold_rule"] = "sensitivity"
     if options.get("time_budget") is not None:
-        from cxrlab.budget import parse_budget
+        from cxrlab.config import parse_budget
 
         options["time_budget"] = parse_budget(options["time_budget"], name("time_budget"))
     loggers = options.pop("logger", None)
@@ -663,7 +664,7 @@ def _check_resume_options(run_dir: Path, given: dict[str, Any], name, cli: bool)
     """`--resume RUN` continues RUN with its own config.yaml: an option given with it must say
     what that file says, else it is refused, never ignored. Given means not None: --seed 0 and
     --no-class-weights are values (no_pretrained=False is the flag left out)."""
-    from cxrlab.crossval import CONFIG_FILE, is_crossval_dir
+    from cxrlab.training.crossval import CONFIG_FILE, is_crossval_dir
 
     given = {k: v for k, v in given.items() if v is not None}
     if given.get("no_pretrained") is False:

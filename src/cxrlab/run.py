@@ -11,11 +11,11 @@
     threshold     the decision threshold chosen on validation (2 classes)
     metrics.json  validation metrics at that threshold, with intervals
     val_predictions.csv  path, label and class probabilities of each validation image
-    intake.json   per-image statistics of the training+validation images (cxrlab.intake)
-    shift.json, shift.png  the stress test, when `evaluate --shift` was run (cxrlab.shift)
+    intake.json   per-image statistics of the training+validation images (cxrlab.site.intake)
+    shift.json, shift.png  the stress test, when `evaluate --shift` was run (cxrlab.site.shift)
     plan.json     a time-budgeted run: its budget, the warm-up timings and the plan (budget.py)
     *.png         curves, confusion matrix, ROC, prediction grid
-    tb/ csv-logs/ mlruns/ tracking.json   with --logger (cxrlab.tracking)
+    tb/ csv-logs/ mlruns/ tracking.json   with --logger (cxrlab.reporting.tracking)
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -38,12 +39,17 @@ import yaml
 from cxrlab.config import RunConfig
 from cxrlab.errors import CxrlabError
 
+# Imported inside the functions that need them: fcntl, torch (heavy or
+# optional; importing them here would slow every command that imports this module).
+
 if TYPE_CHECKING:  # torch is imported where a model is loaded: `cxrlab runs` needs none
     import torch
 
     from cxrlab.data.images import BitDepth
     from cxrlab.data.sources import Source
     from cxrlab.data.split import SplitResult
+
+log = logging.getLogger("cxrlab")
 
 RUN_FILES = ("config.yaml", "run.json")
 
@@ -384,3 +390,18 @@ def move_aside(run_dir: Path) -> Path:
         target = run_dir.with_name(f"{run_dir.name}.failed-{stamp}-{k}")
     run_dir.rename(target)
     return target
+
+
+SHIFT_JSON = "shift.json"  # written by cxrlab.site.shift (`evaluate --shift`)
+
+
+def read_shift(run_dir: Path) -> dict | None:
+    """The saved stress test of a run, or None."""
+    path = Path(run_dir) / SHIFT_JSON
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        log.warning("%s: not readable JSON; stress test ignored", path)
+        return None

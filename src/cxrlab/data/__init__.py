@@ -1,4 +1,8 @@
-"""Data: sources -> split -> decoded, cached uint8 arrays -> batched augmentation; audit."""
+"""Data: sources -> split -> decoded, cached uint8 arrays -> batched augmentation; audit.
+
+May import: config, models, errors; never the run folder or anything above it
+(tests/test_layers.py).
+"""
 
 from cxrlab.data.audit import Summary, render_summary, summarize, write_grid
 from cxrlab.data.cache import CacheInfo, default_cache_dir, load_images

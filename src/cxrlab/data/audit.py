@@ -16,10 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from cxrlab.data.cache import n_workers
-from cxrlab.data.images import GREY_MODES, image_header, read_image
+from cxrlab.data.images import GREY_MODES, guess_channels, image_header, read_image
 from cxrlab.data.sources import Source
 from cxrlab.data.split import assign_splits
 from cxrlab.errors import CxrlabError
+
+# Imported inside the functions that need them: matplotlib, rich, torch and
+# cxrlab.data.augment (torch): `cxrlab data summary` reads no tensors and must not load torch.
 
 
 @dataclass
@@ -76,7 +79,7 @@ def _inspect(path: Path) -> _Inspected:
 
 def pixel_digest(a: np.ndarray) -> str:
     """What "the same image" means here: a hash of uint8 (C, H, W) pixels and their shape,
-    grey stored as RGB equal to the same grey stored as L. Also `cxrlab.overlap`'s."""
+    grey stored as RGB equal to the same grey stored as L. Also `cxrlab.evaluation.overlap`'s."""
     if a.shape[0] == 3 and (a[0] == a[1]).all() and (a[0] == a[2]).all():
         a = a[:1]  # grey stored as RGB equals the same grey stored as L
     h = hashlib.blake2b(a.tobytes(), digest_size=16)
@@ -211,8 +214,7 @@ def write_grid(source: Source, path: Path | str, policy: str, size: int = 128,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from cxrlab.data.augment import augment_batch  # lazy: torch-heavy, only the grid needs it
-    from cxrlab.data.images import guess_channels
+    from cxrlab.data.augment import augment_batch
 
     rng = np.random.default_rng(seed)
     channels = guess_channels([r.path for r in source.records])

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cxrlab.data.images import recompress_jpeg
 from cxrlab.errors import CxrlabError
 
 POLICIES = ("none", "flip", "light", "intensity", "framing", "notebook")
@@ -235,8 +236,6 @@ def _film(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
 def _jpeg(x: torch.Tensor, qualities: list[int]) -> torch.Tensor:
     """Each image re-compressed as JPEG at its quality, through PIL on the CPU (a few ms a
     batch: there is no batched JPEG codec in torch)."""
-    from cxrlab.data.images import recompress_jpeg
-
     u8 = (x.float() * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
     return torch.from_numpy(recompress_jpeg(u8, qualities)).to(x.device, x.dtype) / 255
 

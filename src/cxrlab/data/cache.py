@@ -31,6 +31,9 @@ import numpy as np
 from cxrlab.data.images import NO_RUN, BitDepth, read_image
 from cxrlab.errors import CxrlabError
 
+# Imported inside the functions that need them: rich (heavy or
+# optional; importing them here would slow every command that imports this module).
+
 log = logging.getLogger("cxrlab")
 FORMAT_VERSION = 3  # bump when decoding changes what a cached array holds
 PROGRESS_MIN_IMAGES = 200

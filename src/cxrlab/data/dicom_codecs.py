@@ -14,7 +14,7 @@ up once per process:
 
 Why not pydicom's defaults: its GDCM plugin refuses 12-bit JPEG although GDCM's 12-bit IJG
 codec decodes it (pydicom's own 12-bit reference file gives its reference values, a GDCM round
-trip is within 1: tests/test_dicom.py), and it goes first for JPEG 2000, where GDCM aborts the
+trip is within 1: tests/data/test_dicom.py), and it goes first for JPEG 2000, where GDCM aborts the
 whole process (an uncaught C++ exception) on corrupt data. pyjpegls 1.5.1 (CharLS) is left
 out: on truncated JPEG-LS it took 17-39 s per 64x64 frame to fail; GDCM fails at once.
 Left as is: on a corrupt JPEG (not JPEG-LS) stream GDCM's libjpeg still prints a line or two
@@ -27,6 +27,9 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+
+# Imported inside the functions that need them: gdcm, pydicom (heavy or
+# optional; importing them here would slow every command that imports this module).
 
 # UIDs as strings: importing pydicom would import gdcm before _import_gdcm can guard it.
 JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"

@@ -35,7 +35,11 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from cxrlab.data import dicom_codecs
 from cxrlab.errors import CxrlabError
+
+# Imported inside the functions that need them: pydicom (heavy or
+# optional; importing them here would slow every command that imports this module).
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey stripe
 MIN_SIDE = 16
@@ -298,8 +302,6 @@ def convert_image(image: Image.Image | np.ndarray, channels: int, size: int | No
 
 
 def _read_dataset(fp: BinaryIO, name: str, header_only: bool = False):
-    from cxrlab.data import dicom_codecs
-
     dicom_codecs.configure()
     import pydicom
     from pydicom.errors import InvalidDicomError

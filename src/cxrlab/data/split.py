@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, StratifiedShuffleSplit
 
 from cxrlab.data.sources import Source
 from cxrlab.errors import CxrlabError
@@ -181,8 +181,6 @@ def _fold(source: Source, labels: np.ndarray, groups: list[str] | None, folds: i
           fold: int, seed: int) -> np.ndarray:
     """Validation indices of fold `fold` (1-based) of `folds`; an error when the data cannot
     give that many folds (no silent shrinking: k runs must mean k folds)."""
-    from sklearn.model_selection import StratifiedKFold
-
     n_groups = len(set(groups)) if groups is not None else len(labels)
     if n_groups < folds:
         what = "patients" if groups is not None else "training images"

@@ -3,10 +3,15 @@
 Each architecture registers one-line factories with `@register_model` (timm-style); everything
 that builds a model goes through `create_model`, so names, options and errors are the same for
 the CLI, the trainer and the tests.
+
+May import: errors only: config (the recipe) and everything else sit above the models
+(tests/test_layers.py).
 """
 
 from __future__ import annotations
 
+import socket
+import urllib.error
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -21,6 +26,7 @@ from cxrlab.models import efficientnet_lite as _efficientnet_lite  # noqa: F401
 from cxrlab.models import resnet as _resnet  # noqa: F401
 from cxrlab.models import vgg as _vgg  # noqa: F401
 from cxrlab.models.base import _REGISTRY, ImageClassifier, register_model
+from cxrlab.models.heads import check_head
 
 __all__ = ["ImageClassifier", "create_model", "has_packaged_weights", "list_models",
            "load_pretrained", "register_model", "resolve_pretrained", "starts_pretrained"]
@@ -48,8 +54,6 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, *,
     cnn; the others accept and ignore it). intensity: "fixed" (one mean/std for every image)
     or "image" (each image standardised by its own mean and std first; see base.py).
     """
-    from cxrlab.models.heads import check_head
-
     check_head(head)
     if name not in _REGISTRY:
         raise CxrlabError(f"unknown model {name!r}; choose from: {', '.join(list_models())}")
@@ -130,9 +134,6 @@ def _torch_load(path: Path, where: str):
 def _fetch_url(url: str):
     """torch.hub's cache: a file named like the URL's basename in <hub dir>/checkpoints is
     used as is; otherwise it is downloaded there once (a bounded wait when offline)."""
-    import socket
-    import urllib.error
-
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     name = Path(urlparse(url).path).name
     if not name:

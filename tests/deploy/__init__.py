@@ -1,0 +1,1 @@
+"""Tests of cxrlab.deploy (src/cxrlab/deploy/)."""

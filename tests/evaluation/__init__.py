@@ -1,0 +1,1 @@
+"""Tests of cxrlab.evaluation (src/cxrlab/evaluation/)."""

@@ -1,0 +1,1 @@
+"""Tests of cxrlab.models (src/cxrlab/models/)."""

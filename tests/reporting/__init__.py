@@ -1,0 +1,1 @@
+"""Tests of cxrlab.reporting (src/cxrlab/reporting/)."""

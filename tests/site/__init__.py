@@ -1,0 +1,1 @@
+"""Tests of cxrlab.site (src/cxrlab/site/)."""

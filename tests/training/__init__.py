@@ -1,0 +1,1 @@
+"""Tests of cxrlab.training (src/cxrlab/training/)."""
