@@ -149,3 +149,22 @@ def test_train_progress_counts_epochs_from_1_and_says_when_the_run_ends(tmp_path
     assert [b.split()[1] for b in bars] == ["1/2", "2/2"], proc.stdout
     ends = re.compile(r"run: ends in (\d+h\d\dm|\d+m\d\ds|\d+s), ~\d\d:\d\d")
     assert all(ends.search(b) for b in bars), bars
+
+
+def test_help_defaults_are_runconfigs_and_start_up_stays_light():
+    """`train --help`'s defaults come from config.py's source, not an import of it: they equal
+    RunConfig's, and building every command's help imports neither config.py nor yaml."""
+    from cxrlab.cli import _config_defaults
+    from cxrlab.config import RunConfig
+
+    parsed = _config_defaults()
+    assert len(parsed) >= 35
+    for name, value in parsed.items():
+        assert RunConfig.model_fields[name].default == value, name
+    code = ("import sys; from typer.main import get_command; from cxrlab.cli import app; "
+            "get_command(app); print(sorted({'cxrlab.config', 'yaml', 'torch'} & "
+            "set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
