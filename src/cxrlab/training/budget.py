@@ -208,9 +208,9 @@ def _time(fn, device: torch.device, repeats: int,
     epochs to 3 on a machine that trains all 9 in 11 min). The best call is optimistic about a
     whole epoch (allocation, the data loader, Python between steps): `BudgetWatch` re-checks
     the plan against the first full epoch's real time before cutting anything more. The
-    spread says whether the machine looked busy. Tried before on one Zen 4 machine (the default recipe, which ran 8.2-9.2 min):
-    the median of 5 steps predicted 7.0 min, the mean of 5 7.3, the mean of 3 8.4 and 9.9;
-    the mean of 3 was kept until that busy warm-up."""
+    spread says whether the machine looked busy. Tried before on one Zen 4 machine (the
+    default recipe, which ran 8.2-9.2 min): the median of 5 steps predicted 7.0 min, the mean
+    of 5 7.3, the mean of 3 8.4 and 9.9; the mean of 3 was kept until that busy warm-up."""
     fn()  # untimed: first calls pay for allocation and kernel selection
     _sync(device)
     times = []
