@@ -296,7 +296,7 @@ def test_png_sbit_declares_the_depth_and_the_option_overrides_it(tmp_path):
 
 def test_bit_depth_option_replaces_dicom_bits_stored(tmp_path):
     from cxrlab.data.images import BitDepth
-    from tests.test_dicom import ramp12, write_dicom
+    from tests.data.test_dicom import ramp12, write_dicom
 
     as12 = read_image(write_dicom(tmp_path / "a.dcm", ramp12(), bits_stored=12), 1)
     as16 = write_dicom(tmp_path / "b.dcm", ramp12(), bits_stored=16)

@@ -406,7 +406,7 @@ def test_recheck_cuts_a_run_that_resumes_as_it_was_cut(xray, tmp_path, capsys, m
     killed after the cut resumes to exactly the same end."""
     from cxrlab.training import budget
     from cxrlab.training import loop as training
-    from tests.test_resume import assert_same_run
+    from tests.training.test_resume import assert_same_run
 
     real = budget.recheck_epochs
     monkeypatch.setattr(budget, "recheck_epochs", lambda plan, t, elapsed, epoch_s, done:
