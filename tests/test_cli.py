@@ -106,9 +106,7 @@ def test_evaluate_and_predict(trained_run, tmp_path, capsys, monkeypatch):
 def test_predict_and_evaluate_tables_show_the_rule(trained_run, tmp_path, capsys,
                                                    monkeypatch):
     data, run = trained_run
-    from cxrlab.cli import console
-
-    monkeypatch.setattr(console, "width", 160)  # rows unwrapped
+    monkeypatch.setenv("COLUMNS", "160")  # rows unwrapped
     threshold = float((run / "threshold").read_text())
     f = sorted((data / "NORMAL").glob("*.png"))[0]
     code, out, err = run_cli(["predict", run, f], capsys, monkeypatch)
