@@ -1,8 +1,8 @@
 """examples/quickstart.ipynb runs top to bottom, headless, exactly as shipped: on the demo data
 inside the package (no ../shared, no network), from a fresh folder, as a new user's first run.
 
-Any cell error fails the test (nbclient raises CellExecutionError with the cell's traceback).
-The whole notebook took ~2 min on a 2-core CPU (README, "The notebook"); CI gives it 10.
+Any cell error fails the test (nbclient raises CellExecutionError with the cell's traceback);
+`pytest -s` prints how long it took.
 """
 
 from __future__ import annotations
