@@ -11,9 +11,9 @@ import pytest
 
 
 @pytest.mark.parametrize("old, new", [
-    ("cxrlab.evaluation.metrics", "cxrlab.evaluation.metrics"),
-    ("cxrlab.deploy.inference", "cxrlab.deploy.inference"),
-    ("cxrlab.deploy.export", "cxrlab.deploy.export"),
+    ("cxrlab.evaluate", "cxrlab.evaluation.metrics"),
+    ("cxrlab.inference", "cxrlab.deploy.inference"),
+    ("cxrlab.export", "cxrlab.deploy.export"),
 ])
 def test_old_path_warns_and_is_the_new_module(old, new):
     sys.modules.pop(old, None)
