@@ -25,6 +25,9 @@ Policies:
   Different from the stress test's framing shifts: its zoom is a centred, isotropic crop
   (81 / 64 / 49% of the area: the first two lie inside what is trained on here, the third
   outside), its border a black letterbox (never drawn here: the warp replicates the edge).
+  An option, not the default: on the recipe proxy it held normal films' scores under tighter
+  framing but cost validation AUC and specificity under blur, down-sampling and borders
+  (docs/recipes.md, "Framing").
 - "notebook": the Kaggle notebook's Keras ImageDataGenerator(rotation_range=30,
   width_shift_range=0.2, height_shift_range=0.2, shear_range=0.2, zoom_range=0.2,
   horizontal_flip=True, fill_mode="nearest"), with Keras' semantics: rotation and shear are
