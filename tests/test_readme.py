@@ -31,3 +31,13 @@ def test_readme_is_short_and_runs_without_the_development_data():
     assert len(README.splitlines()) <= 200
     assert "../shared" not in README
     assert 'DATA=$(python -c "import cxrlab; print(cxrlab.demo_data())")' in README
+
+
+def test_examples_send_nobody_to_the_development_data():
+    """Every file under examples/ runs from a fresh clone: data paths are the demo data or the
+    layout docs/data.md describes, never the development checkout's ../shared."""
+    text = {".yaml", ".yml", ".ipynb", ".md", ".py", ".txt"}  # not what a run left there
+    files = [p for p in (ROOT / "examples").rglob("*") if p.suffix in text]
+    assert any(p.suffix == ".yaml" for p in files)
+    for path in files:
+        assert "../shared" not in path.read_text(encoding="utf-8", errors="replace"), path
