@@ -345,3 +345,35 @@ def test_new_train_flags_reach_the_run_config(kermany_folder, tmp_path, capsys, 
     code, _, err = run_cli(["train", kermany_folder, "--out", tmp_path / "r",
                             "--threshold-rule", "f1"], capsys, monkeypatch)
     assert_user_error(code, err, "--threshold-rule f1")
+
+
+def _every_command(group, path=()):
+    import click
+
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            yield from _every_command(cmd, (*path, name))
+        else:
+            yield (*path, name), cmd
+
+
+def test_help_shows_flags_without_a_type_tag():
+    """Typer 0.29 printed `<bool>` beside every flag (--help, --json, --skip-bad...), as if it
+    took a value; options that take one keep their type."""
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from cxrlab.cli import app
+
+    runner = CliRunner()
+    flags = 0
+    for path, cmd in _every_command(get_command(app)):
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "120", "NO_COLOR": "1"})
+        assert result.exit_code == 0, (path, result.output)
+        assert "<bool>" not in result.output, (path, result.output)
+        flags += sum(getattr(p, "is_flag", False) for p in cmd.params)
+    assert flags > 20  # the check saw flags
+    result = runner.invoke(app, ["predict", "--help"], env={"COLUMNS": "120"})
+    line = next(ln for ln in result.output.splitlines() if "--skip-bad" in ln)
+    assert "unreadable" in line and "<" not in line
+    assert "<path>" in next(ln for ln in result.output.splitlines() if "--cam" in ln)

@@ -16,6 +16,25 @@ from rich.table import Table
 
 from cxrlab.errors import CxrlabError
 
+
+def _flags_without_type_tag() -> None:
+    """Typer 0.29's help gives every option a type column, and a flag (`--json`, `--skip-bad`,
+    `--help` itself) reads `<bool>` there as if it took a value. A flag takes none: show no
+    type for it, as Click's own help does. Options with a value keep theirs; older Typers,
+    without `display_type_rich`, never printed the tag."""
+    option = getattr(typer.core, "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None or getattr(shown, "_cxrlab", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    display_type_rich._cxrlab = True
+    option.display_type_rich = display_type_rich
+
+
+_flags_without_type_tag()
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, evaluate and use chest X-ray (or any image-folder) classifiers.")
 data_app = typer.Typer(no_args_is_help=True, help="Look at a dataset before training on it.")
@@ -327,7 +346,8 @@ def evaluate(
     positive: Annotated[str | None, typer.Option(help="positive class (2 classes)")] = None,
     image_col: ImageCol = None,
     label_col: LabelCol = None,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad")] = False,
+    skip_bad: Annotated[bool, typer.Option(
+        "--skip-bad", help="list unreadable images and go on without them")] = False,
     shift: Annotated[bool, typer.Option(
         "--shift", help="stress test under synthetic intake shifts; writes RUN/shift.json "
         "and RUN/shift.png (the report shows them)")] = False,
@@ -375,7 +395,8 @@ def calibrate(
     split: Annotated[str | None, typer.Option(help="only this split of DATA")] = None,
     image_col: ImageCol = None,
     label_col: LabelCol = None,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad")] = False,
+    skip_bad: Annotated[bool, typer.Option(
+        "--skip-bad", help="list unreadable images and go on without them")] = False,
     boot: Annotated[int, typer.Option(min=100, help="bootstrap resamples")] = 1000,
 ) -> None:
     """Refit the threshold and probabilities on a new site's sample; writes a new run."""
@@ -391,7 +412,8 @@ def predict(
     run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
     paths: Annotated[list[Path], typer.Argument(help="images or folders")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad")] = False,
+    skip_bad: Annotated[bool, typer.Option(
+        "--skip-bad", help="list unreadable images and go on without them")] = False,
     cam: Annotated[Path | None, typer.Option(
         "--cam", help="write a Grad-CAM PNG per image into this folder")] = None,
     layer: Annotated[str | None, typer.Option(
