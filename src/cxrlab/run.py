@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,19 +217,28 @@ def write_split_csv(path: Path | str, source: Source, result: SplitResult) -> No
     tmp.replace(path)
 
 
-def read_split_csv(path: Path | str) -> list[dict[str, str]]:
-    """Rows of a split.csv as dicts (keys path, label, split, patient)."""
-    path = Path(path)
+def read_csv_rows(path: Path, columns: Sequence[str], what: str) -> list[dict[str, str]]:
+    """Rows of one of the run's own CSV files, refused in one line when a column is missing.
+
+    Paths are read back with surrogateescape, as they were written, so undecodable file names
+    round-trip."""
     try:
         with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
             reader = csv.DictReader(f)
             rows = list(reader)
-            columns = reader.fieldnames or []
+            found = reader.fieldnames or []
     except OSError as e:
-        raise CxrlabError(f"{path}: cannot read split CSV ({e.strerror})") from None
-    missing = [c for c in SPLIT_CSV_COLUMNS if c not in columns]
+        raise CxrlabError(f"{path}: cannot read {what} ({e.strerror})") from None
+    missing = [c for c in columns if c not in found]
     if missing:
-        raise CxrlabError(f"{path}: not a split CSV (missing column {missing[0]!r})")
+        raise CxrlabError(f"{path}: not a {what} (missing column {missing[0]!r})")
+    return rows
+
+
+def read_split_csv(path: Path | str) -> list[dict[str, str]]:
+    """Rows of a split.csv as dicts (keys path, label, split, patient)."""
+    path = Path(path)
+    rows = read_csv_rows(path, SPLIT_CSV_COLUMNS, "split CSV")
     bad = next((r for r in rows if r["split"] not in ("train", "val", "test")), None)
     if bad is not None:
         raise CxrlabError(f"{path}: unknown split {bad['split']!r} for {bad['path']}")

@@ -39,7 +39,7 @@ from cxrlab.data.audit import pixel_digest
 from cxrlab.data.cache import n_workers
 from cxrlab.data.sources import load_source
 from cxrlab.errors import CxrlabError
-from cxrlab.run import atomic_write_text, read_split_csv
+from cxrlab.run import atomic_write_text, read_csv_rows, read_split_csv
 
 log = logging.getLogger("cxrlab")
 
@@ -93,16 +93,7 @@ def record_sample(run_dir: Path, paths: Sequence[Path | str], images: np.ndarray
 
 
 def _read(path: Path) -> list[dict[str, str]]:
-    try:
-        with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = reader.fieldnames or []
-    except OSError as e:
-        raise CxrlabError(f"{path}: cannot read ({e.strerror})") from None
-    if any(c not in columns for c in COLUMNS):
-        raise CxrlabError(f"{path}: not a cxrlab digests file (columns {', '.join(COLUMNS)})")
-    return rows
+    return read_csv_rows(path, COLUMNS, "cxrlab digests file")
 
 
 @dataclass
