@@ -475,7 +475,12 @@ def format_metrics_table(metrics: dict[str, Any], at_half: bool = False) -> Tabl
         more = [_fmt(half.get(key)) if key in half else ""] if half else []
         table.add_row(label, _fmt(metrics.get(key)), shown, *more)
     if metrics.get("threshold") is not None:
-        table.add_row("threshold", f"{metrics['threshold']:.4g}", "", *(["0.5"] if half else []))
+        stability = metrics.get("threshold_stability") or {}  # operating_point's, at training
+        moved = stability.get("interval")
+        shown = f"{moved[0]:.3g} – {moved[1]:.3g}" if moved else ""
+        shown += " [bold red]unstable[/]" if stability.get("unstable") else ""
+        table.add_row("threshold", f"{metrics['threshold']:.4g}", shown,
+                      *(["0.5"] if half else []))
     return table
 
 

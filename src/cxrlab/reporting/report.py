@@ -479,6 +479,7 @@ def metrics_html(r: RunData) -> str:
                 "loss), so validation numbers are optimistic; 0.5 is shown for comparison. "
                 f"Intervals: 95% percentile {esc(method)} over the {m.get('n')} validation "
                 "images (threshold fixed).</p>")
+        note += threshold_stability_html(m.get("threshold_stability"))
     else:
         header = ["metric (macro over classes)", "value", "95% CI"]
         rows = [[k, fmt(m.get(k)), fmt_ci(ci.get(k))] for k in METRIC_KEYS]
@@ -491,6 +492,23 @@ def metrics_html(r: RunData) -> str:
                                                    for k in keys]]
                                         for c, v in m["per_class"].items()])
     return out
+
+
+def threshold_stability_html(st: dict | None) -> str:
+    """How far a resample of the validation patients moves the threshold, and what that does
+    (metrics.json's threshold_stability, cxrlab.evaluation.operating_point); "" before it."""
+    if not st:
+        return ""
+    (lo, hi), a, b = st["interval"], st["at_low"], st["at_high"]
+    flag = ("<strong>Unstable</strong>: expect a new intake's decisions to move as much "
+            "(more validation data, <code>cxrlab calibrate</code> or <code>--folds</code> "
+            "pin it better). " if st.get("unstable") else "")
+    return (f"<p>Threshold stability: re-chosen on resampled validation patients, the "
+            f"{esc(st['rule'])} threshold falls within {lo:.3g} – {hi:.3g} (95%, "
+            f"{esc(st['interval_method'])}); at those ends validation sensitivity is "
+            f"{a['sensitivity']:.3f} / {b['sensitivity']:.3f} and specificity "
+            f"{a['specificity']:.3f} / {b['specificity']:.3f}, {st['change_points']:.1f} points "
+            f"apart. {flag}Criterion: {esc(st['criterion'])}.</p>")
 
 
 def gallery_html(r: RunData) -> str:

@@ -30,6 +30,7 @@ from cxrlab.data.split import assign_splits
 from cxrlab.deploy.inference import decide
 from cxrlab.errors import CxrlabError
 from cxrlab.evaluation.metrics import group_codes, interval_method, resample_weights
+from cxrlab.evaluation.operating_point import threshold_spread, warning
 from cxrlab.evaluation.overlap import DIGESTS
 from cxrlab.evaluation.stats import t_interval
 from cxrlab.run import (
@@ -183,6 +184,13 @@ def pool(out: Path, folds: int) -> dict:
         pred_all.append(decide(probs, positive, pooled_t))
     binary = predictions[0][2] is not None
     y, pred = np.concatenate([p[0] for p in predictions]), np.concatenate(pred_all)
+    spread = None
+    if binary:  # the folds' thresholds, and what the lowest and highest decide out of fold
+        pos = predictions[0][2]
+        spread = threshold_spread([f["threshold"] for f in per_fold], y == pos,
+                                  np.concatenate([p[1][:, pos] for p in predictions]))
+        if warning(spread, "the folds' thresholds' range"):
+            log.warning(warning(spread, "the folds' thresholds' range"))
     correct = int((y == pred).sum())
     ci, ci_method = accuracy_interval(y == pred, patients)
     cm = confusion_matrix(y, pred, labels=list(range(len(classes))))
@@ -197,6 +205,7 @@ def pool(out: Path, folds: int) -> dict:
         "folds": folds,
         "classes": classes,
         "per_fold": per_fold,
+        "threshold_spread": spread,
         "fold_mean": {k: t_interval([f[k] for f in per_fold], bounds=bounds).to_dict()
                       for k in ("accuracy", "roc_auc")},
         "pooled": {"decisions": POOLED_BINARY if binary else POOLED_ARGMAX,
@@ -257,6 +266,13 @@ def render(result: dict, console) -> None:
 
     table.add_row("mean [95% t]", "", mean("accuracy"), mean("roc_auc"), "", "", "")
     console.print(table)
+    spread = result.get("threshold_spread")
+    if spread:
+        lo, hi = spread["at_low"], spread["at_high"]
+        console.print(f"Folds' thresholds {spread['min']:.3g} to {spread['max']:.3g}: out of fold "
+                      f"sensitivity {lo['sensitivity']:.3f} / {hi['sensitivity']:.3f}, specificity "
+                      f"{lo['specificity']:.3f} / {hi['specificity']:.3f} at the two ends"
+                      + (" [bold red](unstable)[/]" if spread["unstable"] else "") + ".")
     p = result["pooled"]
     lo, hi = p["accuracy_ci"]
     method = p.get("accuracy_ci_method", "Wilson")  # crossval.json written before it said

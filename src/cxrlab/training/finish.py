@@ -15,6 +15,7 @@ from cxrlab.data.prepared import PreparedData
 from cxrlab.deploy.inference import decide, predict_probs
 from cxrlab.evaluation import overlap
 from cxrlab.evaluation.metrics import choose_threshold, compute_metrics
+from cxrlab.evaluation.operating_point import threshold_stability, warning
 from cxrlab.reporting import plots
 from cxrlab.run import read_history, write_json, write_predictions_csv, write_threshold
 from cxrlab.site.intake import write_reference
@@ -38,6 +39,12 @@ def score_training(model: torch.nn.Module, config: RunConfig, data: PreparedData
         write_threshold(out, threshold)
     metrics = compute_metrics(vy, vp, classes, positive=positive, threshold=threshold,
                               seed=config.seed, groups=_patients(data, vidx))
+    if threshold is not None:  # how far a resample of the same patients moves it
+        metrics["threshold_stability"] = threshold_stability(
+            vy == positive, vp[:, positive], config.threshold_rule, config.target_sensitivity,
+            groups=_patients(data, vidx), seed=config.seed)
+        if warning(metrics["threshold_stability"]):
+            log.warning(warning(metrics["threshold_stability"]))
     write_predictions_csv(out / "val_predictions.csv", [data.records[i].path for i in vidx],
                           [classes[k] for k in vy], vp, classes)
     metrics["split"] = "val"
