@@ -637,14 +637,20 @@ def models_cmd(
     num_classes: Annotated[int, typer.Option(help="outputs (1 = binary)")] = 1,
 ) -> None:
     """The registered models with parameters and multiply-adds; --summary for the layers."""
-    from cxrlab.models import create_model, list_models
-    from cxrlab.models.summary import count_macs, count_parameters, model_summary, render_summary
+    from cxrlab.models import list_models
+    from cxrlab.models.summary import (
+        build_on_meta,
+        count_macs,
+        count_parameters,
+        model_summary,
+        render_summary,
+    )
 
     names = [name] if name else list_models()
     table = Table("model", "parameters", f"GMACs @ {image_size}px", title="Models")
     built = {}
     for n in names:
-        m = create_model(n, num_classes=num_classes, in_chans=in_chans, image_size=image_size)
+        m = build_on_meta(n, num_classes=num_classes, in_chans=in_chans, image_size=image_size)
         built[n] = m
         table.add_row(n, f"{count_parameters(m):,}", f"{count_macs(m, image_size) / 1e9:.2f}")
     console.print(table)

@@ -13,7 +13,13 @@ from cxrlab.errors import CxrlabError
 from cxrlab.models import create_model, list_models
 from cxrlab.models.base import IMAGENET_MEAN, IMAGENET_STD
 from cxrlab.models.resnet import load_torchvision_state_dict
-from cxrlab.models.summary import count_macs, count_parameters, model_summary, render_summary
+from cxrlab.models.summary import (
+    build_on_meta,
+    count_macs,
+    count_parameters,
+    model_summary,
+    render_summary,
+)
 
 SMALL = 64  # px: the cnn halves 5 times, so 64 -> a 2x2 feature map
 
@@ -312,6 +318,18 @@ def test_parameter_counts_match_torchvision():
 def test_resnet18_macs():
     gmacs = count_macs(create_model("resnet18", 1000, 3), 224) / 1e9
     assert 1.80 < gmacs < 1.83  # torchvision quotes 1.81 GFLOPS (multiply-adds)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_counts_on_the_meta_device_equal_the_real_models(name):
+    """`cxrlab models` builds on the meta device (no memory, no init, no arithmetic): the
+    parameters, multiply-adds and layer table must be the real model's."""
+    real = small(name, 2)
+    meta = build_on_meta(name, num_classes=2, in_chans=1, image_size=SMALL)
+    assert all(p.is_meta for p in meta.parameters())
+    assert count_parameters(meta) == count_parameters(real)
+    assert count_macs(meta, SMALL) == count_macs(real, SMALL)
+    assert model_summary(meta, SMALL) == model_summary(real, SMALL)
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet18", "resnet50"])

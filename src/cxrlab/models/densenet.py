@@ -13,7 +13,6 @@ import re
 from collections.abc import Mapping
 
 import torch
-from monai.networks.nets import DenseNet121 as MonaiDenseNet121
 from torch import nn
 
 from cxrlab.models.base import ImageClassifier, load_matching_state_dict, register_model
@@ -41,6 +40,10 @@ class DenseNet121(ImageClassifier):
                  batchnorm: bool = True, image_size: int | None = None, head: str = "linear"):
         # batchnorm/image_size: accepted for the uniform interface; DenseNet needs its BNs.
         super().__init__(num_classes, in_chans, num_features=1024)
+        # Imported here, not at the top: `import monai` loads all of MONAI (and MLflow when
+        # installed), the larger part of `import cxrlab.models`; only a DenseNet needs it.
+        from monai.networks.nets import DenseNet121 as MonaiDenseNet121
+
         self.features = MonaiDenseNet121(spatial_dims=2, in_channels=in_chans,
                                          out_channels=1).features
         self.final_act = nn.ReLU()
