@@ -117,9 +117,9 @@ def run_training(data: PathLike | None, out: PathLike | None, *, progress: bool,
     return train_run(cfg, out, progress=progress, mlflow_uri=mlflow_uri)
 
 
-def load(run_dir: PathLike) -> Run:
-    """A finished run directory (what `cxrlab train` wrote) as a Run."""
-    return Run(run_dir)
+def load(run_dir: PathLike, *, tta: str | None = None) -> Run:
+    """A finished run directory (what `cxrlab train` wrote) as a Run; `tta` as Run's."""
+    return Run(run_dir, tta=tta)
 
 
 def compare(run_a: Run | PathLike, run_b: Run | PathLike, n_boot: int = 2000) -> Comparison:
@@ -173,9 +173,13 @@ def data_summary(data: PathLike, *, image_col: str | None = None,
 
 class Run:
     """A finished run directory: its metrics, configuration and history, and the model to
-    evaluate, predict, explain, export and plot with (loaded on first use)."""
+    evaluate, predict, explain, export and plot with (loaded on first use).
 
-    def __init__(self, path: PathLike):
+    `tta`: the test-time augmentation every score of this Run object uses ("none", "flip",
+    ...; cxrlab.models.tta); None = the run's own (config `tta`), with which its threshold was
+    chosen. Another one is allowed, with a one-line warning."""
+
+    def __init__(self, path: PathLike, *, tta: str | None = None):
         from cxrlab.run import load_info
 
         self.path = Path(path)
@@ -186,6 +190,11 @@ class Run:
             raise CxrlabError(f"{self.path}: run is not complete (state: {info.state})")
         self._info = info
         self._loaded: LoadedRun | None = None
+        if tta is not None:
+            from cxrlab.models.tta import check_tta
+
+            check_tta(tta)
+        self._tta = tta
 
     # -- what the run wrote -----------------------------------------------------------------
     @property
@@ -249,8 +258,13 @@ class Run:
         if self._loaded is None:
             from cxrlab.run import load_run
 
-            self._loaded = load_run(self.path)
+            self._loaded = load_run(self.path, self._tta)
         return self._loaded
+
+    @property
+    def tta(self) -> str:
+        """The test-time augmentation this Run scores with (see the class docstring)."""
+        return self.config.tta if self._tta is None else self._tta
 
     # -- using the model ----------------------------------------------------------------
     def evaluate(self, data: PathLike, *, split: str | None = None, positive: str | None = None,
@@ -270,7 +284,7 @@ class Run:
 
         metrics = evaluate_run(self.path, Path(data), image_col, label_col, split, positive,
                                skip_bad, shift=shift, onnx=None if onnx is None else Path(onnx),
-                               allow_overlap=allow_overlap)
+                               allow_overlap=allow_overlap, tta=self._tta)
         if shift and save:
             from cxrlab.site import shift as stress
 
@@ -352,6 +366,11 @@ class Run:
                               "fp32 file is portable already")
         if int8:
             from cxrlab.deploy.quantize import export_int8
+
+            if self.tta != self.config.tta:
+                raise CxrlabError(f"--int8 with --tta {self.tta}: the int8 file is checked "
+                                  "against the run's validation scores, made with tta "
+                                  f"{self.config.tta}; export --int8 with the run's own")
 
             return export_int8(self.loaded, Path(path), overwrite=overwrite,
                                calibration_images=calibration_images, portable=portable)[0]

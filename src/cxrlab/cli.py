@@ -58,6 +58,10 @@ DataArg = Annotated[
     Path | None, typer.Argument(help="class folders, train/val/test folders, or CSV")
 ]
 ImageCol = Annotated[str | None, typer.Option(help="CSV column with image paths")]
+TtaOption = Annotated[str | None, typer.Option(
+    metavar="none|flip|crop|flip-crop", help="test-time augmentation: average the "
+    "probabilities of the image and its mirror (flip, 2 passes), ... \\[default: the run's own, "
+    "with which its threshold was chosen]")]
 LabelCol = Annotated[str | None, typer.Option(help="CSV column with labels")]
 
 
@@ -244,6 +248,11 @@ def train(
     target_sensitivity: Annotated[float | None, typer.Option(
         rich_help_panel=_THRESHOLD, help=f"the sensitivity rule's target (implies it) "
         f"{_default('target_sensitivity')}")] = None,
+    tta: Annotated[str | None, typer.Option(
+        metavar="none|flip|crop|flip-crop", rich_help_panel=_THRESHOLD,
+        help=f"test-time augmentation of the validation scores the threshold is chosen on, "
+        f"and then of every prediction (flip: image + mirror, 2 passes) {_default('tta')}")
+    ] = None,
     time_budget: Annotated[str | None, typer.Option(
         rich_help_panel=_HARDWARE, help="plan the run to end within this: 90s, 30m, 1.5h, 45 "
         "(min), none \\[default: auto = 30m on a CPU unless --epochs is given]")] = None,
@@ -357,6 +366,7 @@ def evaluate(
     allow_overlap: Annotated[bool, typer.Option(
         "--allow-overlap", help="DATA holds images the run trained on: leave them out and "
         "score the rest (default: refuse)")] = False,
+    tta: TtaOption = None,
 ) -> None:
     """Metrics of a run on labelled images, at the run's threshold and at 0.5; refuses images
     the run trained on, labels its validation images selection-biased, and warns when the
@@ -366,9 +376,9 @@ def evaluate(
 
     if json_out is not None and not json_out.absolute().parent.is_dir():
         raise CxrlabError(f"--json {json_out}: no folder {json_out.absolute().parent}")
-    metrics = Run(run_dir).evaluate(data, split=split, positive=positive, image_col=image_col,
-                                    label_col=label_col, skip_bad=skip_bad, shift=shift,
-                                    onnx=onnx, allow_overlap=allow_overlap, save=False)
+    metrics = Run(run_dir, tta=tta).evaluate(
+        data, split=split, positive=positive, image_col=image_col, label_col=label_col,
+        skip_bad=skip_bad, shift=shift, onnx=onnx, allow_overlap=allow_overlap, save=False)
     scored_by = "" if onnx is None else f", {metrics['onnx']['precision']} file {onnx.name}"
     _print_metrics(metrics, f"{data} ({metrics['n']} images{scored_by})", at_half=True)
     if json_out is not None:  # the user's file first: a read-only run loses nothing
@@ -398,11 +408,13 @@ def calibrate(
     skip_bad: Annotated[bool, typer.Option(
         "--skip-bad", help="list unreadable images and go on without them")] = False,
     boot: Annotated[int, typer.Option(min=100, help="bootstrap resamples")] = 1000,
+    tta: TtaOption = None,
 ) -> None:
     """Refit the threshold and probabilities on a new site's sample; writes a new run."""
     from cxrlab.site.calibration import calibrate_run, describe
 
-    r = calibrate_run(run_dir, data, out, image_col, label_col, split, skip_bad, n_boot=boot)
+    r = calibrate_run(run_dir, data, out, image_col, label_col, split, skip_bad, n_boot=boot,
+                      tta=tta)
     console.print(describe(r), highlight=False)
     console.print(f"Calibrated run written to [bold]{r['out']}[/]")
 
@@ -421,12 +433,13 @@ def predict(
     backend: Annotated[str, typer.Option(help="torch | onnx (ONNX Runtime)")] = "torch",
     onnx: Annotated[Path | None, typer.Option(
         help="with --backend onnx: a file from `cxrlab export` (default: export now)")] = None,
+    tta: TtaOption = None,
 ) -> None:
     """Predicted class and per-class probability for each image, at the run's threshold."""
     from cxrlab.api import Run
 
-    rows = Run(run_dir).predict(paths, skip_bad=skip_bad, backend=backend, onnx=onnx,
-                                cam_dir=cam, layer=layer)
+    rows = Run(run_dir, tta=tta).predict(paths, skip_bad=skip_bad, backend=backend,
+                                         onnx=onnx, cam_dir=cam, layer=layer)
     if as_json:
         for r in rows:
             sys.stdout.write(json.dumps(r) + "\n")
@@ -462,13 +475,14 @@ def export(
         "--portable", help="with --int8: 7-bit weights, the same scores on every x86 CPU "
         "(without --portable the file is made for this CPU's kind: with or without VNNI)")]
     = False,
+    tta: TtaOption = None,
 ) -> None:
     """The run as one ONNX file: uint8 images in, probabilities out, classes and threshold
     in its metadata."""
     from cxrlab.api import Run
 
-    out = Run(run_dir).export_onnx(onnx, int8=int8, calibration_images=calibration_images,
-                                   portable=portable)
+    out = Run(run_dir, tta=tta).export_onnx(onnx, int8=int8, portable=portable,
+                                            calibration_images=calibration_images)
     kind = "int8 ONNX" if int8 else "ONNX"
     console.print(f"{kind} model written to [bold]{out}[/] ({out.stat().st_size / 1e6:.1f} MB)")
     if int8:
@@ -510,12 +524,13 @@ def serve(
     onnx: Annotated[Path | None, typer.Option(
         help="answer with this file from `cxrlab export` (e.g. --int8) in ONNX Runtime")]
     = None,
+    tta: TtaOption = None,
 ) -> None:
     """A web service and page for the run: POST /predict, GET / , /health, /docs."""
     from cxrlab.deploy.serve import serve_run
 
     serve_run(run_dir, host=host, port=port, max_upload_mb=max_upload_mb,
-              batch_wait_ms=batch_wait_ms, onnx=onnx)
+              batch_wait_ms=batch_wait_ms, onnx=onnx, tta=tta)
 
 
 # ---------------------------------------------------------------------------------------

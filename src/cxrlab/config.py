@@ -24,6 +24,7 @@ from pydantic import (
 from cxrlab.errors import CxrlabError
 
 Augment = Literal["none", "flip", "light", "intensity", "framing", "notebook"]
+Tta = Literal["none", "flip", "crop", "flip-crop"]  # cxrlab.models.tta.TTA (a test checks)
 LOGGERS = ("tensorboard", "csv", "mlflow")  # experiment trackers (cxrlab.reporting.tracking)
 
 
@@ -119,6 +120,11 @@ class RunConfig(BaseModel):
     # -- decision threshold (2 classes) -------------------------------------------------
     threshold_rule: Literal["youden", "sensitivity"] = "youden"
     target_sensitivity: float = Field(0.95, gt=0, le=1)
+    tta: Tta = Field(
+        "none", description="test-time augmentation of every score the run reports and makes: "
+        "the validation predictions and threshold, then evaluate/predict/serve/export "
+        "(models/tta.py; flip: the image and its mirror, 2 passes)"
+    )
 
     # -- reproducibility and speed ------------------------------------------------------
     seed: int = 0

@@ -335,8 +335,30 @@ class LoadedRun:
         """images.BitDepth: every image this run reads is scaled as its training images were."""
         return run_bit_depth(self.config, self.info)
 
+    @property
+    def tta(self) -> str:
+        """The test-time augmentation `model` scores with (cxrlab.models.tta)."""
+        from cxrlab.models.tta import tta_of
 
-def load_run(run_dir: Path) -> LoadedRun:
+        return tta_of(self.model)
+
+
+def apply_tta(run: LoadedRun, tta: str | None = None) -> LoadedRun:
+    """`run` scoring with test-time augmentation `tta` (None: the run's own, config `tta`, with
+    which its threshold was chosen); another setting is allowed, with a one-line note."""
+    from cxrlab.models.tta import check_tta, with_tta
+
+    want = run.config.tta if tta is None else check_tta(tta)
+    if want != run.config.tta:
+        log.warning("--tta %s: the run's threshold was chosen on validation scores with tta "
+                    "%s", want, run.config.tta)
+    run.model = with_tta(run.model, want)
+    return run
+
+
+def load_run(run_dir: Path, tta: str | None = None) -> LoadedRun:
+    """A finished run, its model in eval mode under test-time augmentation `tta` (None: the
+    run's own; see apply_tta)."""
     import torch
 
     from cxrlab.models import create_model
@@ -360,7 +382,7 @@ def load_run(run_dir: Path) -> LoadedRun:
     state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     model.eval()
-    return LoadedRun(run_dir, config, info, read_threshold(run_dir), model)
+    return apply_tta(LoadedRun(run_dir, config, info, read_threshold(run_dir), model), tta)
 
 
 def run_state(run_dir: Path, config: RunConfig) -> str:

@@ -29,6 +29,7 @@ from torch import nn
 
 from cxrlab.data.images import read_image
 from cxrlab.errors import CxrlabError
+from cxrlab.models.tta import without_tta
 
 # Imported inside the functions that need them: matplotlib, monai (heavy or
 # optional; importing them here would slow every command that imports this module).
@@ -63,6 +64,7 @@ class GradCam:
     def __init__(self, model: nn.Module, layer: str | None = None, positive: int | None = None):
         from monai.visualize import GradCAM
 
+        model = without_tta(model)  # the model itself explains, on the image as given
         layer = layer or getattr(model, "feature_layer", "") or ""
         if not layer:
             raise CxrlabError(f"--layer: {type(model).__name__} names no feature layer; "

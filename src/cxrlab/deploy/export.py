@@ -11,7 +11,8 @@ Scaling to [0, 1], the run's normalisation and the sigmoid/softmax are inside th
 caller only decodes and resizes. The model's metadata_props say the rest (JSON where a value
 is a list): classes, positive_class, threshold, image_size, in_chans, input_spec,
 preprocessing, model, cxrlab_version, run, weights_sha256 (which weights the graph holds: a run
-refuses a file whose weights or threshold are not its own). The legacy TorchScript exporter is
+refuses a file whose weights or threshold are not its own), tta (the test-time augmentation
+whose views the graph averages, cxrlab.models.tta). The legacy TorchScript exporter is
 used (`dynamo=False`): the dynamo one needs onnxscript, a large extra dependency, and gives
 the same graph for these plain CNNs.
 """
@@ -35,6 +36,7 @@ from cxrlab._version import __version__
 from cxrlab.cpu import cpu_has_vnni
 from cxrlab.deploy.inference import predict_probs
 from cxrlab.errors import CxrlabError
+from cxrlab.models.tta import without_tta
 from cxrlab.run import LoadedRun, load_run
 
 # Imported inside the functions that need them: onnx, onnxruntime (heavy or
@@ -67,9 +69,10 @@ class ProbabilityModel(nn.Module):
 
 def weights_sha256(model: nn.Module) -> str:
     """sha256 over the state dict, keys sorted (name, dtype, shape, bytes; floating tensors as
-    float32, as the graph holds them): the weights themselves, however model.pt was saved."""
+    float32, as the graph holds them): the weights themselves, however model.pt was saved, and
+    whatever test-time augmentation wraps them (metadata `tta` says that)."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(without_tta(model).state_dict().items()):
         t = t.detach().cpu()
         t = (t.float() if t.is_floating_point() else t).contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -91,6 +94,7 @@ def run_metadata(run: LoadedRun) -> dict[str, str]:
         "cxrlab_version": __version__,
         "run": str(Path(run.run_dir).resolve().name),
         "weights_sha256": weights_sha256(run.model),
+        "tta": run.tta,
     }
 
 
@@ -192,6 +196,7 @@ class OnnxPredictor:
         self.positive = None if pos is None else self.classes.index(pos)
         self.precision = meta.get("precision", "fp32")
         self.weights_sha256: str | None = meta.get("weights_sha256") or None
+        self.tta = meta.get("tta", "none")  # files from before TTA: none
         self.int8_check = json.loads(meta["int8_check"]) if "int8_check" in meta else None
         if self.int8_check and self.int8_check.get("vnni") and not cpu_has_vnni():
             # Refused, not warned: on ONNX Runtime's AVX2 kernels such a file changed 8 of 128
@@ -226,6 +231,10 @@ class OnnxPredictor:
         if self.threshold != run.threshold:
             raise CxrlabError(f"--onnx {self.path}: records threshold {self.threshold}, "
                               f"{run_dir / 'threshold'} says {run.threshold}; {again}")
+        if self.tta != run.tta:
+            raise CxrlabError(f"--onnx {self.path}: averages test-time augmentation "
+                              f"{self.tta!r} in its graph, asked for {run.tta!r}; pass --tta "
+                              f"{self.tta} or {again} --tta {run.tta}")
 
     def __call__(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         return self.scores(self.session, images, batch_size)

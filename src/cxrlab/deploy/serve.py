@@ -103,10 +103,11 @@ class Inference:
     """The run, loaded once: decode bytes -> probabilities (and a Grad-CAM on request)."""
 
     def __init__(self, run_dir: Path, batch_wait_ms: float = 0.0, max_batch: int = 16,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, onnx: Path | None = None):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, onnx: Path | None = None,
+                 tta: str | None = None):
         import torch
 
-        self.run = load_run(run_dir)
+        self.run = load_run(run_dir, tta)
         self.version = __version__
         self.max_pixels = max_pixels
         self._torch = torch
@@ -204,11 +205,13 @@ def _status_for(message: str) -> int:
 
 def create_app(run_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
                batch_wait_ms: float = 0.0, max_batch: int = 16,
-               max_pixels: int = DEFAULT_MAX_PIXELS, onnx: Path | str | None = None):
+               max_pixels: int = DEFAULT_MAX_PIXELS, onnx: Path | str | None = None,
+               tta: str | None = None):
     """The FastAPI app for one run; the model is loaded here, once. `onnx`: answer with
-    that file from `cxrlab export` (checked against the run) in ONNX Runtime."""
+    that file from `cxrlab export` (checked against the run) in ONNX Runtime. `tta`:
+    test-time augmentation (None: the run's own, cxrlab.models.tta)."""
     engine = Inference(Path(run_dir), batch_wait_ms, max_batch, max_pixels,
-                       None if onnx is None else Path(onnx))
+                       None if onnx is None else Path(onnx), tta)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -226,7 +229,7 @@ def create_app(run_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
         r = engine.run
         return {"status": "ok", "model": r.config.model, "run": Path(r.run_dir).resolve().name,
                 "classes": r.classes, "image_size": r.config.image_size,
-                "threshold": r.threshold, "version": engine.version,
+                "threshold": r.threshold, "tta": r.tta, "version": engine.version,
                 "batching": engine.batcher is not None, "backend": engine.backend}
 
     @app.post("/predict")
@@ -257,11 +260,11 @@ def create_app(run_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
 
 def serve_run(run_dir: Path, host: str = "127.0.0.1", port: int = 8000,
               max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, batch_wait_ms: float = 0.0,
-              onnx: Path | None = None) -> None:
+              onnx: Path | None = None, tta: str | None = None) -> None:
     import uvicorn
 
     app = create_app(run_dir, max_upload_mb=max_upload_mb, batch_wait_ms=batch_wait_ms,
-                     onnx=onnx)
+                     onnx=onnx, tta=tta)
     if host not in LOOPBACK:
         log.warning("serving on %s: reachable from other machines, with no authentication",
                     host)

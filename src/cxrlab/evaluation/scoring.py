@@ -65,7 +65,7 @@ def score_run(run_dir: Path, data: Path, image_col: str | None = None,
               label_col: str | None = None, split: str | None = None,
               positive: str | None = None, skip_bad: bool = False,
               n_boot: int = 1000, onnx: Path | None = None,
-              allow_overlap: bool = False) -> Scored:
+              allow_overlap: bool = False, tta: str | None = None) -> Scored:
     """Metrics of a finished run on any labelled source, at the run's threshold.
 
     DATA holding the run's own training images (same path or content:
@@ -76,9 +76,10 @@ def score_run(run_dir: Path, data: Path, image_col: str | None = None,
     `positive` may name the other class: the metrics are then about that class, with the
     same decisions (see `complement_threshold`). `onnx`: score with that file from
     `cxrlab export` (an int8 one on a held-out set, say) instead of the run's fp32 model;
-    metrics["onnx"] names it.
+    metrics["onnx"] names it. `tta`: test-time augmentation (None: the run's own,
+    cxrlab.run.apply_tta); metrics["tta"] names it.
     """
-    run = load_run(run_dir)
+    run = load_run(run_dir, tta)
     predictor = None
     if onnx is not None:  # checked against the run before any image is decoded
         predictor = make_predictor(run, "onnx", Path(onnx))
@@ -121,6 +122,7 @@ def score_run(run_dir: Path, data: Path, image_col: str | None = None,
                               n_boot=n_boot, seed=run.config.seed,
                               groups=keys if any(keys) else None, strict=strict)
     metrics["data"] = str(data)
+    metrics["tta"] = run.tta
     metrics["skipped"] = [[str(p), why] for p, why in bad]
     metrics["overlap"] = overlap.summary(kinds, paths, ref.checked)
     biased = overlap.selection_note(kinds)

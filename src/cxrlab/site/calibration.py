@@ -53,6 +53,7 @@ from cxrlab.evaluation.metrics import (
 )
 from cxrlab.evaluation.overlap import record_sample
 from cxrlab.evaluation.scoring import labelled_records
+from cxrlab.models.tta import with_tta, without_tta
 from cxrlab.reporting import plots
 from cxrlab.reporting.report import recompute_val_predictions
 from cxrlab.run import (
@@ -181,19 +182,21 @@ def _sample(run, data: Path, image_col, label_col, split, skip_bad):
 
 def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = None,
                   label_col: str | None = None, split: str | None = None,
-                  skip_bad: bool = False, n_boot: int = 1000) -> dict:
-    """Fit the calibration on DATA and write it as the new complete run OUT; returns a summary."""
+                  skip_bad: bool = False, n_boot: int = 1000, tta: str | None = None) -> dict:
+    """Fit the calibration on DATA and write it as the new complete run OUT; returns a summary.
+
+    `tta`: test-time augmentation (None: the run's own); the new run scores with it."""
     out = Path(out)
     check_out_dir(out)
     if out.resolve().is_relative_to(Path(run_dir).resolve()):
         raise CxrlabError(f"--out {out}: inside the run {run_dir}; choose a folder outside it")
-    run = load_run(run_dir)
+    run = load_run(run_dir, tta)
     images, y, keys, paths = _sample(run, data, image_col, label_col, split, skip_bad)
     probs = predict_probs(run.model, images)
     pos = run.info.positive
     n_per_class = {c: int((y == k).sum()) for k, c in enumerate(run.classes)}
     cal: dict = {"data": str(Path(data).resolve()), "n_per_class": n_per_class,
-                 "calibrated_from": str(Path(run_dir).resolve()),
+                 "calibrated_from": str(Path(run_dir).resolve()), "tta": run.tta,
                  "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     if pos is not None:
         from sklearn.metrics import roc_auc_score
@@ -211,8 +214,9 @@ def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = 
     state = _folded_state(run, cal)
     # The threshold is chosen on what the new model.pt itself outputs on the sample, so every
     # later command decides on the very scores it was chosen on.
-    model = copy.deepcopy(run.model)
+    model = copy.deepcopy(without_tta(run.model))
     model.load_state_dict(state)
+    model = with_tta(model, run.tta)  # Platt is fitted on the TTA scores, folded per view
     calibrated = predict_probs(model, images)
     threshold = None
     if pos is not None:
@@ -325,6 +329,8 @@ def _calibrate_files(run, new: Path, cal: dict, threshold: float | None, state: 
         def mapping(p: np.ndarray) -> np.ndarray:
             return apply_temperature(p, cal["temperature"])
     torch.save(state, new / "model.pt")
+    if run.tta != run.config.tta:  # the new threshold was chosen with this TTA
+        run.config.model_copy(update={"tta": run.tta}).save(new / "config.yaml")
     if threshold is not None:
         write_threshold(new, threshold)
 

@@ -15,6 +15,7 @@ from cxrlab.data.prepared import PreparedData
 from cxrlab.deploy.inference import decide, predict_probs
 from cxrlab.evaluation import overlap
 from cxrlab.evaluation.metrics import choose_threshold, compute_metrics
+from cxrlab.models.tta import with_tta
 from cxrlab.evaluation.operating_point import threshold_stability, warning
 from cxrlab.reporting import plots
 from cxrlab.run import read_history, write_json, write_predictions_csv, write_threshold
@@ -31,6 +32,7 @@ def score_training(model: torch.nn.Module, config: RunConfig, data: PreparedData
     plots. Returns (validation metrics, test metrics or None)."""
     classes = data.source.classes
     vx, vy, vidx = data.subset("val")
+    model = with_tta(model, config.tta)  # the threshold is chosen on the scores used later
     vp = predict_probs(model, vx)  # fp32, as every later command (see predict_probs)
     threshold = None
     if positive is not None:
@@ -54,6 +56,7 @@ def score_training(model: torch.nn.Module, config: RunConfig, data: PreparedData
     metrics["epochs"] = epochs
     metrics["train_seconds"] = round(seconds, 1)
     metrics["train_precision"] = precision  # `auto` resolved: differs between machines
+    metrics["tta"] = config.tta
     copies = _record_digests(out, data)
     if copies["val"]:
         metrics["copies_of_training"] = copies["val"]
