@@ -72,6 +72,7 @@ def run_training(data: PathLike | None, out: PathLike | None, *, progress: bool,
     cross-validation dict (with its folder under "_out"). `cli` names options as flags
     (--image-size) in errors, else as keyword arguments (image_size); the CLI also requires
     `out`, where Python makes a new folder."""
+    from cxrlab.training.continuation import continue_run, wants_continuation
     from cxrlab.training.crossval import CONFIG_FILE, is_crossval_dir, run_crossval
     from cxrlab.training.lifecycle import resume_run, train_run
 
@@ -90,8 +91,16 @@ def run_training(data: PathLike | None, out: PathLike | None, *, progress: bool,
     mlflow_uri = options.pop("mlflow_uri", None)
     if resume is not None:
         resume = Path(resume)
+        more = options.get("epochs")  # more than the run has: continue it (continuation.py)
+        if more is not None and wants_continuation(resume, more):
+            del options["epochs"]
+        else:
+            more = None
         _check_resume_options(resume, {"data": data, "out": out, "mlflow_uri": mlflow_uri,
                                        **options}, name, cli)
+        if more is not None:
+            return continue_run(resume, more, progress=progress, hardware=hardware,
+                                option=name("epochs"))
         if is_crossval_dir(resume):
             if hardware:
                 raise CxrlabError(f"{name('resume')} of a cross-validation: its folds keep the "
@@ -265,6 +274,24 @@ class Run:
     def tta(self) -> str:
         """The test-time augmentation this Run scores with (see the class docstring)."""
         return self.config.tta if self._tta is None else self._tta
+
+    # -- training it on ------------------------------------------------------------------
+    def fit(self, epochs: int, *, progress: bool = False) -> Run:
+        """Train `epochs` more epochs, in place (`cxrlab train --resume RUN --epochs N` with
+        N = the epochs done + `epochs`); returns this Run, now the longer one. The result before
+        is kept as a run of its own in RUN/previous/epochs-D (docs/runs.md, "Continue
+        training")."""
+        from cxrlab.training.continuation import continue_run, epochs_done
+
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+            raise CxrlabError(f"epochs {epochs!r}: how many more epochs, a whole number >= 1")
+        with _quiet():
+            continue_run(self.path, epochs_done(self.path) + epochs, progress=progress,
+                         option="epochs")
+        from cxrlab.run import load_info
+
+        self._info, self._loaded = load_info(self.path), None  # the longer run from now on
+        return self
 
     # -- using the model ----------------------------------------------------------------
     def evaluate(self, data: PathLike, *, split: str | None = None, positive: str | None = None,

@@ -127,7 +127,8 @@ def train(
         help="start from an earlier run's config.yaml; options given here override it")
     ] = None,
     resume: Annotated[Path | None, typer.Option(
-        help="continue a killed or failed run from its last checkpoint")] = None,
+        help="continue a killed or failed run from its last checkpoint; with --epochs N, "
+        "train a complete run on to N epochs")] = None,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", metavar=_FLAG, help="no progress bar")] = False,
     image_col: Annotated[str | None, typer.Option(
@@ -230,6 +231,12 @@ def train(
         f"zoom, flip), intensity (light + contrast, blur, noise, JPEG), framing (intensity + "
         f"random crops), notebook (the Keras notebooks' large ones) {_default('augment')}")
     ] = None,
+    mixup: Annotated[float | None, typer.Option(
+        metavar="ALPHA", rich_help_panel=_AUG, help="Mixup: blend image pairs and their "
+        f"labels, weight ~ Beta(ALPHA, ALPHA), e.g. 0.2; 0 = off {_default('mixup')}")] = None,
+    cutmix: Annotated[float | None, typer.Option(
+        metavar="ALPHA", rich_help_panel=_AUG, help="CutMix: paste a box of another image, "
+        f"labels mixed by its area, e.g. 1.0; 0 = off {_default('cutmix')}")] = None,
     class_weights: Annotated[bool | None, typer.Option(
         "--class-weights/--no-class-weights", metavar=_FLAG, rich_help_panel=_AUG,
         help=f"weigh each class's loss by n_total / (n_classes x n_class) "

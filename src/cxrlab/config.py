@@ -28,6 +28,15 @@ Tta = Literal["none", "flip", "crop", "flip-crop"]  # cxrlab.models.tta.TTA (a t
 LOGGERS = ("tensorboard", "csv", "mlflow")  # experiment trackers (cxrlab.reporting.tracking)
 
 
+class Continuation(BaseModel):
+    """One `train --resume RUN --epochs N`: it started after `at_epoch` epochs, of a run then
+    aimed at `epochs_before`."""
+
+    model_config = ConfigDict(extra="forbid")
+    at_epoch: int = Field(ge=1)
+    epochs_before: int = Field(ge=1)
+
+
 class RunConfig(BaseModel):
     """One training run. Defaults are the default recipe (justified in the README)."""
 
@@ -100,6 +109,10 @@ class RunConfig(BaseModel):
     # -- optimisation -------------------------------------------------------------------
     epochs: int = Field(14, ge=1, description="left out: 9 for pretrained weights, 14 from "
                         "scratch")
+    continued: list[Continuation] = Field(
+        default_factory=list, description="written by `train --resume RUN --epochs N`: where "
+        "training was continued (the LR schedule restarts there; training/restarts.py)"
+    )
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
@@ -115,6 +128,9 @@ class RunConfig(BaseModel):
     class_weights: bool = True
     sampler: Literal["none", "balanced"] = "none"
     augment: Augment = "intensity"
+    mixup: float = Field(0.0, ge=0, description="Mixup's Beta(alpha, alpha); 0 = off")
+    cutmix: float = Field(0.0, ge=0, description="CutMix's Beta(alpha, alpha); 0 = off (with "
+                          "mixup too: one of the two per batch, at random)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
 
     # -- decision threshold (2 classes) -------------------------------------------------
@@ -187,6 +203,9 @@ class RunConfig(BaseModel):
             raise ValueError(f"fold {self.fold} needs folds >= {self.fold}")
         if (self.image_col is None) != (self.label_col is None):
             raise ValueError("--image-col and --label-col go together")
+        at = [c.at_epoch for c in self.continued]
+        if at != sorted(set(at)) or any(a >= self.epochs for a in at):
+            raise ValueError("continued: epochs must increase and stay below epochs")
         return self
 
     def _recipe(self) -> None:

@@ -24,6 +24,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from cxrlab.training.restarts import restart_epochs
+
 LAST = "last.ckpt"
 
 
@@ -150,6 +152,6 @@ class TrainingState(Callback):
                     cfg.scheduler.step(s["val_loss"])
             else:
                 cfg.scheduler.step()
-        if s.get("should_stop"):
-            trainer.should_stop = True
+        if s.get("should_stop") and trainer.current_epoch not in restart_epochs(pl_module.cfg):
+            trainer.should_stop = True  # (a continuation starting here trains on: restarts.py)
         set_rng_states(s["rng"])

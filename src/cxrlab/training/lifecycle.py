@@ -170,7 +170,8 @@ def resume_run(run_dir: Path, progress: bool = True,
         raise CxrlabError(f"--resume {run_dir}: run directory not found")
     info = load_info(run_dir)
     if info.state == "complete":
-        raise CxrlabError(f"--resume {run_dir}: the run is already complete; nothing to resume")
+        raise CxrlabError(f"--resume {run_dir}: the run is already complete; nothing to resume "
+                          "(to train it on: --epochs N, more than it has)")
     rank0 = is_rank_zero()
     with ExitStack() as stack:
         if rank0:
@@ -179,8 +180,11 @@ def resume_run(run_dir: Path, progress: bool = True,
 
 
 def _resume(run_dir: Path, info: RunInfo, rank0: bool, progress: bool,
-            hardware: dict | None) -> TrainResult:
-    config = RunConfig.load(run_dir / "config.yaml")
+            hardware: dict | None, config: RunConfig | None = None,
+            before=None) -> TrainResult:
+    """`config` and `before`: a continuation's new config, and what it changes in the run once
+    the data checked out (training/continuation.py)."""
+    config = config or RunConfig.load(run_dir / "config.yaml")
     if hardware:
         config = RunConfig.build({**config.model_dump(), **hardware}, source="option")
 
@@ -208,6 +212,8 @@ def _resume(run_dir: Path, info: RunInfo, rank0: bool, progress: bool,
         ckpt = None
     if not rank0:
         return _train_and_report(model, config, data, positive, run_dir, progress, ckpt)
+    if before is not None:
+        before()
     if hardware:
         config.save(run_dir / "config.yaml")
     info.state, info.error = "running", None

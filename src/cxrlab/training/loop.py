@@ -19,12 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.deterministic as tud
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from sklearn.metrics import precision_score, recall_score, roc_auc_score
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from cxrlab.config import RunConfig
 from cxrlab.data.augment import augment_batch
+from cxrlab.data.mixing import mix_batch
 from cxrlab.deploy.inference import folded, probabilities, use_bf16
 from cxrlab.errors import CxrlabError
 from cxrlab.run import HISTORY_COLUMNS, write_history
@@ -41,7 +42,8 @@ from cxrlab.training.finetune import (
     set_backbone_trainable,
     trainable_parameters,
 )
-from cxrlab.training.optim import cosine_schedule, make_optimizer
+from cxrlab.training.optim import make_optimizer
+from cxrlab.training.restarts import RestartingEarlyStopping, restart_epochs, restarted_cosine
 
 log = logging.getLogger("cxrlab")
 
@@ -167,13 +169,17 @@ class ClassifierModule(L.LightningModule):
         training, channels-last. One pipeline for training batches and BN re-estimation."""
         x = x.float().div_(255.0)
         if augment and self.cfg.augment != "none":
-            if self._aug_gen is None or self._aug_gen.device != x.device:
-                self._aug_gen = augmentation_generator(self.cfg.seed, self.trainer.global_rank,
-                                                       x.device)
-            x = augment_batch(x, self.cfg.augment, self._aug_gen)
+            x = augment_batch(x, self.cfg.augment, self.augmentation_gen(x.device))
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def augmentation_gen(self, device: torch.device) -> torch.Generator:
+        """The augmentation (and Mixup / CutMix) draws' generator, made on first use."""
+        if self._aug_gen is None or self._aug_gen.device != device:
+            self._aug_gen = augmentation_generator(self.cfg.seed, self.trainer.global_rank,
+                                                   device)
+        return self._aug_gen
 
     def restore_augmentation(self, state: torch.Tensor) -> None:
         """A resumed run's augmentation generator. The checkpoint holds rank 0's (rank 0
@@ -189,9 +195,12 @@ class ClassifierModule(L.LightningModule):
         self._aug_gen = gen
 
     # -- loss ---------------------------------------------------------------------------
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, y: torch.Tensor,
+             soft: torch.Tensor | None = None) -> torch.Tensor:
         logits = logits.float()
         w = self.class_w if self.use_weights else None
+        if soft is not None:
+            return soft_target_loss(logits, soft, w, self.cfg.label_smoothing)
         if logits.shape[1] == 1:
             # The logit is evidence for class 1 whatever `positive` is: `probabilities` puts its
             # sigmoid in column 1; `positive` only picks the column thresholds and metrics read.
@@ -213,7 +222,15 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        if self.features_cached or not (self.cfg.mixup or self.cfg.cutmix):
+            return self._step(batch, "train")
+        x, y = batch  # Mixup / CutMix (data/mixing.py); the train columns score y, the first
+        m = mix_batch(x, y, self.n_classes, self.cfg.mixup, self.cfg.cutmix,
+                      self.augmentation_gen(x.device))
+        x = m.x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else m.x
+        logits = self(x)
+        self._outputs["train"].append((logits.detach().float().cpu(), y.cpu()))
+        return self.loss(logits, y, soft=m.target)
 
     def validation_step(self, batch, batch_idx):
         # BatchNorm folded into the convolutions, as every later score (predict_probs): the
@@ -275,13 +292,35 @@ class ClassifierModule(L.LightningModule):
         opt = make_optimizer(params, c, self.device)
         if c.schedule == "cosine":
             steps = self.trainer.estimated_stepping_batches
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, restarted_cosine(steps, c))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         if c.schedule == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.3, patience=1)
             return {"optimizer": opt,
                     "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
         return opt
+
+
+def soft_target_loss(logits: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None,
+                     smoothing: float) -> torch.Tensor:
+    """The run's loss on (B, K) soft targets (Mixup / CutMix): BCE on the single logit
+    (target = the share of class 1) or cross-entropy -sum_c t_c log p_c, label smoothing as
+    for hard labels, each image weighted by its target's mix of class weights. On one-hot
+    targets it equals `ClassifierModule.loss` on the labels (with class weights and label
+    smoothing together, more than two classes: PyTorch weighs the smoothed share by class,
+    this by the image's weight)."""
+    if logits.shape[1] == 1:
+        t = target[:, 1]
+        if smoothing:
+            t = t * (1 - smoothing) + 0.5 * smoothing
+        per = F.binary_cross_entropy_with_logits(logits[:, 0], t, reduction="none")
+    else:
+        t = target * (1 - smoothing) + smoothing / logits.shape[1] if smoothing else target
+        per = -(t * F.log_softmax(logits, dim=1)).sum(1)
+    if w is None:
+        return per.mean()
+    sample_w = target @ w
+    return (per * sample_w).sum() / sample_w.sum()
 
 
 def epoch_summary(y: np.ndarray, probs: np.ndarray, positive: int | None,
@@ -420,7 +459,8 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
     precision = "bf16" if use_bf16(config.precision, model) else "fp32"
     if config.channels_last:
         module.model.to(memory_format=torch.channels_last)
-    if cache_features and finetune.can_cache_features(model, config):
+    mixing = config.mixup > 0 or config.cutmix > 0  # mixes images, not pooled features
+    if cache_features and not mixing and finetune.can_cache_features(model, config):
         train_x, val_x = finetune.cache_features(model, [train_x, val_x],
                                                  precision == "bf16",
                                                  config.channels_last)
@@ -442,8 +482,9 @@ def fit(model: torch.nn.Module, config: RunConfig, train_x, train_y, val_x, val_
     module.history = HistoryCSV(run_dir / "history.csv")
     state = TrainingState(train_dl.generator or getattr(train_dl.sampler, "generator", None))
     callbacks: list[Callback] = [
-        EarlyStopping(monitor="val_loss", patience=config.patience, mode="min",
-                      check_on_train_epoch_end=True),
+        RestartingEarlyStopping(restart_epochs(config), monitor="val_loss",
+                                patience=config.patience, mode="min",
+                                check_on_train_epoch_end=True),
         ckpt,
         last,
         state,
