@@ -173,3 +173,20 @@ def test_refusals_leave_the_run_untouched(tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(["train", "--resume", cv, "--epochs", "4"], capsys, monkeypatch)
     assert_user_error(code, err, "cross-validation")
     assert files(cv) == cv_before
+
+
+@pytest.mark.timeout(240)
+def test_head_only_run_on_cached_features_continues(tmp_path):
+    """A frozen backbone without augmentation trains its head on pooled features cached once;
+    continued, it caches them again from the same weights and ends as the longer run."""
+    import cxrlab
+
+    data = make_kermany_folder(tmp_path / "data", 8, 8, size=32)
+    opts = dict(model="resnet18", pretrained="none", image_size=32, batch_size=8, seed=1,
+                schedule="none", augment="none", freeze_backbone=True)
+    short = cxrlab.train(data, tmp_path / "short", epochs=1, **opts)
+    whole = cxrlab.train(data, tmp_path / "whole", epochs=2, **opts)
+    short.fit(epochs=1)
+    assert [r["epoch"] for r in short.history] == [1, 2]
+    assert metrics_without_timing(short.path) == metrics_without_timing(whole.path)
+    assert_same_weights(short.path, whole.path)
