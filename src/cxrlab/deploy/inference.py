@@ -147,16 +147,18 @@ def folded(model: nn.Module, x: torch.Tensor) -> nn.Module:
     hit = _FOLDED.get(model)
     if hit is not None and hit[0] == state:
         return hit[1]
-    convs: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> conv name (output kept alive)
+    # id(output) -> (conv name, output kept alive, its version: an in-place op after the conv,
+    # such as ReLU(inplace=True), bumps it, and a BN after that op must not be folded back)
+    convs: dict[int, tuple[str, torch.Tensor, int]] = {}
     pairs: dict[str, str] = {}  # BN name -> the conv whose output it reads
     names = {m: n for n, m in model.named_modules()}
 
     def conv_out(m, _inputs, y):
-        convs[id(y)] = (names[m], y)
+        convs[id(y)] = (names[m], y, y._version)
 
     def bn_in(m, inputs):
         conv = convs.pop(id(inputs[0]), None)
-        if conv is not None:
+        if conv is not None and conv[2] == inputs[0]._version:
             pairs[names[m]] = conv[0]
 
     hooks = [m.register_forward_hook(conv_out) for m in model.modules()
