@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from cxrlab.run import LoadedRun
 
 __all__ = ["CrossVal", "Comparison", "DataSummary", "History", "Metrics", "Run", "Sweep",
-           "ablate", "compare", "data_summary", "load", "runs", "train"]
+           "ablate", "adapt", "compare", "data_summary", "load", "runs", "train"]
 
 PathLike = str | Path
 
@@ -137,6 +137,21 @@ def compare(run_a: Run | PathLike, run_b: Run | PathLike, n_boot: int = 2000) ->
     from cxrlab.evaluation.comparison import compare_runs
 
     return Comparison(compare_runs(_path(run_a), _path(run_b), n_boot=n_boot))
+
+
+def adapt(run: Run | PathLike, images: PathLike, out: PathLike, *, bn: bool | None = None,
+          bn_prior: float | None = None, prevalence: bool | None = None,
+          skip_bad: bool = False, seed: int = 0) -> Run:
+    """The run adapted to a new intake's unlabelled images, written as the new run OUT
+    (`cxrlab adapt`); None takes the measured defaults. What it changed (estimated
+    prevalence, decisions moved) is logged and kept in OUT's run.json "site_adaptation"."""
+    from cxrlab.site.adapt import DEFAULT_BN_PRIOR, adapt_run, describe
+
+    r = adapt_run(_path(run), Path(images), Path(out), bn=bn, prevalence=prevalence,
+                  bn_prior=DEFAULT_BN_PRIOR if bn_prior is None else bn_prior,
+                  skip_bad=skip_bad, seed=seed)
+    logging.getLogger("cxrlab").info("%s", describe(r))
+    return Run(out)
 
 
 def ablate(spec: PathLike | dict, out: PathLike, *, progress: bool = False,

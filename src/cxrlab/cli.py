@@ -427,6 +427,33 @@ def calibrate(
 
 
 @app.command()
+def adapt(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory (left untouched)")],
+    images: Annotated[Path, typer.Argument(
+        help="a folder of the new intake's unlabelled images (at least 100)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the new run directory")] = ...,
+    bn: Annotated[bool | None, typer.Option(
+        "--bn/--no-bn", help="re-estimate BatchNorm statistics on the images (AdaBN); "
+        "default off: measured to hurt a robust run")] = None,
+    bn_prior: Annotated[float, typer.Option(
+        min=0, help="--bn: weight of the run's own statistics, in images (0: AdaBN)")] = 0.0,
+    prevalence: Annotated[bool | None, typer.Option(
+        "--prevalence/--no-prevalence", help="estimate the intake's prevalence (EM) and move "
+        "the threshold for it; default on for two classes")] = None,
+    skip_bad: Annotated[bool, typer.Option(
+        "--skip-bad", help="list unreadable images and go on without them")] = False,
+    seed: Annotated[int, typer.Option(help="seed of the shuffle before batching")] = 0,
+) -> None:
+    """Adapt a run to a new intake without labels; writes a new run and says what changed."""
+    from cxrlab.site.adapt import adapt_run, describe
+
+    r = adapt_run(run_dir, images, out, bn=bn, bn_prior=bn_prior, prevalence=prevalence,
+                  skip_bad=skip_bad, seed=seed)
+    console.print(describe(r), highlight=False)
+    console.print(f"Adapted run written to [bold]{r['out']}[/]")
+
+
+@app.command()
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
     paths: Annotated[list[Path], typer.Argument(help="images or folders")],
