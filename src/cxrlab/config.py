@@ -55,6 +55,14 @@ class RunConfig(BaseModel):
         "one fold (replaces val_fraction)"
     )
     fold: int | None = Field(None, ge=1, description="the fold (1..folds) this run validates on")
+    seeds: int | None = Field(
+        None, ge=2, le=20, description="an ensemble: this many runs on one split, seeds seed, "
+        "seed+1, ..; OUT itself becomes their averaging run (training/ensemble.py)"
+    )
+    split_seed: int | None = Field(
+        None, description="seed of the validation split; None = seed (ensemble members keep "
+        "their ensemble's split while their weights' seed differs)"
+    )
     channels: Literal[0, 1, 3] = Field(0, description="0 = 1 for grey images, 3 for colour")
     bit_depth: int | None = Field(
         None, ge=8, le=16, description="16-bit images hold N-bit data: v -> v x 255 / (2^N - 1) "
@@ -199,6 +207,8 @@ class RunConfig(BaseModel):
         if self.wise_ft < 1 and self.unfreeze_after is None:
             raise ValueError("--wise-ft interpolates towards the weights at the unfreeze: it "
                              "needs --unfreeze-after (a head-only phase first)")
+        if self.seeds is not None and self.folds is not None:
+            raise ValueError("--seeds and --folds: give one (both make an ensemble)")
         if self.fold is not None and (self.folds is None or self.fold > self.folds):
             raise ValueError(f"fold {self.fold} needs folds >= {self.fold}")
         if (self.image_col is None) != (self.label_col is None):

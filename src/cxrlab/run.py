@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -148,8 +149,11 @@ class RunInfo:
     state: str = "running"
     error: str | None = None
     data_bit_depth: int | None = None  # 16-bit images without sBIT, as training read them
+    # an ensemble run (training/ensemble.py): {"kind": "folds" | "seeds", "members": [dirs]}
+    ensemble: dict | None = None
 
     def to_dict(self) -> dict:
+        extra = {} if self.ensemble is None else {"ensemble": self.ensemble}
         return {
             "classes": self.classes,
             "positive_class": None if self.positive is None else self.classes[self.positive],
@@ -157,6 +161,7 @@ class RunInfo:
             "data_bit_depth": self.data_bit_depth,
             "state": self.state,
             "error": self.error,
+            **extra,
         }
 
 
@@ -177,6 +182,7 @@ def load_info(run_dir: Path) -> RunInfo:
         state=d.get("state", "running"),
         error=d.get("error"),
         data_bit_depth=d.get("data_bit_depth"),
+        ensemble=d.get("ensemble"),
     )
 
 
@@ -379,6 +385,10 @@ def load_run(run_dir: Path, tta: str | None = None) -> LoadedRun:
         image_size=config.image_size, intensity=config.intensity,
         head=config.head,
     )
+    if info.ensemble:  # members share the architecture; model.pt holds all their weights
+        from cxrlab.models.ensemble import EnsembleModel
+
+        model = EnsembleModel([copy.deepcopy(model) for _ in info.ensemble["members"]])
     state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     model.eval()

@@ -83,7 +83,8 @@ def prepare_data(config: RunConfig, bit_depth: BitDepth | None = None) -> Prepar
             log.warning("skipped %s: %s", p, why)
     kept = Source(source.root, source.kind, records, source.classes)
     require_trainable(kept)
-    result = assign_splits(kept, config.val_fraction, config.seed, config.group_regex,
+    split_seed = config.seed if config.split_seed is None else config.split_seed
+    result = assign_splits(kept, config.val_fraction, split_seed, config.group_regex,
                            config.folds, config.fold)
     if result.message:
         log.info("%s", result.message)

@@ -8,6 +8,8 @@ upsampling). Three things about it shape this module:
   classes of a mixed batch, so images are explained in groups of one target class;
 - its default normaliser maps (min, max) to (1, 0) (reversed), so we pass our own: each map
   divided by its maximum (0 stays "no evidence", the peak is 1).
+An ensemble (models/ensemble.py) is explained by the mean of its members' maps, each for the
+class the ensemble decides (a layer named explicitly is explained through the ensemble).
 A model with one logit (2 classes) is shown to MONAI as two scores [-logit, +logit]: index 1
 is the evidence for class 1 (the logit always means class 1) and index 0 the evidence for
 class 0. A binary model is explained for the run's positive class by default, whichever index
@@ -65,6 +67,14 @@ class GradCam:
         from monai.visualize import GradCAM
 
         model = without_tta(model)  # the model itself explains, on the image as given
+        self._members = None
+        if layer is None and hasattr(model, "members"):  # an ensemble: its members' mean map
+            self._members = [GradCam(m, None, positive) for m in model.members]
+            self.layer, self.binary = self._members[0].layer, model.num_classes == 1
+            self.positive = 1 if positive is None else positive
+            self._net = _Scores(copy.deepcopy(model).float().eval().requires_grad_(False))
+            self._lock = threading.Lock()
+            return
         layer = layer or getattr(model, "feature_layer", "") or ""
         if not layer:
             raise CxrlabError(f"--layer: {type(model).__name__} names no feature layer; "
@@ -102,9 +112,17 @@ class GradCam:
                 targets = self._targets(x, target)
                 for t in np.unique(targets):
                     idx = np.flatnonzero(targets == t)
-                    maps = self._cam(x[idx], class_idx=int(t))
+                    maps = self._maps(x[idx], int(t))
                     out[i + idx] = maps[:, 0].detach().cpu().numpy()
         return out
+
+    def _maps(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """Grad-CAM of class t; for an ensemble the mean of its members' maps (each peak 1),
+        where each member looked for the class the ensemble decides."""
+        if self._members is None:
+            return self._cam(x, class_idx=t)
+        maps = [m._cam(x.detach().requires_grad_(True), class_idx=t) for m in self._members]
+        return _normalize(torch.stack(maps).mean(0))  # each member's own graph, freed after
 
     def _targets(self, x: torch.Tensor, target: int | None) -> np.ndarray:
         if target is not None:

@@ -339,7 +339,9 @@ def _calibrate_files(run, new: Path, cal: dict, threshold: float | None, state: 
     vp_file = new / "val_predictions.csv"
     if vp_file.is_file():
         paths, vy, vp = read_predictions(vp_file, classes)
-        scored = _rescore(run, model, paths)
+        # a folds ensemble's are out-of-fold member scores: model.pt trained on those images
+        out_of_fold = (run.info.ensemble or {}).get("kind") == "folds"
+        scored = None if out_of_fold else _rescore(run, model, paths)
         if scored is None:
             log.info("site calibration: validation images not all readable; "
                      "val_predictions.csv mapped through the calibration instead of re-scored")

@@ -11,6 +11,7 @@ no extra training, and no image is decided at a threshold fitted to it.
     OUT/crossval.yaml     the configuration (with `folds`); a continued run must match it
     OUT/fold-<i>/         an ordinary run directory (evaluate, report, export it as any run)
     OUT/crossval.json     per-fold and pooled figures, written when every fold is complete
+    OUT/model.pt, run.json, ...  the folds' ensemble as a run (training/ensemble.py)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 from scipy.stats import binomtest
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 
-from cxrlab.config import RunConfig, format_seconds
+from cxrlab.config import RunConfig
 from cxrlab.data.sources import load_source
 from cxrlab.data.split import assign_splits
 from cxrlab.deploy.inference import decide
@@ -33,25 +34,14 @@ from cxrlab.evaluation.metrics import group_codes, interval_method, resample_wei
 from cxrlab.evaluation.operating_point import threshold_spread, warning
 from cxrlab.evaluation.overlap import DIGESTS
 from cxrlab.evaluation.stats import t_interval
-from cxrlab.run import (
-    check_out_dir,
-    load_info,
-    move_aside,
-    patient_keys,
-    prepare_out_dir,
-    read_predictions,
-    read_threshold,
-    run_state,
-    write_json,
-)
-from cxrlab.training.budget import resolve_budget
-from cxrlab.training.lifecycle import resume_run, train_run
+from cxrlab.run import load_info, patient_keys, read_predictions, read_threshold, write_json
+from cxrlab.training.ensemble import FOLDS_FILE, finish, member_config, member_dir, train_members
 
 # Imported inside the functions that need them: rich (heavy or
 # optional; importing them here would slow every command that imports this module).
 
 log = logging.getLogger(__name__)
-CONFIG_FILE = "crossval.yaml"
+CONFIG_FILE = FOLDS_FILE
 RESULT_FILE = "crossval.json"
 POOLED_BINARY = ("each fold's images decided at the median of the other folds' thresholds, "
                  "none chosen on the images it decides (each fold's epoch still was)")
@@ -60,33 +50,11 @@ POOLED_ARGMAX = ("each fold's images decided by its own model's argmax: no thres
 
 
 def fold_config(config: RunConfig, fold: int) -> RunConfig:
-    return RunConfig.build({**config.model_dump(), "fold": fold})
+    return member_config(config, fold)
 
 
 def fold_dir(out: Path, fold: int) -> Path:
-    return out / f"fold-{fold}"
-
-
-def budgeted_fold_config(config: RunConfig, fold: int, out: Path,
-                         budget_s: float | None) -> RunConfig:
-    """Fold `fold`'s configuration under a time budget of `budget_s` seconds for the whole
-    cross-validation (None: `fold_config`). Fold 1 plans once, for a K-th of the budget (its
-    warm-up, `fold-1/plan.json`); every fold trains the epochs and image size of that plan, so
-    the pooled figures are one recipe's and continuing finds the planned folds as they were
-    saved (`time_budget: none`, as any planned run's config.yaml)."""
-    cfg = fold_config(config, fold)
-    if budget_s is None:
-        return cfg
-    plan_file = fold_dir(out, 1) / "plan.json"
-    if plan_file.is_file():
-        plan = json.loads(plan_file.read_text())["plan"]
-        return RunConfig.build({**cfg.model_dump(), "epochs": plan["epochs"],
-                                "image_size": plan["image_size"], "time_budget": "none"})
-    if fold != 1:
-        raise CxrlabError(f"{plan_file}: not found; under a time budget fold 1's plan sets every "
-                          "fold's epochs and image size: choose a new --out")
-    share = format_seconds(max(1.0, budget_s / config.folds))
-    return RunConfig.build({**cfg.model_dump(), "time_budget": share})
+    return member_dir(out, "folds", fold)
 
 
 def is_crossval_dir(path: Path) -> bool:
@@ -95,58 +63,27 @@ def is_crossval_dir(path: Path) -> bool:
 
 def run_crossval(config: RunConfig, out: Path, progress: bool = True,
                  on_fold: Callable[[int, str], None] | None = None) -> dict:
-    """Train (or continue) every fold under `out`, then pool them; returns crossval.json's dict.
+    """Train (or continue) every fold under `out`, pool them, and make `out` the folds'
+    ensemble run (training/ensemble.py); returns crossval.json's dict.
 
     A new `out` must be empty; one holding crossval.yaml continues only with the same
     configuration: complete folds are kept, a killed fold resumes from its checkpoint (or is
     set aside as `fold-<i>.failed-<time>` when it has none) — nothing trained is redone or lost.
+    Under a time budget fold 1 plans for a K-th of it and every fold trains that plan.
     """
     if config.folds is None or config.fold is not None:
         raise CxrlabError("--folds: give the number of folds (2-20) for cross-validation")
-    budget_s = resolve_budget(fold_config(config, 1))  # explicit budgets (auto: none for folds)
-    out = Path(out)
-    saved = out / CONFIG_FILE
-    if saved.is_file():
-        if RunConfig.load(saved) != config:
-            raise CxrlabError(f"--out {out}: holds a cross-validation with another configuration "
-                              f"(see {saved}); choose a new --out")
-    else:
-        check_out_dir(out)
-        _check_folds(config)  # refuse impossible folds before anything is written
-        prepare_out_dir(out)
-        config.save(saved)
-    for i in range(1, config.folds + 1):
-        cfg, run_dir = budgeted_fold_config(config, i, out, budget_s), fold_dir(out, i)
-        state = run_state(run_dir, cfg)
-        if state == "complete":
-            _tell(on_fold, i, "complete: kept")
-            continue
-        if state == "broken" and (run_dir / "checkpoints" / "last.ckpt").is_file():
-            _tell(on_fold, i, "resuming from its last checkpoint")
-            resume_run(run_dir, progress=progress)
-            continue
-        if state == "broken":
-            _tell(on_fold, i, f"set aside as {move_aside(run_dir).name} (no checkpoint)")
-            cfg = budgeted_fold_config(config, i, out, budget_s)  # fold 1's plan went with it
-        if budget_s is not None and cfg.time_budget != "none":  # fold 1, not yet planned
-            _tell(on_fold, i, f"planning for its share of the time budget ({cfg.time_budget}); "
-                  "every fold trains this plan")
-        _tell(on_fold, i, "training")
-        train_run(cfg, run_dir, progress=progress)
+    trained = train_members(config, out, progress, on_fold, check=_check_folds)
     result = pool(out, config.folds)
-    write_json(out / RESULT_FILE, result)
+    write_json(Path(out) / RESULT_FILE, result)
+    finish(config, out, rebuild=trained > 0)
     return result
 
 
 def _check_folds(config: RunConfig) -> None:
     source = load_source(Path(config.data), config.image_col, config.label_col)
-    assign_splits(source, config.val_fraction, config.seed, config.group_regex, config.folds, 1)
-
-
-def _tell(on_fold, i: int, what: str) -> None:
-    if on_fold is not None:
-        on_fold(i, what)
-    log.info("fold %d: %s", i, what)
+    seed = config.seed if config.split_seed is None else config.split_seed
+    assign_splits(source, config.val_fraction, seed, config.group_regex, config.folds, 1)
 
 
 def pool(out: Path, folds: int) -> dict:
