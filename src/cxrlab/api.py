@@ -56,7 +56,8 @@ def train(data: PathLike | None = None, out: PathLike | None = None, *, progress
     `time_budget="30m"`, `logger=["tensorboard"]`, ...), with its defaults and checks. `out`
     None makes a new folder runs/<data name>-<UTC time>. `resume=RUN_DIR` continues a killed
     or failed run (hardware options may change; any other must be the run's own value).
-    With `folds=K` the result is a CrossVal of the K fold runs.
+    With `folds=K` the result is a CrossVal of the K fold runs (`.ensemble`: their average as
+    a Run); with `seeds=N` the Run of N members' average (OUT/seed-1..N are the members).
     """
     with _quiet():  # from the first import of the models on (monai pulls in tqdm.auto)
         result = run_training(data, out, progress=progress, resume=resume, options=options)
@@ -73,7 +74,8 @@ def run_training(data: PathLike | None, out: PathLike | None, *, progress: bool,
     (--image-size) in errors, else as keyword arguments (image_size); the CLI also requires
     `out`, where Python makes a new folder."""
     from cxrlab.training.continuation import continue_run, wants_continuation
-    from cxrlab.training.crossval import CONFIG_FILE, is_crossval_dir, run_crossval
+    from cxrlab.training.crossval import run_crossval
+    from cxrlab.training.ensemble import run_seeds, study_file
     from cxrlab.training.lifecycle import resume_run, train_run
 
     def name(key: str) -> str:
@@ -101,13 +103,15 @@ def run_training(data: PathLike | None, out: PathLike | None, *, progress: bool,
         if more is not None:
             return continue_run(resume, more, progress=progress, hardware=hardware,
                                 option=name("epochs"))
-        if is_crossval_dir(resume):
+        study = study_file(resume)  # a cross-validation or --seeds ensemble
+        if study is not None:
             if hardware:
-                raise CxrlabError(f"{name('resume')} of a cross-validation: its folds keep the "
+                raise CxrlabError(f"{name('resume')} of an ensemble: its members keep the "
                                   "hardware options they were started with")
-            result = run_crossval(RunConfig.load(resume / CONFIG_FILE), resume,
-                                  progress=progress)
-            return {**result, "_out": resume}
+            cfg = RunConfig.load(study)
+            if cfg.seeds is not None:
+                return run_seeds(cfg, resume, progress=progress)
+            return {**run_crossval(cfg, resume, progress=progress), "_out": resume}
         return resume_run(resume, progress=progress, hardware=hardware)
     values = _config_values(data, options, name)
     if "data" not in values:
@@ -118,10 +122,13 @@ def run_training(data: PathLike | None, out: PathLike | None, *, progress: bool,
     values.update(hardware)
     cfg = RunConfig.build(values, source="option", name=name)
     out = Path(out) if out is not None else _new_run_dir(Path(cfg.data))
-    if cfg.folds is not None:
+    if cfg.folds is not None or cfg.seeds is not None:
         if mlflow_uri is not None:
-            raise CxrlabError(f"{name('mlflow_uri')}: not with {name('folds')} yet; set "
+            which = name("folds" if cfg.folds is not None else "seeds")
+            raise CxrlabError(f"{name('mlflow_uri')}: not with {which} yet; set "
                               "MLFLOW_TRACKING_URI")
+        if cfg.seeds is not None:
+            return run_seeds(cfg, out, progress=progress)
         return {**run_crossval(cfg, out, progress=progress), "_out": out}
     return train_run(cfg, out, progress=progress, mlflow_uri=mlflow_uri)
 
@@ -621,7 +628,8 @@ class Sweep(dict):
 
 
 class CrossVal(dict):
-    """`train(folds=K)`'s result (crossval.json): pooled metrics; `.runs` the fold Runs."""
+    """`train(folds=K)`'s result (crossval.json): pooled metrics; `.runs` the fold Runs,
+    `.ensemble` the run that averages them (the folder itself, also `cxrlab.load(path)`)."""
 
     def __init__(self, result: dict, path: PathLike):
         super().__init__(result)
@@ -632,7 +640,12 @@ class CrossVal(dict):
         """One Run per fold, in fold order."""
         from cxrlab.training.crossval import fold_dir
 
-        return [Run(fold_dir(self.path, i)) for i in range(1, len(self.get("folds", [])) + 1)]
+        return [Run(fold_dir(self.path, i)) for i in range(1, int(self["folds"]) + 1)]
+
+    @property
+    def ensemble(self) -> Run:
+        """The folds' ensemble: predict, evaluate, export it like any Run."""
+        return Run(self.path)
 
     def __repr__(self) -> str:
         from cxrlab.training.crossval import render
@@ -725,7 +738,7 @@ def _check_resume_options(run_dir: Path, given: dict[str, Any], name, cli: bool)
     """`--resume RUN` continues RUN with its own config.yaml: an option given with it must say
     what that file says, else it is refused, never ignored. Given means not None: --seed 0 and
     --no-class-weights are values (no_pretrained=False is the flag left out)."""
-    from cxrlab.training.crossval import CONFIG_FILE, is_crossval_dir
+    from cxrlab.training.ensemble import study_file
 
     given = {k: v for k, v in given.items() if v is not None}
     if given.get("no_pretrained") is False:
@@ -738,7 +751,7 @@ def _check_resume_options(run_dir: Path, given: dict[str, Any], name, cli: bool)
                           f"config.yaml; {only}")
     if not given:
         return
-    file = run_dir / (CONFIG_FILE if is_crossval_dir(run_dir) else "config.yaml")
+    file = study_file(run_dir) or run_dir / "config.yaml"
     if not file.is_file():
         return  # resuming says what is missing
     saved = RunConfig.load(file)

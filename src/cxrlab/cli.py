@@ -143,7 +143,10 @@ def train(
         f"{_default('val_fraction')}")] = None,
     folds: Annotated[int | None, typer.Option(
         rich_help_panel=_DATA, help="cross-validate instead: K runs OUT/fold-1..K, pooled in "
-        "OUT/crossval.json")] = None,
+        "OUT/crossval.json; OUT is their averaging ensemble, used as one run")] = None,
+    seeds: Annotated[int | None, typer.Option(
+        rich_help_panel=_DATA, help="an ensemble: N runs OUT/seed-1..N on one split (seeds "
+        "seed..seed+N-1); OUT averages them and is used as one run")] = None,
     channels: Annotated[int | None, typer.Option(
         rich_help_panel=_DATA, help="1 (grey) or 3 (colour) \\[default: from the images]")] = None,
     bit_depth: Annotated[int | None, typer.Option(
@@ -309,7 +312,8 @@ def _print_crossval(result: dict, out: Path) -> None:
     from cxrlab.training.crossval import render
 
     render(result, console)
-    console.print(f"Folds and crossval.json written to [bold]{out}[/]")
+    console.print(f"Folds and crossval.json written to [bold]{out}[/]; the folds' ensemble "
+                  "is the run there (evaluate, predict, export it as any run)")
 
 
 def _print_result(result) -> None:
