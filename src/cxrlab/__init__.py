@@ -30,14 +30,16 @@ if TYPE_CHECKING:
         compare,
         data_summary,
         load,
+        lr_find,
+        register_model,
         runs,
         train,
     )
 
 
 __all__ = ["Comparison", "CrossVal", "CxrlabError", "DataSummary", "History", "Metrics", "Run",
-           "Sweep", "__version__", "ablate", "compare", "data_summary", "demo_data", "load", "runs",
-           "train"]
+           "Sweep", "__version__", "ablate", "compare", "data_summary", "demo_data", "load",
+           "lr_find", "register_model", "runs", "train"]
 _API = frozenset(__all__) - {"CxrlabError", "__version__", "demo_data"}
 
 

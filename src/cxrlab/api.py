@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,9 +29,11 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from cxrlab.run import LoadedRun
+    from cxrlab.training.lr_find import LrFindResult
 
 __all__ = ["CrossVal", "Comparison", "DataSummary", "History", "Metrics", "Run", "Sweep",
-           "ablate", "adapt", "compare", "data_summary", "load", "runs", "train"]
+           "ablate", "adapt", "compare", "data_summary", "load", "lr_find", "register_model",
+           "runs", "train"]
 
 PathLike = str | Path
 
@@ -196,6 +198,56 @@ def data_summary(data: PathLike, *, image_col: str | None = None,
     source = load_source(Path(data), image_col, label_col)
     return DataSummary(summarize(source, group_regex=group_regex, val_fraction=val_fraction,
                                  seed=seed))
+
+
+def register_model(name: str, factory: Callable[..., Any] | None = None, *,
+                   replace: bool = False):
+    """Make your own network a cxrlab model: `train(..., model=name)` then gives it the splits,
+    metrics, reports, ablations, Grad-CAM, export and serving of the built-in ones.
+
+    `factory` receives those of num_classes, in_chans, dropout, batchnorm, head, image_size
+    it names and returns a backbone (an nn.Module: images -> a (B, C, h, w) feature map;
+    cxrlab adds the normalisation and the head) or a cxrlab.models.ImageClassifier; it is
+    checked once per build (docs/own-model.md). Without `factory`, a decorator. A built-in
+    name is refused; your own name again needs `replace=True`. Runs of the model load in a
+    process that registered it (`cxrlab export` writes an ONNX file that needs nothing)."""
+    from cxrlab.models import register_custom_model
+
+    return register_custom_model(name, factory, replace=replace)
+
+
+# train's options that mean nothing for a learning-rate sweep (one process, one split)
+_NOT_LR_FIND = ("folds", "time_budget", "logger", "mlflow_uri", "devices", "num_nodes",
+                "strategy", "loggers")
+
+
+def lr_find(data: PathLike | None = None, *, out: PathLike | None = None,
+            plot: PathLike | None = None, min_lr: float = 1e-6, max_lr: float = 1.0,
+            steps: int = 100, progress: bool = False, **options: Any) -> LrFindResult:
+    """The learning-rate range test (fastai's lr_find, Lightning's Tuner.lr_find) for the
+    recipe `options` describe, as `cxrlab train` would build it (`cxrlab lr-find DATA`).
+
+    The recipe's model trains for `steps` batches while the rate grows from `min_lr` to
+    `max_lr`; the result has `.suggestion` (steepest fall of the loss, or None),
+    `.recipe_lr`, `.lrs`, `.losses` and `.figure()`. `out`: a new folder for lr_find.png,
+    .csv, .json and the config.yaml swept; `plot`: just the PNG. With pretrained weights the
+    sweep is the recipe's first phase, the head on a frozen backbone."""
+    from cxrlab.training.lr_find import lr_find as sweep
+
+    options = dict(options)
+    bad = [k for k in options if k in _NOT_LR_FIND or k not in _TRAIN_OPTIONS]
+    if bad:
+        near = difflib.get_close_matches(bad[0], _TRAIN_OPTIONS, n=1)
+        hint = f" (did you mean {near[0]}?)" if near and near[0] != bad[0] else ""
+        raise CxrlabError(f"{bad[0]}: not an option of cxrlab.lr_find{hint}")
+    values = _config_values(data, options)
+    if "data" not in values:
+        raise CxrlabError("data: give a dataset (or config with a data entry)")
+    cfg = RunConfig.build(values, source="option")
+    with _quiet():
+        return sweep(cfg, min_lr=min_lr, max_lr=max_lr, steps=steps,
+                     out=None if out is None else Path(out),
+                     plot=None if plot is None else Path(plot), progress=progress)
 
 
 # ---------------------------------------------------------------------------------------

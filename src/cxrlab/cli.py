@@ -712,6 +712,67 @@ def models_cmd(
             render_summary(model_summary(m, image_size), console, title=n)
 
 
+@app.command("lr-find")
+def lr_find_cmd(
+    data: DataArg = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="a new folder for lr_find.png, lr_find.csv, lr_find.json and the "
+        "config.yaml swept")] = None,
+    plot: Annotated[Path | None, typer.Option(help="just the plot, as this PNG")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="the recipe of an earlier run's config.yaml (any train option lives there); "
+        "options given here override it")] = None,
+    model: Annotated[str | None, typer.Option(
+        help=f"architecture; `cxrlab models` lists them {_default('model')}")] = None,
+    image_size: Annotated[int | None, typer.Option(
+        help=f"images resized to this many pixels square {_default('image_size')}")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help=f"images per step {_default('batch_size')}")] = None,
+    optimizer: Annotated[str | None, typer.Option(
+        metavar="adamw|adam|sgd", help=f"optimiser {_default('optimizer')}")] = None,
+    lr: Annotated[float | None, typer.Option(
+        help=f"the recipe's learning rate, shown beside the suggestion "
+        f"{_default('lr')}")] = None,
+    weight_decay: Annotated[float | None, typer.Option(
+        help=f"{_default('weight_decay')}")] = None,
+    augment: Annotated[str | None, typer.Option(
+        help=f"training augmentation, as train's {_default('augment')}")] = None,
+    pretrained: Annotated[str | None, typer.Option(
+        help="start from these weights \\[default: the model's packaged ImageNet weights if "
+        "it has them]")] = None,
+    no_pretrained: Annotated[bool, typer.Option(
+        "--no-pretrained", help="start from random weights")] = False,
+    head: Annotated[str | None, typer.Option(
+        metavar="linear|mlp-bn|vgg", help=f"classification head {_default('head')}")] = None,
+    seed: Annotated[int | None, typer.Option(
+        help=f"split, initial weights and batch order {_default('seed')}")] = None,
+    image_col: ImageCol = None,
+    label_col: LabelCol = None,
+    min_lr: Annotated[float, typer.Option(help="the sweep's first rate")] = 1e-6,
+    max_lr: Annotated[float, typer.Option(help="the sweep's last rate")] = 1.0,
+    steps: Annotated[int, typer.Option(
+        help="batches (one rate each); the sweep stops early once the loss passes 4x its "
+        "best")] = 100,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Learning-rate range test: the recipe's model trains a few batches at growing rates;
+    prints the suggested rate (steepest fall of the loss) beside the recipe's own.
+
+    Any other option of train goes in a config.yaml (--config); with pretrained weights the
+    sweep is the recipe's first phase, the head on a frozen backbone (docs/recipes.md)."""
+    from cxrlab.api import lr_find
+
+    options = {k: v for k, v in locals().items() if v is not None and v is not False
+               and k not in ("data", "out", "plot", "min_lr", "max_lr", "steps", "quiet",
+                             "lr_find")}
+    result = lr_find(data, out=out, plot=plot, min_lr=min_lr, max_lr=max_lr, steps=steps,
+                     progress=not quiet, **options)
+    console.print(result.summary(), highlight=False)
+    for path in result.files:
+        if path.suffix == ".png":
+            console.print(f"Plot written to [bold]{path}[/]")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("cxrlab-demo"),

@@ -2,7 +2,8 @@
 
 Each architecture registers one-line factories with `@register_model` (timm-style); everything
 that builds a model goes through `create_model`, so names, options and errors are the same for
-the CLI, the trainer and the tests.
+the CLI, the trainer and the tests. A user's own network comes in through
+`register_custom_model` (custom.py; public as `cxrlab.register_model`), which checks it.
 
 May import: errors only: config (the recipe) and everything else sit above the models
 (tests/test_layers.py).
@@ -26,10 +27,12 @@ from cxrlab.models import efficientnet_lite as _efficientnet_lite  # noqa: F401
 from cxrlab.models import resnet as _resnet  # noqa: F401
 from cxrlab.models import vgg as _vgg  # noqa: F401
 from cxrlab.models.base import _REGISTRY, ImageClassifier, register_model
+from cxrlab.models.custom import BackboneClassifier, is_custom, register_custom_model
 from cxrlab.models.heads import check_head
 
-__all__ = ["ImageClassifier", "create_model", "has_packaged_weights", "list_models",
-           "load_pretrained", "register_model", "resolve_pretrained", "starts_pretrained"]
+__all__ = ["BackboneClassifier", "ImageClassifier", "create_model", "has_packaged_weights",
+           "list_models", "load_pretrained", "register_custom_model", "register_model",
+           "resolve_pretrained", "starts_pretrained"]
 
 PACKAGED = "imagenet"  # create_model(pretrained="imagenet"): the weights installed with cxrlab
 URL_TIMEOUT_S = 30
@@ -79,7 +82,7 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, *,
 
 def has_packaged_weights(name: str) -> bool:
     """Models whose ImageNet weights install with cxrlab (the `pretrained` extra)."""
-    return name.startswith("efficientnet_lite")
+    return name.startswith("efficientnet_lite") and not is_custom(name)
 
 
 def starts_pretrained(name: str, value: str | None) -> bool:

@@ -10,11 +10,17 @@ import torch
 from torch import nn
 
 from cxrlab.models import create_model
+from cxrlab.models.base import _REGISTRY
+
+
+def model_stages(name: str) -> tuple[tuple[tuple[str, ...], ...], tuple[int, ...]]:
+    """A registered model's stages and their output strides (built once per factory, small,
+    on CPU: a model registered again with replace=True is looked at again)."""
+    return _model_stages(name, _REGISTRY.get(name))
 
 
 @functools.cache
-def model_stages(name: str) -> tuple[tuple[tuple[str, ...], ...], tuple[int, ...]]:
-    """A registered model's stages and their output strides (built once, small, on CPU)."""
+def _model_stages(name: str, factory) -> tuple[tuple[tuple[str, ...], ...], tuple[int, ...]]:
     model = create_model(name, num_classes=1, in_chans=1)
     return tuple(model.stage_names()), tuple(stage_strides(model))
 

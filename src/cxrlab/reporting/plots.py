@@ -273,6 +273,38 @@ def plot_shift(result: dict[str, Any], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestion: float | None,
+                 recipe_lr: float | None, path: str | Path | None = None,
+                 title: str = "") -> Path | Figure:
+    """The learning-rate range test (training/lr_find.py): smoothed training loss against the
+    rate (log scale), the suggestion marked, the recipe's own rate as a dashed line."""
+    fig = _figure((7, 4.5))
+    ax = fig.subplots()
+    pts = [(x, y) for x, y in zip(lrs, losses, strict=True) if math.isfinite(y)]
+    if pts:
+        xs, ys = zip(*pts, strict=True)
+        ax.plot(xs, ys, color=TRAIN_COLOR, label="training loss (smoothed)")
+        # the curve ends where the loss blew up: keep that rise from flattening the rest
+        lowest = int(np.argmin(ys))
+        low, start = ys[lowest], max(ys[: lowest + 1])
+        if start > low:
+            ax.set_ylim(low - 0.1 * (start - low), start + 0.5 * (start - low))
+    if suggestion is not None:
+        y = min(pts, key=lambda p: abs(math.log(p[0] / suggestion)))[1] if pts else None
+        ax.plot([suggestion], [y], marker="o", markersize=9, color=WRONG_COLOR,
+                linestyle="none", label=f"suggestion {suggestion:.2g} (steepest fall)")
+    if recipe_lr is not None:
+        ax.axvline(recipe_lr, color="grey", linestyle="--", linewidth=1,
+                   label=f"recipe's lr {recipe_lr:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Learning-rate finder: {title}" if title else "Learning-rate finder")
+    return fig if path is None else _save(fig, path)
+
+
 # -- helpers ----------------------------------------------------------------------------------
 
 
