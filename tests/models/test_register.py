@@ -64,6 +64,10 @@ def test_own_backbone_trains_evaluates_predicts_and_explains(registry, tmp_path)
     assert cam.shape == (32, 32) and 0 <= cam.min() <= cam.max() <= 1
     onnx = run.export_onnx(tmp_path / "tiny.onnx")
     assert onnx.is_file()
+    del _REGISTRY["tiny"]  # another process, which never registered it
+    _CUSTOM.discard("tiny")
+    with pytest.raises(cxrlab.CxrlabError, match="unknown model 'tiny'.*register_model"):
+        cxrlab.load(run.path).predict(images)
 
 
 def test_what_the_factory_receives_and_the_wrapper_it_gets(registry):

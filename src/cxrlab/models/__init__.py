@@ -59,7 +59,9 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, *,
     """
     check_head(head)
     if name not in _REGISTRY:
-        raise CxrlabError(f"unknown model {name!r}; choose from: {', '.join(list_models())}")
+        raise CxrlabError(f"unknown model {name!r}; choose from: {', '.join(list_models())} "
+                          "(a network of your own: cxrlab.register_model it in this process "
+                          "first)")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise CxrlabError(f"num_classes: must be a positive integer, got {num_classes!r}")
     if not isinstance(in_chans, int) or in_chans < 1:
