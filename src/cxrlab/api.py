@@ -210,7 +210,8 @@ def register_model(name: str, factory: Callable[..., Any] | None = None, *,
     cxrlab adds the normalisation and the head) or a cxrlab.models.ImageClassifier; it is
     checked once per build (docs/own-model.md). Without `factory`, a decorator. A built-in
     name is refused; your own name again needs `replace=True`. Runs of the model load in a
-    process that registered it (`cxrlab export` writes an ONNX file that needs nothing)."""
+    process that registered it; the ONNX file `Run.export_onnx` writes needs neither it nor
+    cxrlab."""
     from cxrlab.models import register_custom_model
 
     return register_custom_model(name, factory, replace=replace)
