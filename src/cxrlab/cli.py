@@ -253,8 +253,9 @@ def train(
         "sorted order]")] = None,
     threshold_rule: Annotated[str | None, typer.Option(
         metavar="youden|sensitivity", rich_help_panel=_THRESHOLD,
-        help=f"how the threshold on p(positive) is chosen on validation images: youden = "
-        f"best sensitivity + specificity {_default('threshold_rule')}")] = None,
+        help=f"how the threshold on p(positive) is chosen on validation images: sensitivity "
+        f"= the highest that reaches --target-sensitivity, youden = best sensitivity + "
+        f"specificity {_default('threshold_rule')}")] = None,
     target_sensitivity: Annotated[float | None, typer.Option(
         rich_help_panel=_THRESHOLD, help=f"the sensitivity rule's target (implies it) "
         f"{_default('target_sensitivity')}")] = None,

@@ -142,8 +142,10 @@ class RunConfig(BaseModel):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
 
     # -- decision threshold (2 classes) -------------------------------------------------
-    threshold_rule: Literal["youden", "sensitivity"] = "youden"
-    target_sensitivity: float = Field(0.95, gt=0, le=1)
+    # the highest threshold that calls 97% of validation positives positive: the screening
+    # floor of 0.95 with room for a new intake (docs/recipes.md, "Decision threshold")
+    threshold_rule: Literal["youden", "sensitivity"] = "sensitivity"
+    target_sensitivity: float = Field(0.97, gt=0, le=1)
     tta: Tta = Field(
         "none", description="test-time augmentation of every score the run reports and makes: "
         "the validation predictions and threshold, then evaluate/predict/serve/export "

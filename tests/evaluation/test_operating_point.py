@@ -115,6 +115,8 @@ def test_a_trained_run_records_its_threshold_stability(demo_run):
                                 cfg.target_sensitivity, groups=[patient[p] for p in paths],
                                 seed=cfg.seed)
     assert again == st
+    if cfg.threshold_rule == "sensitivity":  # the default: validation reaches its target
+        assert metrics["recall"] >= cfg.target_sensitivity == st["target_sensitivity"]
     assert read_threshold(out) == pytest.approx(choose_threshold(
         y == info.positive, probs[:, info.positive], cfg.threshold_rule, cfg.target_sensitivity))
 
@@ -158,3 +160,21 @@ def test_crossval_pools_the_folds_threshold_spread(tmp_path, caplog):
     console = Console(record=True, width=160)
     render(result, console)
     assert "Folds' thresholds 0.2 to 0.8" in console.export_text()
+
+
+def test_the_default_rule_keeps_its_sensitivity_and_leaves_the_normals_room():
+    from cxrlab.config import RunConfig
+
+    cfg = RunConfig.build({"data": "x"})
+    assert (cfg.threshold_rule, cfg.target_sensitivity) == ("sensitivity", 0.97)
+    # nearly separable validation: normals below 0.1, pneumonia above 0.9 but for a sparse
+    # tail of 3 in 100 near 0.25 (the wide gap of a run with validation AUC 0.999)
+    rng = np.random.default_rng(0)
+    neg, tail, pos = rng.uniform(0, 0.1, 100), rng.uniform(0.2, 0.3, 3), rng.uniform(0.9, 1, 97)
+    is_pos, score = np.r_[np.zeros(100, bool), np.ones(100, bool)], np.r_[neg, tail, pos]
+    t = choose_threshold(is_pos, score, cfg.threshold_rule, cfg.target_sensitivity)
+    youden = choose_threshold(is_pos, score, "youden")
+    assert (score[is_pos] >= t).sum() == 97  # the target, and the highest threshold reaching it
+    assert youden < 0.2 < 0.5 < t < 0.9  # Youden sits at the normals' edge of the gap
+    # an intake whose normal films score 0.15 higher (tighter framing did that to validation)
+    assert (neg + 0.15 >= youden).mean() > 0.5 and not (neg + 0.15 >= t).any()
