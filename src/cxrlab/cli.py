@@ -421,12 +421,24 @@ def calibrate(
         "--skip-bad", help="list unreadable images and go on without them")] = False,
     boot: Annotated[int, typer.Option(min=100, help="bootstrap resamples")] = 1000,
     tta: TtaOption = None,
+    refit: Annotated[str, typer.Option(
+        help="the probability map: intercept (a shift of the logit), shrink (Platt pulled "
+             "towards the run's own scale) or platt (slope and intercept)")] = "intercept",
+    rule: Annotated[str, typer.Option(
+        help="the threshold: keep-sensitivity (keeps the target with --confidence), youden "
+             "(Youden's J on the sample: can cost sensitivity) or sensitivity (the sample "
+             "reaches the target, no margin)")] = "keep-sensitivity",
+    target_sensitivity: Annotated[float | None, typer.Option(
+        help="sensitivity to keep [default: the run's own on its validation images]")] = None,
+    confidence: Annotated[float, typer.Option(
+        help="keep-sensitivity's one-sided confidence")] = 0.9,
 ) -> None:
     """Refit the threshold and probabilities on a new site's sample; writes a new run."""
     from cxrlab.site.calibration import calibrate_run, describe
 
     r = calibrate_run(run_dir, data, out, image_col, label_col, split, skip_bad, n_boot=boot,
-                      tta=tta)
+                      tta=tta, refit=refit, rule=rule, target_sensitivity=target_sensitivity,
+                      confidence=confidence)
     console.print(describe(r), highlight=False)
     console.print(f"Calibrated run written to [bold]{r['out']}[/]")
 

@@ -151,9 +151,13 @@ class RunInfo:
     data_bit_depth: int | None = None  # 16-bit images without sBIT, as training read them
     # an ensemble run (training/ensemble.py): {"kind": "folds" | "seeds", "members": [dirs]}
     ensemble: dict | None = None
+    # what a small set's recipe chose, and why (training/small_sets.py)
+    small_set: dict | None = None
 
     def to_dict(self) -> dict:
         extra = {} if self.ensemble is None else {"ensemble": self.ensemble}
+        if self.small_set is not None:
+            extra["small_set"] = self.small_set
         return {
             "classes": self.classes,
             "positive_class": None if self.positive is None else self.classes[self.positive],
@@ -183,6 +187,7 @@ def load_info(run_dir: Path) -> RunInfo:
         error=d.get("error"),
         data_bit_depth=d.get("data_bit_depth"),
         ensemble=d.get("ensemble"),
+        small_set=d.get("small_set"),
     )
 
 

@@ -53,8 +53,8 @@ def normal_positive(tmp_path_factory):
     sample = flat_copy(make_kermany_folder(root / "new", 12, 12, size=48, seed=1,
                                            images_per_patient=4), root / "sample")
     new = root / "site_run"
-    calibrate_run(run, sample, new, n_boot=200)
-    return {"run": run, "sample": sample, "new": new}
+    r = calibrate_run(run, sample, new, n_boot=200)
+    return {"run": run, "sample": sample, "new": new, "result": r}
 
 
 def model_probs(run_dir: Path, paths: list) -> np.ndarray:
@@ -139,7 +139,7 @@ def test_saturated_validation_scores_come_from_model_pt(normal_positive, tmp_pat
                           classes)
 
     # a fit that tames the confident scores (as at a site where the run is over-confident)
-    monkeypatch.setattr(site_calibration, "platt", lambda z, is_pos: (0.3, 0.1))
+    monkeypatch.setitem(site_calibration.REFITS, "intercept", lambda z, is_pos: (0.3, 0.1))
     r = site_calibration.calibrate_run(sat, normal_positive["sample"], tmp_path / "a", n_boot=50)
     assert r["val_predictions"] == "validation images scored by the calibrated model.pt"
     _, _, got = read_predictions(tmp_path / "a" / "val_predictions.csv", classes)
@@ -208,3 +208,126 @@ def test_three_classes_temperature_lives_in_model_pt(tmp_path):
     assert after["interval_method"] == json.loads(
         (run / "metrics.json").read_text())["interval_method"]
     assert after["interval_method"].startswith("patient bootstrap")
+
+
+def test_refit_interval_is_reported(normal_positive):
+    """The map's and the threshold's patient-bootstrap intervals: in the summary calibrate
+    prints, in NEW/metrics.json and in run.json."""
+    from cxrlab.site.calibration import describe
+
+    r, new = normal_positive["result"], normal_positive["new"]
+    assert r["method"] == "intercept" and r["a"] == 1.0 and r["a_ci"] == [1.0, 1.0]
+    blo, bhi = r["b_ci"]
+    assert blo < r["b"] < bhi and bhi - blo > 0.01, r["b_ci"]
+    lo, hi = r["threshold_ci"]
+    assert lo <= r["threshold"] <= hi
+    text = describe(r)
+    assert f"intercept {blo:.3g}-{bhi:.3g}" in text and f"95% interval {lo:.4g}-{hi:.4g}" in text
+    assert "patient bootstrap (6 patients)" in text
+    metrics = json.loads((new / "metrics.json").read_text())["site_calibration"]
+    assert metrics["b_ci"] == r["b_ci"] and metrics["threshold_ci"] == r["threshold_ci"]
+    assert metrics["threshold_rule"] == "keep-sensitivity"
+    from cxrlab.reporting.report import fmt_ci, load_run_data, shift_sections
+
+    (_, _, body), = shift_sections(load_run_data(new))
+    assert f"b = {r['b']:.3f} [{fmt_ci(r['b_ci'])}]" in body
+    # the default target is the run's own validation sensitivity at its threshold
+    paths, vy, vp = read_predictions(normal_positive["run"] / "val_predictions.csv",
+                                     ["NORMAL", "PNEUMONIA"])
+    t = float((normal_positive["run"] / "threshold").read_text())
+    assert metrics["target_sensitivity"] == pytest.approx((vp[vy == 0, 0] >= t).mean())
+
+
+def test_conservative_refit_keeps_sensitivity_where_platt_youden_drops_it():
+    """A small sample of a site whose normal films score high (as under tighter framing):
+    Youden's J on it (the old default) trades away positives for specificity; keeping the
+    sensitivity puts the threshold below every positive film the sample shows. Scored on many
+    more films of the same site, the old rule misses positives the new one keeps."""
+    from cxrlab.evaluation.metrics import choose_threshold
+    from cxrlab.site.calibration import REFITS, _sigmoid, site_threshold
+
+    rng = np.random.default_rng(0)
+
+    def site(n_pos: int, n_neg: int) -> tuple[np.ndarray, np.ndarray]:
+        z = np.concatenate([rng.normal(4, 2, n_pos), rng.normal(-1, 1.5, n_neg)])
+        return z, np.arange(n_pos + n_neg) < n_pos
+
+    z, is_pos = site(25, 15)
+    zt, yt = site(20000, 20000)
+    sens = {}
+    for refit, rule in (("platt", "youden"), ("intercept", "keep-sensitivity"),
+                        ("shrink", "keep-sensitivity")):
+        a, b = REFITS[refit](z, is_pos)
+        t = site_threshold(is_pos, _sigmoid(a * z + b), rule, 0.98, 0.9)
+        sens[refit] = float((_sigmoid(a * zt[yt] + b) >= t).mean())
+        if rule == "keep-sensitivity":  # 25 positives cannot show 0.98: below the lowest
+            assert (_sigmoid(a * z[is_pos] + b) >= t).all()
+    assert choose_threshold(is_pos, z, "youden") > z[is_pos].min()  # Youden passes positives
+    assert sens["platt"] < 0.93 and sens["intercept"] > 0.96, sens
+    assert sens["shrink"] == pytest.approx(sens["intercept"], abs=0.01)
+
+
+def test_intercept_and_shrinkage_against_hand_computation():
+    from scipy.special import expit, logit
+
+    from cxrlab.site.calibration import intercept_only, platt, shrunk_platt
+
+    # one score for every film: the shift that makes it the sample's share of positives
+    z, y = np.full(10, 0.5), np.arange(10) < 3
+    assert intercept_only(z, y) == pytest.approx((1.0, logit(0.3) - 0.5), abs=1e-9)
+    # in general the score equation: the mean shifted probability is the share of positives
+    rng = np.random.default_rng(1)
+    z, y = rng.normal(0, 3, 50), rng.random(50) < 0.6
+    a, b = intercept_only(z, y)
+    assert a == 1.0 and expit(z + b).sum() == pytest.approx(y.sum(), abs=1e-8)
+
+    # shrinkage with every score 0: the slope has no evidence and stays the run's 1; the
+    # intercept solves 10 (sigmoid(b) - 0.3) + b / 1^2 = 0, between 0 and logit(0.3)
+    a, b = shrunk_platt(np.zeros(10), np.arange(10) < 3, prior_sd=(0.25, 1.0))
+    assert a == pytest.approx(1.0, abs=1e-6)
+    assert 10 * (expit(b) - 0.3) + b == pytest.approx(0, abs=1e-5)
+    assert logit(0.3) < b < 0
+    # much evidence: the prior stops mattering (plain maximum likelihood, Platt)
+    z = rng.normal(0, 2, 20000)
+    y = rng.random(20000) < expit(2 * z - 1)
+    assert shrunk_platt(z, y) == pytest.approx(platt(z, y), abs=0.02)
+    assert shrunk_platt(z, y) == pytest.approx((2, -1), abs=0.1)
+
+
+def test_keep_sensitivity_threshold_is_the_clopper_pearson_margin():
+    """Positives scored 1, 2, 3 ..., negatives below. The threshold may pass m positives when
+    m misses in n still exclude a miss rate of 5% at 90% confidence, P(X <= m) < 0.1 for
+    X ~ Binomial(n, 0.05): with 60 positives none (0.95^60 = 0.046), so it sits below the
+    lowest; with 100 one (0.95^100 + 100 * 0.05 * 0.95^99 = 0.037, but adding two misses' term
+    gives 0.118), so it sits halfway between the two lowest (choose_threshold's midpoint)."""
+    from math import comb
+
+    from cxrlab.site.calibration import keep_sensitivity_threshold
+
+    def p_at_most(m: int, n: int) -> float:
+        return sum(comb(n, k) * 0.05**k * 0.95 ** (n - k) for k in range(m + 1))
+
+    def sample(n_pos: int) -> tuple[np.ndarray, np.ndarray]:
+        score = np.concatenate([np.arange(1.0, n_pos + 1), np.linspace(-5, 0.5, 30)])
+        return np.arange(len(score)) < n_pos, score
+
+    assert p_at_most(0, 60) < 0.1 < p_at_most(1, 60)
+    assert keep_sensitivity_threshold(*sample(60), 0.95, 0.9) == ((1 + 0.5) / 2, True)
+    assert p_at_most(1, 100) < 0.1 < p_at_most(2, 100)
+    assert keep_sensitivity_threshold(*sample(100), 0.95, 0.9) == ((2 + 1) / 2, True)
+    # lower confidence allows more misses; a target 60 films cannot show: below them all
+    assert keep_sensitivity_threshold(*sample(60), 0.95, 0.5)[0] > 1
+    assert keep_sensitivity_threshold(*sample(60), 0.99, 0.9) == ((1 + 0.5) / 2, False)
+
+
+@pytest.mark.parametrize("option, value", [("refit", "isotonic"), ("rule", "f1"),
+                                           ("target_sensitivity", 1.5), ("confidence", 1.0)])
+def test_bad_options_are_refused_before_any_work(tmp_path, option, value):
+    from cxrlab.errors import CxrlabError
+    from cxrlab.site.calibration import calibrate_run
+
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(CxrlabError, match=flag):
+        calibrate_run(tmp_path / "no-run", tmp_path / "no-data", tmp_path / "out",
+                      **{option: value})
+    assert not (tmp_path / "out").exists()

@@ -332,6 +332,19 @@ def run_page(run_dir: Path) -> str:
     return page(title, sub, sections)
 
 
+def _site_map_html(cal: dict) -> str:
+    """The refit of a site calibration with its patient-bootstrap intervals (runs calibrated
+    before they were recorded: nothing)."""
+    if "a_ci" not in cal:
+        return ""
+    target = cal.get("target_sensitivity")
+    return (f"<p>Map ({esc(cal.get('method'))}): p = sigmoid(a z + b), a = {fmt(cal['a'])} "
+            f"[{fmt_ci(cal['a_ci'])}], b = {fmt(cal['b'])} [{fmt_ci(cal.get('b_ci'))}]; "
+            f"threshold rule {esc(cal.get('threshold_rule'))}"
+            + (f", sensitivity {fmt(target)} ({esc(cal.get('target_sensitivity_from'))})"
+               if target is not None else "") + ".</p>")
+
+
 def shift_sections(r: RunData) -> list[tuple[str, str, str]]:
     """Present only for runs that have them: where a site calibration came from (run.json)
     and the stress test (RUN/shift.json, from `evaluate --shift`)."""
@@ -349,7 +362,7 @@ def shift_sections(r: RunData) -> list[tuple[str, str, str]]:
             f"{fmt(cal.get('threshold'), 4)} [{fmt_ci(cal.get('threshold_ci'))}] (the "
             f"original threshold on the new scale: {fmt(cal.get('original_threshold_rescaled'), 4)}"
             "). The validation figures above are the original validation images scored by the "
-            "calibrated model.</p>")))
+            "calibrated model.</p>" + _site_map_html(cal))))
     stress = read_shift(r.run_dir)
     if stress:
         b = stress["baseline"]

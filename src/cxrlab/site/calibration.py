@@ -36,6 +36,7 @@ import os
 import shutil
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,14 @@ from cxrlab.run import (
 log = logging.getLogger("cxrlab")
 
 MIN_PER_CLASS = 10
+REFIT = "intercept"  # the default map, chosen by benchmarks/site_calibration.py
+SITE_RULES = ("keep-sensitivity", "youden", "sensitivity")
+CONFIDENCE = 0.9  # keep-sensitivity's one-sided confidence that the sensitivity is kept
+PRIOR_SD = (0.25, 1.0)  # shrink: prior sd of the slope (around 1) and intercept (around 0)
+# what NEW/metrics.json repeats of run.json's site_calibration: the refit and its intervals
+SUMMARY = ("method", "a", "a_ci", "b", "b_ci", "temperature", "threshold_rule",
+           "target_sensitivity", "target_sensitivity_from", "confidence", "target_shown",
+           "threshold", "threshold_ci", "threshold_ci_method", "n_per_class")
 NOT_COPIED = (".lock", "report.html", "error.txt", "metrics_test.json", "shift.json",
               "shift.png", "val_predictions.png", ".*.tmp")
 _EPS = 1e-7  # float32 probabilities saturate near 1 - 6e-8; logits beyond +-16 carry nothing
@@ -93,6 +102,80 @@ def platt(z: np.ndarray, is_pos: np.ndarray) -> tuple[float, float]:
 
     lr = LogisticRegression(C=1.0).fit(z.reshape(-1, 1), is_pos.astype(int))
     return float(lr.coef_[0, 0]), float(lr.intercept_[0])
+
+
+def intercept_only(z: np.ndarray, is_pos: np.ndarray) -> tuple[float, float]:
+    """(1, b): the maximum-likelihood shift of the logit, slope kept at the run's own 1.
+
+    One parameter from tens of films: it moves the probabilities by the site's offset (scores
+    shifted, another prevalence) without letting a small sample re-stretch the scale. Solves
+    sum(sigmoid(z + b)) = number of positives (the score equation), which is monotone in b."""
+    from scipy.optimize import brentq
+
+    z, k = np.asarray(z, dtype=np.float64), float(np.sum(is_pos))
+    if k in (0, len(z)):
+        raise CxrlabError("site calibration needs films of both classes")
+    b = brentq(lambda b: float(_sigmoid(z + b).sum()) - k, -60.0, 60.0, xtol=1e-12)
+    return 1.0, float(b)
+
+
+def shrunk_platt(z: np.ndarray, is_pos: np.ndarray,
+                 prior_sd: tuple[float, float] = PRIOR_SD) -> tuple[float, float]:
+    """(a, b) of Platt scaling with a Gaussian prior centred on the run's own mapping (a = 1,
+    b = 0): the posterior mode. The prior is worth a fixed amount of evidence, so a small
+    sample moves the map a little and a large one as far as plain Platt."""
+    from scipy.optimize import minimize
+
+    z = np.asarray(z, dtype=np.float64)
+    s = np.where(is_pos, 1.0, -1.0)
+    va, vb = prior_sd[0] ** 2, prior_sd[1] ** 2
+
+    def loss(ab: np.ndarray) -> tuple[float, np.ndarray]:
+        m = s * (ab[0] * z + ab[1])
+        g = -s * _sigmoid(-m)  # d/d(a z + b) of log(1 + exp(-m))
+        return (float(np.logaddexp(0, -m).sum() + (ab[0] - 1) ** 2 / (2 * va)
+                      + ab[1] ** 2 / (2 * vb)),
+                np.array([(g * z).sum() + (ab[0] - 1) / va, g.sum() + ab[1] / vb]))
+
+    res = minimize(loss, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B")
+    return float(res.x[0]), float(res.x[1])
+
+
+REFITS = {"intercept": intercept_only, "shrink": shrunk_platt, "platt": platt}
+
+
+def site_threshold(is_pos: np.ndarray, score: np.ndarray, rule: str, target: float,
+                   confidence: float = CONFIDENCE) -> float:
+    """The threshold a site rule picks on the sample's (calibrated) scores: keep-sensitivity
+    (`keep_sensitivity_threshold`), or `choose_threshold`'s plain youden / sensitivity."""
+    if rule == "keep-sensitivity":
+        return keep_sensitivity_threshold(is_pos, score, target, confidence)[0]
+    return choose_threshold(is_pos, score, rule, target)
+
+
+def keep_sensitivity_threshold(is_pos: np.ndarray, score: np.ndarray, target: float,
+                               confidence: float = CONFIDENCE) -> tuple[float, bool]:
+    """(threshold, met): the highest threshold at which the sample still shows sensitivity
+    >= `target` with one-sided `confidence` (Clopper-Pearson: the upper bound on the miss rate
+    of m misses among n positives is beta.ppf(confidence, m + 1, n - m)).
+
+    The plain rule (the highest threshold whose *sample* sensitivity reaches the target) sits
+    on a few lowest positives and loses sensitivity on the next films half the time; this one
+    leaves the margin that n positives warrant. When n positives cannot show the target even
+    with none missed, the threshold goes just below the lowest positive and `met` is False."""
+    from scipy.stats import beta
+
+    is_pos = np.asarray(is_pos, dtype=bool)
+    score = np.asarray(score, dtype=np.float64)
+    pos = np.sort(score[is_pos])
+    if not pos.size or pos.size == len(score):
+        raise CxrlabError("site calibration needs films of both classes")
+    m = -1  # the most positives the threshold may pass (-1: not even none shows the target)
+    while m + 1 < pos.size and beta.ppf(confidence, m + 2, pos.size - m - 1) <= 1 - target:
+        m += 1
+    chosen = pos[max(m, 0)]
+    below = score[score < chosen]  # midpoint to the next lower score, as choose_threshold
+    return float((chosen + (below.max() if below.size else min(0.0, chosen))) / 2), m >= 0
 
 
 def temperature(log_probs: np.ndarray, y: np.ndarray) -> float:
@@ -125,17 +208,16 @@ def balanced_accuracy(is_pos: np.ndarray, score: np.ndarray, threshold: float) -
     return float((called[is_pos].mean() + (~called[~is_pos]).mean()) / 2)
 
 
-def bootstrap_threshold(is_pos: np.ndarray, score: np.ndarray, rule: str, target: float,
-                        n_boot: int = 1000, seed: int = 0,
-                        groups: list[str | None] | None = None) -> tuple[list[float], str]:
-    """95% percentile interval of the refitted threshold over resamples of the sample, and how
-    they were drawn (`evaluate.interval_method`).
+def patient_resamples(is_pos: np.ndarray, groups: list[str | None] | None, n_boot: int,
+                      seed: int) -> tuple[Iterator[np.ndarray], str]:
+    """(index arrays of `n_boot` resamples of the sample, how they were drawn
+    (`evaluate.interval_method`)).
 
     With `groups` (a patient key per image; None or "" is its own patient) whole patients are
     drawn, as every other interval of a run: films of one patient are not independent
     evidence, and drawing them singly gives too narrow an interval. Stratified: each resample
     keeps the sample's count of patients with positive films only, negative only, and both
-    (without groups: of positive and of negative images, as before)."""
+    (without groups: of positive and of negative images)."""
     is_pos = np.asarray(is_pos, dtype=bool)
     codes = group_codes(groups, len(is_pos))
     pat = np.arange(len(is_pos)) if codes is None else codes
@@ -146,14 +228,68 @@ def bootstrap_threshold(is_pos: np.ndarray, score: np.ndarray, rule: str, target
                           np.flatnonzero(has_pos & has_neg)) if s.size]
     order = np.argsort(pat, kind="stable")
     films = np.split(order, np.cumsum(np.bincount(pat, minlength=n_pat))[:-1])
-    rng = np.random.default_rng(seed)
-    ts = []
-    for _ in range(n_boot):
-        drawn = np.concatenate([rng.choice(s, len(s)) for s in strata])
-        idx = np.concatenate([films[p] for p in drawn])
-        ts.append(choose_threshold(is_pos[idx], score[idx], rule, target))
+
+    def draw() -> Iterator[np.ndarray]:
+        rng = np.random.default_rng(seed)
+        for _ in range(n_boot):
+            drawn = np.concatenate([rng.choice(s, len(s)) for s in strata])
+            yield np.concatenate([films[p] for p in drawn])
+
+    return draw(), interval_method(codes)
+
+
+def bootstrap_threshold(is_pos: np.ndarray, score: np.ndarray, rule: str, target: float,
+                        n_boot: int = 1000, seed: int = 0,
+                        groups: list[str | None] | None = None,
+                        confidence: float = CONFIDENCE) -> tuple[list[float], str]:
+    """95% percentile interval of the threshold `rule` picks, over patient resamples of the
+    sample (`patient_resamples`) with the map held fixed, and how they were drawn."""
+    is_pos, score = np.asarray(is_pos, dtype=bool), np.asarray(score, dtype=np.float64)
+    resamples, method = patient_resamples(is_pos, groups, n_boot, seed)
+    ts = [site_threshold(is_pos[i], score[i], rule, target, confidence) for i in resamples]
     lo, hi = np.percentile(ts, [2.5, 97.5])
-    return [float(lo), float(hi)], interval_method(codes)
+    return [float(lo), float(hi)], method
+
+
+def bootstrap_map(is_pos: np.ndarray, z: np.ndarray, refit: str, n_boot: int = 1000,
+                  seed: int = 0, groups: list[str | None] | None = None
+                  ) -> tuple[tuple[list[float], list[float]], str]:
+    """95% percentile intervals of the map's slope and intercept, each resample refitted."""
+    is_pos, z = np.asarray(is_pos, dtype=bool), np.asarray(z, dtype=np.float64)
+    resamples, method = patient_resamples(is_pos, groups, n_boot, seed)
+    ab = np.array([REFITS[refit](z[i], is_pos[i]) for i in resamples])
+    lo, hi = np.percentile(ab, [2.5, 97.5], axis=0)
+    return ([float(lo[0]), float(hi[0])], [float(lo[1]), float(hi[1])]), method
+
+
+def _check_options(refit: str, rule: str, target: float | None, confidence: float) -> None:
+    if refit not in REFITS:
+        raise CxrlabError(f"--refit {refit!r}: expected one of {', '.join(REFITS)}")
+    if rule not in SITE_RULES:
+        raise CxrlabError(f"--rule {rule!r}: expected one of {', '.join(SITE_RULES)}")
+    if target is not None and not 0.0 < target <= 1.0:
+        raise CxrlabError(f"--target-sensitivity {target}: expected a value in (0, 1]")
+    if not 0.0 < confidence < 1.0:
+        raise CxrlabError(f"--confidence {confidence}: expected a value in (0, 1)")
+
+
+def _validation_sensitivity(run) -> tuple[float, str]:
+    """The sensitivity the run showed on its own validation images at its own threshold
+    (val_predictions.csv), what a site calibration keeps unless told otherwise; the run's
+    target_sensitivity where that file is missing."""
+    vp_file = run.run_dir / "val_predictions.csv"
+    pos = run.info.positive
+    if vp_file.is_file():
+        _, vy, vp = read_predictions(vp_file, run.classes)
+        t = 0.5 if run.threshold is None else run.threshold
+        if (vy == pos).any():
+            return (_rate(np.asarray(vp[vy == pos, pos], dtype=np.float64) >= t),
+                    "the run's validation sensitivity at its threshold")
+    return run.config.target_sensitivity, "the run's target_sensitivity"
+
+
+def _rate(hits: np.ndarray) -> float:
+    return float(np.mean(hits)) if len(hits) else float("nan")
 
 
 def _sample(run, data: Path, image_col, label_col, split, skip_bad):
@@ -182,11 +318,18 @@ def _sample(run, data: Path, image_col, label_col, split, skip_bad):
 
 def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = None,
                   label_col: str | None = None, split: str | None = None,
-                  skip_bad: bool = False, n_boot: int = 1000, tta: str | None = None) -> dict:
+                  skip_bad: bool = False, n_boot: int = 1000, tta: str | None = None,
+                  refit: str = REFIT, rule: str = "keep-sensitivity",
+                  target_sensitivity: float | None = None,
+                  confidence: float = CONFIDENCE) -> dict:
     """Fit the calibration on DATA and write it as the new complete run OUT; returns a summary.
 
-    `tta`: test-time augmentation (None: the run's own); the new run scores with it."""
+    `tta`: test-time augmentation (None: the run's own); the new run scores with it.
+    Two classes: `refit` is the map (REFITS), `rule` the threshold's (SITE_RULES);
+    `target_sensitivity` (None: the run's own validation sensitivity at its threshold) is what
+    keep-sensitivity keeps with `confidence`, and what the plain sensitivity rule reaches."""
     out = Path(out)
+    _check_options(refit, rule, target_sensitivity, confidence)
     check_out_dir(out)
     if out.resolve().is_relative_to(Path(run_dir).resolve()):
         raise CxrlabError(f"--out {out}: inside the run {run_dir}; choose a folder outside it")
@@ -203,11 +346,13 @@ def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = 
 
         is_pos = y == pos
         auc = float(roc_auc_score(is_pos, probs[:, pos]))
-        a, b = platt(_logit(probs[:, pos]), is_pos)
-        if a <= 0:
+        z = _logit(probs[:, pos])
+        a, b = REFITS[refit](z, is_pos)
+        if a <= 0 or auc <= 0.5:
             raise CxrlabError(f"{data}: the run's scores do not rank the classes here (ROC AUC "
                               f"{auc:.2f}); a new threshold cannot help: retrain instead")
-        cal.update(method="platt", a=a, b=b)
+        (a_ci, b_ci), _ = bootstrap_map(is_pos, z, refit, n_boot, run.config.seed, keys)
+        cal.update(method=refit, a=a, b=b, a_ci=a_ci, b_ci=b_ci)
     else:
         cal.update(method="temperature",
                    temperature=temperature(np.log(np.clip(probs, 1e-12, 1)), y))
@@ -221,17 +366,32 @@ def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = 
     threshold = None
     if pos is not None:
         score = calibrated[:, pos]
-        rule, target = run.config.threshold_rule, run.config.target_sensitivity
-        threshold = choose_threshold(is_pos, score, rule, target)
         old = 0.5 if run.threshold is None else run.threshold
+        target, target_from = ((target_sensitivity, "--target-sensitivity")
+                               if target_sensitivity is not None else _validation_sensitivity(run))
+        threshold, met = (keep_sensitivity_threshold(is_pos, score, target, confidence)
+                          if rule == "keep-sensitivity" else
+                          (choose_threshold(is_pos, score, rule, target), None))
         old_rescaled = float(_sigmoid(a * _logit(np.array([old]))[0] + b))
         ci, method = bootstrap_threshold(is_pos, score, rule, target, n_boot, run.config.seed,
-                                         keys)
-        cal.update(threshold_rule=rule, threshold=threshold, threshold_ci=ci,
+                                         keys, confidence)
+        cal.update(threshold_rule=rule, target_sensitivity=target,
+                   target_sensitivity_from=target_from, threshold=threshold, threshold_ci=ci,
                    threshold_ci_method=method, original_threshold=run.threshold,
                    original_threshold_rescaled=old_rescaled, sample_roc_auc=auc,
+                   sample_sensitivity_before=_rate(probs[is_pos, pos] >= old),
+                   sample_sensitivity_after=_rate(score[is_pos] >= threshold),
+                   sample_specificity_before=_rate(probs[~is_pos, pos] < old),
+                   sample_specificity_after=_rate(score[~is_pos] < threshold),
                    sample_balanced_accuracy_before=balanced_accuracy(is_pos, probs[:, pos], old),
                    sample_balanced_accuracy_after=balanced_accuracy(is_pos, score, threshold))
+        if rule == "keep-sensitivity":
+            cal.update(confidence=confidence, target_shown=met)
+            if not met:
+                log.warning("site calibration: %d positive films cannot show sensitivity >= %.3g "
+                            "with %.0f%% confidence; the threshold is just below the lowest "
+                            "positive film's score (label more films to move it further)",
+                            int(is_pos.sum()), target, 100 * confidence)
     else:
         cal.update(sample_accuracy=float((probs.argmax(1) == y).mean()))
     _write_run(run, out, cal, threshold, state, model, n_boot, (paths, images))
@@ -239,20 +399,32 @@ def calibrate_run(run_dir: Path, data: Path, out: Path, image_col: str | None = 
 
 
 def describe(r: dict) -> str:
-    """The summary of `calibrate_run` in two sentences, for the console."""
+    """The summary of `calibrate_run` in a few sentences, for the console."""
     counts = ", ".join(f"{v} {k}" for k, v in r["n_per_class"].items())
-    if r["method"] != "platt":
+    if r["method"] == "temperature":
         return f"Sample: {counts}. Temperature {r['temperature']:.3g}."
     lo, hi = r["threshold_ci"]
     old = "0.5 (none saved)" if r["original_threshold"] is None else \
         f"{r['original_threshold']:.4g}"
-    return (f"Sample: {counts} (ROC AUC {r['sample_roc_auc']:.3f}). Threshold "
-            f"{r['threshold']:.4g} (95% interval {lo:.4g}-{hi:.4g}, "
+    (alo, ahi), (blo, bhi) = r["a_ci"], r["b_ci"]
+    rule = {"youden": "Youden's J on the sample",
+            "sensitivity": f"sample sensitivity >= {r['target_sensitivity']:.3g}"}.get(
+        r["threshold_rule"],
+        f"keeps sensitivity >= {r['target_sensitivity']:.3g} ({r['target_sensitivity_from']}) "
+        f"with {100 * r.get('confidence', CONFIDENCE):.0f}% confidence"
+        + ("" if r.get("target_shown", True) else
+           "; too few positive films to show it: just below the lowest one"))
+    return (f"Sample: {counts} (ROC AUC {r['sample_roc_auc']:.3f}). Map ({r['method']}): "
+            f"p = sigmoid({r['a']:.3g} z + {r['b']:.3g}), slope 95% interval "
+            f"{alo:.3g}-{ahi:.3g}, intercept {blo:.3g}-{bhi:.3g}. Threshold "
+            f"{r['threshold']:.4g} ({rule}; 95% interval {lo:.4g}-{hi:.4g}, "
             f"{r['threshold_ci_method']}); the original "
             f"{old} is {r['original_threshold_rescaled']:.4g} on the calibrated scale. "
-            "Balanced accuracy on the sample (in-sample, so optimistic): "
-            f"{r['sample_balanced_accuracy_before']:.3f} -> "
-            f"{r['sample_balanced_accuracy_after']:.3f}.")
+            "On the sample (in-sample, so optimistic): sensitivity "
+            f"{r['sample_sensitivity_before']:.3f} -> {r['sample_sensitivity_after']:.3f}, "
+            f"specificity {r['sample_specificity_before']:.3f} -> "
+            f"{r['sample_specificity_after']:.3f}.")
+
 
 
 def _write_run(run, out: Path, cal: dict, threshold: float | None, state: dict,
@@ -361,6 +533,7 @@ def _calibrate_files(run, new: Path, cal: dict, threshold: float | None, state: 
     metrics.update({k: old[k] for k in ("split", "epochs", "train_seconds", "train_precision")
                     if k in old})
     metrics["selection_biased"] = "the epoch was chosen on these images"
+    metrics["site_calibration"] = {k: cal[k] for k in SUMMARY if k in cal}
     write_json(new / "metrics.json", metrics)
     plots.plot_confusion(np.array(metrics["confusion_matrix"]), classes,
                          new / "confusion_matrix.png",

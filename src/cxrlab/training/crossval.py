@@ -35,6 +35,7 @@ from cxrlab.evaluation.operating_point import threshold_spread, warning
 from cxrlab.evaluation.overlap import DIGESTS
 from cxrlab.evaluation.stats import t_interval
 from cxrlab.run import load_info, patient_keys, read_predictions, read_threshold, write_json
+from cxrlab.training import small_sets
 from cxrlab.training.ensemble import FOLDS_FILE, finish, member_config, member_dir, train_members
 
 # Imported inside the functions that need them: rich (heavy or
@@ -73,8 +74,14 @@ def run_crossval(config: RunConfig, out: Path, progress: bool = True,
     """
     if config.folds is None or config.fold is not None:
         raise CxrlabError("--folds: give the number of folds (2-20) for cross-validation")
+    # a small set's recipe, the same for every fold, named before crossval.yaml is written:
+    # continuing (the same command, or --resume from crossval.yaml) finds the same folds
+    small_set = small_sets.for_folds(config)
+    config = small_sets.with_recipe(config, small_set)
     trained = train_members(config, out, progress, on_fold, check=_check_folds)
     result = pool(out, config.folds)
+    if small_set is not None:
+        result["small_set"] = small_set.to_dict()
     write_json(Path(out) / RESULT_FILE, result)
     finish(config, out, rebuild=trained > 0)
     return result

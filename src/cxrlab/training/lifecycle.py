@@ -36,7 +36,7 @@ from cxrlab.run import (
     write_json,
     write_split_csv,
 )
-from cxrlab.training import budget
+from cxrlab.training import budget, small_sets
 from cxrlab.training.checkpoints import LAST
 from cxrlab.training.distributed import is_rank_zero
 from cxrlab.training.finetune import check_frozen_stages
@@ -64,6 +64,8 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
 
     Under data-parallel training every process runs this; only rank 0 touches `out`.
     `mlflow_uri`: where `--logger mlflow` logs (default: MLFLOW_TRACKING_URI, else the run).
+    A run that leaves its schedule to the recipe, on a small set, trains the small-set recipe
+    (training/small_sets.py).
     """
     started = time.time()
     out = Path(out)
@@ -80,6 +82,8 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
     if rank0:
         check_out_dir(out)  # refuse before the slow part
     data = prepare_data(config)  # bad data fails here, before anything is written
+    small_set = small_sets.small_set_recipe(config, int((data.splits == "train").sum()))
+    config = small_sets.with_recipe(config, small_set)  # before the budget plans the run
     classes = data.source.classes
     positive = resolve_positive(classes, config.positive)
     n_out = 1 if len(classes) == 2 else len(classes)
@@ -112,7 +116,10 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
     check_free_space(out, model)
     prepare_out_dir(out)
     info = RunInfo(classes=classes, positive=positive, in_chans=in_chans,
-                   data_bit_depth=data.bit_depth.data)
+                   data_bit_depth=data.bit_depth.data,
+                   small_set=None if small_set is None else small_set.to_dict())
+    if planned is not None and small_set is not None:
+        planned.record["small_set"] = small_set.to_dict()
     save_info(out, info)
 
     def work() -> TrainResult:
