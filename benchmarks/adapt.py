@@ -56,7 +56,8 @@ SHIFTS = [("none", 0), ("zoom", 2), ("zoom", 3), ("gamma", 2), ("contrast", 3), 
 WEIGHTS = (1.0, 0.5, 0.25)
 
 
-def intake(run_dir: Path, run, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def intake(run_dir: Path, run, seed: int, max_images: int | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
     rows = [r for r in csv.DictReader(open(run_dir / "split.csv")) if r["split"] == "val"]
     y = np.array([run.classes.index(r["label"]) for r in rows])
     images, _ = load_images([r["path"] for r in rows], run.config.image_size,
@@ -66,6 +67,8 @@ def intake(run_dir: Path, run, seed: int) -> tuple[np.ndarray, np.ndarray]:
     neg_idx, pos_idx = np.flatnonzero(y != pos), np.flatnonzero(y == pos)
     k = min(len(pos_idx), round(len(neg_idx) * PREVALENCE / (1 - PREVALENCE)))
     keep = np.sort(np.concatenate([neg_idx, rng.choice(pos_idx, k, replace=False)]))
+    if max_images and len(keep) > max_images:  # a smaller intake, same prevalence (CPU time)
+        keep = np.sort(rng.choice(keep, max_images, replace=False))
     return images[keep], y[keep]
 
 
@@ -101,7 +104,8 @@ def evaluate(run, images: np.ndarray, y: np.ndarray, seed: int, cal, sorted_trap
             orders.append(("sorted-unshuffled ", adapt_idx[np.argsort(y[adapt_idx],
                                                                         kind="stable")]))
         for tag, idx in orders:
-            stats = intake_statistics(run.model, images[idx], seed=seed, shuffle=not tag)
+            stats = intake_statistics(run.model, images[idx], seed=seed, shuffle=not tag,
+                                      frozen_stages=run.config.frozen_stages)
             for w in weights if not tag else (1.0,):
                 model = mixed(run.model, stats, n, n * (1 - w) / w)
                 p = predict_probs(model, images)[:, pos]
@@ -129,6 +133,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shifts", default=",".join(f"{n}:{k}" for n, k in SHIFTS),
                     help="name:severity,... (none: unshifted)")
+    ap.add_argument("--max-images", type=int, default=None,
+                    help="a random subset of the intake, same prevalence (CPU time)")
+    ap.add_argument("--trap", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the class-sorted, unshuffled statistics on the unshifted intake")
     ap.add_argument("--weights", default=",".join(map(str, WEIGHTS)),
                     help="intake weights W = n / (N + n) of the BatchNorm statistics")
     args = ap.parse_args()
@@ -139,7 +147,7 @@ def main() -> None:
     for run_dir in args.runs:
         run = load_run(run_dir)
         cal = validation_calibration(run)
-        images, y = intake(run_dir, run, args.seed)
+        images, y = intake(run_dir, run, args.seed, args.max_images)
         r = {"n": int(len(y)), "n_positive": int((y == run.info.positive).sum()),
              "threshold": run.threshold, "validation_prevalence": cal[2],
              "platt": list(cal[:2]), "shifts": {}}
@@ -148,8 +156,9 @@ def main() -> None:
             sev = int(sev or 0)
             x = images if name == "none" else apply_shift(images, name, sev, args.seed)
             key = name if name == "none" else f"{name}:{sev}"
-            r["shifts"][key] = evaluate(run, x, y, args.seed, cal, sorted_trap=name == "none",
-                                       weights=tuple(float(w) for w in args.weights.split(",")))
+            r["shifts"][key] = evaluate(run, x, y, args.seed, cal,
+                                        sorted_trap=args.trap and name == "none",
+                                        weights=tuple(float(w) for w in args.weights.split(",")))
             row = r["shifts"][key]
             print(run_dir, key, " ".join(
                 f"{m}={v['accuracy']:.3f}/{v['sensitivity']:.2f}/{v['specificity']:.2f}"
