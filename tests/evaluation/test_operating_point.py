@@ -178,3 +178,24 @@ def test_the_default_rule_keeps_its_sensitivity_and_leaves_the_normals_room():
     assert youden < 0.2 < 0.5 < t < 0.9  # Youden sits at the normals' edge of the gap
     # an intake whose normal films score 0.15 higher (tighter framing did that to validation)
     assert (neg + 0.15 >= youden).mean() > 0.5 and not (neg + 0.15 >= t).any()
+
+
+def test_the_report_and_the_metrics_table_say_it():
+    from rich.console import Console
+
+    from cxrlab.evaluation.metrics import compute_metrics, format_metrics_table
+    from cxrlab.reporting.report import threshold_stability_html
+
+    is_pos, score = sparse_tails()
+    shaky = threshold_stability(is_pos, score, "youden", 0.95, n_boot=200)
+    lo, hi = shaky["interval"]
+    html = threshold_stability_html(shaky)
+    assert f"{lo:.3g} – {hi:.3g}" in html and "<strong>Unstable</strong>" in html
+    firm = threshold_stability(*dense_separated(), "youden", 0.95, n_boot=200)
+    assert "Unstable" not in threshold_stability_html(firm) and threshold_stability_html(None) == ""
+    metrics = compute_metrics(is_pos.astype(int), np.c_[1 - score, score], ["N", "P"],
+                              threshold=0.5, n_boot=50)
+    metrics["threshold_stability"] = shaky
+    console = Console(record=True, width=120)
+    console.print(format_metrics_table(metrics))
+    assert f"{lo:.3g} – {hi:.3g} unstable" in console.export_text()

@@ -81,6 +81,10 @@ def test_seeds_make_a_run_whose_scores_are_the_members_mean(ensembles):
                                                    run.config.target_sensitivity)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ensemble"]["scored_by"] == "ensemble" and metrics["n"] == len(y)
+    # how far the members' thresholds lie apart (evaluation.operating_point.threshold_spread)
+    assert metrics["threshold_spread"]["thresholds"] == [read_threshold(m.run_dir)
+                                                         for m in members]
+    assert metrics["threshold_stability"]["rule"] == run.config.threshold_rule
 
 
 def test_folds_make_a_run_from_out_of_fold_scores(ensembles):
@@ -95,7 +99,9 @@ def test_folds_make_a_run_from_out_of_fold_scores(ensembles):
     assert paths == oof[0][0] + oof[1][0] and len(set(paths)) == 24  # every image, once
     np.testing.assert_array_equal(probs, np.concatenate([o[2] for o in oof]))
     pos = run.info.positive
-    assert read_threshold(out) == choose_threshold(y == pos, probs[:, pos])
+    assert read_threshold(out) == choose_threshold(y == pos, probs[:, pos],
+                                                   run.config.threshold_rule,
+                                                   run.config.target_sensitivity)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ensemble"]["scored_by"] == "out-of-fold member"
     assert "no held-out images" in metrics["selection_biased"]

@@ -101,8 +101,7 @@ def for_folds(config: RunConfig) -> SmallSet | None:
     if not applies(config):
         return None
     source = load_source(Path(config.data), config.image_col, config.label_col)
-    seed = getattr(config, "split_seed", None)  # as data.prepared splits
-    seed = config.seed if seed is None else seed
+    seed = config.seed if config.split_seed is None else config.split_seed  # as prepared
     sizes = [assign_splits(source, config.val_fraction, seed, config.group_regex,
                            config.folds, i).splits.count("train")
              for i in range(1, config.folds + 1)]
