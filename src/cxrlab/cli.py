@@ -451,12 +451,12 @@ def adapt(
     out: Annotated[Path, typer.Option("--out", "-o", help="the new run directory")] = ...,
     bn: Annotated[bool | None, typer.Option(
         "--bn/--no-bn", help="re-estimate BatchNorm statistics on the images (AdaBN); "
-        "default off: measured to hurt a robust run")] = None,
+        "off by default: measured to cost accuracy unless the intake is shifted")] = None,
     bn_prior: Annotated[float, typer.Option(
         min=0, help="--bn: weight of the run's own statistics, in images (0: AdaBN)")] = 0.0,
     prevalence: Annotated[bool | None, typer.Option(
         "--prevalence/--no-prevalence", help="estimate the intake's prevalence (EM) and move "
-        "the threshold for it; default on for two classes")] = None,
+        "the threshold for it (two classes); off by default: misled by shifted films")] = None,
     skip_bad: Annotated[bool, typer.Option(
         "--skip-bad", help="list unreadable images and go on without them")] = False,
     seed: Annotated[int, typer.Option(help="seed of the shuffle before batching")] = 0,

@@ -82,7 +82,7 @@ def test_statistics_do_not_depend_on_the_folder_order(site):
 def test_too_few_images_are_refused_and_nothing_written(site, tmp_path):
     out = tmp_path / "new"
     with pytest.raises(CxrlabError, match="at least 100"):
-        ad.adapt_run(site["run"], INTAKE / "NORMAL", out)  # 60 images
+        ad.adapt_run(site["run"], INTAKE / "NORMAL", out, prevalence=True)  # 60 images
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
@@ -133,16 +133,19 @@ def test_cli_adapt_prints_what_changed_and_refuses_small_sets(site, tmp_path, ca
 
     monkeypatch.setenv("COLUMNS", "200")
     out = tmp_path / "cli"
-    code, text, err = run_cli(["adapt", site["run"], INTAKE, "--out", out], capsys, monkeypatch)
+    code, _, err = run_cli(["adapt", site["run"], INTAKE, "--out", out], capsys, monkeypatch)
+    assert_user_error(code, err, "choose --bn and/or --prevalence")  # no measured default
+    assert not out.exists()
+    code, text, err = run_cli(["adapt", site["run"], INTAKE, "--out", out, "--prevalence"],
+                              capsys, monkeypatch)
     assert code == 0, err
     text = " ".join(text.split())
     assert "Estimated prevalence of PNEUMONIA" in text and "Decisions on these images moved" \
         in text
     info = json.loads((out / "run.json").read_text())["site_adaptation"]
-    assert (info["batchnorm"] is None) == (not ad.DEFAULT_BN)  # the measured defaults
-    assert (info["prevalence"] is None) == (not ad.DEFAULT_PREVALENCE)
+    assert info["batchnorm"] is None and info["prevalence"]["estimated"] > 0
     bad = tmp_path / "bad"
-    code, _, err = run_cli(["adapt", site["run"], INTAKE / "PNEUMONIA", "--out", bad], capsys,
-                           monkeypatch)
+    code, _, err = run_cli(["adapt", site["run"], INTAKE / "PNEUMONIA", "--out", bad, "--bn"],
+                           capsys, monkeypatch)
     assert_user_error(code, err, "at least 100")
     assert not bad.exists()

@@ -18,7 +18,7 @@ Two things can be learnt from them alone:
   prevalence, clear the run's own cut-off: logit t' = logit t - log(odds(q) / odds(pi)) / a.
 
 Which of the two `adapt` applies by default was chosen on measurements (docs/intake-shift.md,
-benchmarks/adapt.py): see DEFAULT_BN, DEFAULT_PREVALENCE.
+benchmarks/adapt.py): neither (DEFAULT_BN, DEFAULT_PREVALENCE), so the user names one.
 
 The new run is complete like `calibrate`'s: a copy of the original with model.pt (adapted
 statistics), threshold, val_predictions.csv, metrics.json and plots replaced, run.json's
@@ -64,8 +64,14 @@ log = logging.getLogger("cxrlab")
 
 MIN_IMAGES = 100  # below: statistics and a prevalence from so few films move decisions on noise
 BATCH = 64  # images per batch for the statistics (Li et al. and Schneider et al. use 32-200)
-DEFAULT_BN = False  # measured: see docs/intake-shift.md "Adapting without labels"
-DEFAULT_PREVALENCE = True
+# Neither is on by default: measured (docs/intake-shift.md "Adapting without labels",
+# benchmarks/adapt.py), AdaBN cost accuracy on an unshifted intake and under blur, and the
+# prevalence estimate, right on an unshifted intake, followed a framing shift's inflated
+# scores (0.94 estimated for 0.625) and moved the threshold the wrong way.
+DEFAULT_BN = False
+DEFAULT_PREVALENCE = False
+WHY_NOT = ("neither helped on both kinds of run measured (docs/intake-shift.md, "
+           "\"Adapting without labels\")")
 DEFAULT_BN_PRIOR = 0.0  # N, in images; 0: the intake's statistics alone (AdaBN)
 SPLIT = "adaptation"  # the intake's rows in RUN/digests.csv
 
@@ -231,6 +237,8 @@ def adapt_run(run_dir: Path, data: Path, out: Path, *, bn: bool | None = None,
     pos = run.info.positive
     if prevalence is None:
         prevalence = DEFAULT_PREVALENCE and pos is not None
+    if not bn and not prevalence:
+        raise CxrlabError(f"adapt: choose --bn and/or --prevalence; {WHY_NOT}")
     if prevalence and pos is None:
         raise CxrlabError(f"{run_dir}: {len(run.classes)} classes; --prevalence adapts "
                           "two-class runs only")
@@ -238,10 +246,16 @@ def adapt_run(run_dir: Path, data: Path, out: Path, *, bn: bool | None = None,
     if bn and not batchnorms(run.model, frozen):
         raise CxrlabError(f"{run_dir}: the model has no BatchNorm layers that training "
                           "estimated; nothing for --bn to re-estimate (--no-bn)")
-    if not bn and not prevalence:
-        raise CxrlabError("--no-bn --no-prevalence: nothing to adapt")
     cal = validation_calibration(run) if prevalence else None  # refuse before any decoding
     files, images = _intake(run, data, skip_bad, min_images)
+    if bn:
+        log.warning("adapt --bn: re-estimated BatchNorm statistics cost accuracy on the runs "
+                    "measured unless the intake was shifted; score it on labelled films of the "
+                    "intake that it was not adapted on before using it")
+    if prevalence:
+        log.warning("adapt --prevalence: the estimate assumes only the class mix changed; "
+                    "where the films themselves differ (evaluate's intake check warns) it "
+                    "follows the shifted scores and can move the threshold the wrong way")
     n = len(files)
     before = predict_probs(run.model, images)
     model = run.model
