@@ -40,6 +40,7 @@ from cxrlab.errors import CxrlabError
 from cxrlab.evaluation import overlap
 from cxrlab.evaluation.metrics import choose_threshold, compute_metrics
 from cxrlab.evaluation.operating_point import threshold_spread, threshold_stability, warning
+from cxrlab.evaluation.operating_point import threshold_spread, threshold_stability, warning
 from cxrlab.models import create_model
 from cxrlab.models.ensemble import EnsembleModel
 from cxrlab.reporting import plots
@@ -241,6 +242,16 @@ def finish(config: RunConfig, out: Path, rebuild: bool = False) -> TrainResult:
                               seed=config.seed, groups=patients_of(rows, paths))
     members = [json.loads((d / "metrics.json").read_text()) for d in dirs]
     metrics.update(_ensemble_notes(kind, n, scored, threshold is not None, members))
+    if threshold is not None:  # how firmly these images pin it, and how far members differ
+        metrics["threshold_stability"] = threshold_stability(
+            y == pos, probs[:, pos], run_cfg.threshold_rule, run_cfg.target_sensitivity,
+            groups=patients_of(rows, paths), seed=config.seed)
+        metrics["threshold_spread"] = threshold_spread([m.get("threshold") for m in members],
+                                                       y == pos, probs[:, pos])
+        for what, st in (("the threshold's 95% interval", metrics["threshold_stability"]),
+                         ("the members' thresholds' range", metrics["threshold_spread"])):
+            if warning(st, what):
+                log.warning(warning(st, what))
     if threshold is not None:  # how firmly these images pin it, and how far members differ
         metrics["threshold_stability"] = threshold_stability(
             y == pos, probs[:, pos], run_cfg.threshold_rule, run_cfg.target_sensitivity,
