@@ -132,7 +132,8 @@ def test_evaluate_predict_gradcam_report_take_the_ensemble(ensembles):
     assert heat.shape == (32, 32)
     np.testing.assert_allclose(heat, expect, atol=1e-5)
     report = run.report(out.parent / "seeds-report.html")
-    assert "Run report" in report.read_text()
+    assert "An ensemble (seeds): the mean probability of 2 runs, seed-1, seed-2" in \
+        report.read_text()
 
 
 def test_onnx_export_is_one_graph_matching_torch(ensembles, tmp_path):
@@ -153,7 +154,7 @@ def test_calibrate_maps_the_ensembles_logit(ensembles, tmp_path):
     from cxrlab.site.calibration import calibrate_run
 
     out = ensembles["seeds"]
-    result = calibrate_run(out, ensembles["held"], tmp_path / "cal")
+    result = calibrate_run(out, ensembles["held"], tmp_path / "cal", n_boot=200)
     new, old = load_run(tmp_path / "cal"), load_run(out)
     assert isinstance(new.model, EnsembleModel)
     assert json.loads((tmp_path / "cal" / "run.json").read_text())["ensemble"]["kind"] == "seeds"

@@ -17,17 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-
-def _log_sigmoid(z: torch.Tensor) -> torch.Tensor:
-    """log sigmoid(z), finite for every finite z, from ops every ONNX runtime has (the
-    exported torch log_sigmoid is Log(Sigmoid), which is -inf below z ~ -88)."""
-    return torch.clamp(z, max=0.0) - torch.log1p(torch.exp(-torch.abs(z)))
-
-
-def _log_mean_exp(a: torch.Tensor) -> torch.Tensor:
-    """log(mean(exp(a), dim 0)), shifted by the maximum so that nothing overflows."""
-    top = a.amax(dim=0)
-    return top + torch.log(torch.exp(a - top).mean(dim=0))
+from cxrlab.models.tta import logit_of_mean_probability
 
 
 class EnsembleModel(nn.Module):
@@ -53,9 +43,5 @@ class EnsembleModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = torch.stack([m(x).float() for m in self.members])  # (members, N, K)
-        if self.num_classes == 1:  # log mean p - log mean (1 - p): the mean's logit
-            logit = _log_mean_exp(_log_sigmoid(z)) - _log_mean_exp(_log_sigmoid(-z))
-        else:
-            logit = _log_mean_exp(torch.log_softmax(z, dim=-1))
-        return self.fc(logit)
+        return self.fc(logit_of_mean_probability(z))  # as test-time augmentation's views
 

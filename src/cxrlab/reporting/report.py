@@ -300,6 +300,11 @@ def run_page(run_dir: Path) -> str:
                 f"{fmt(m.get('specificity'))}; {m.get('epochs')} epochs in "
                 f"{fmt(m.get('train_seconds'), 0)} s. 95% interval: {esc(method)}. "
                 f"Optimistic: {esc(selection_note(r))}.</p>")
+    ens = r.info.get("ensemble")
+    if ens:  # training/ensemble.py: the run averages these runs' probabilities
+        headline += (f"<p>An ensemble ({esc(ens['kind'])}): the mean probability of "
+                     f"{len(ens['members'])} runs, {esc(', '.join(ens['members']))}; epochs "
+                     "and seconds above: its longest member's epochs, all members' time.</p>")
     test_file = run_dir / "metrics_test.json"
     if test_file.is_file():
         t = json.loads(test_file.read_text())

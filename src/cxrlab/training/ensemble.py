@@ -40,9 +40,9 @@ from cxrlab.errors import CxrlabError
 from cxrlab.evaluation import overlap
 from cxrlab.evaluation.metrics import choose_threshold, compute_metrics
 from cxrlab.evaluation.operating_point import threshold_spread, threshold_stability, warning
-from cxrlab.evaluation.operating_point import threshold_spread, threshold_stability, warning
 from cxrlab.models import create_model
 from cxrlab.models.ensemble import EnsembleModel
+from cxrlab.models.tta import with_tta
 from cxrlab.reporting import plots
 from cxrlab.run import (
     SPLIT_CSV_COLUMNS,
@@ -219,12 +219,13 @@ def finish(config: RunConfig, out: Path, rebuild: bool = False) -> TrainResult:
                                "split_seed": config.split_seed, "folds": config.folds,
                                "seeds": config.seeds})
     model = _ensemble_model(run_cfg, infos[0], dirs)
+    scorer = with_tta(model, run_cfg.tta)  # as load_run scores it later (members' own tta)
     info = RunInfo(infos[0].classes, infos[0].positive, infos[0].in_chans,
                    data_bit_depth=infos[0].data_bit_depth,
                    ensemble={"kind": kind, "members": [d.name for d in dirs]})
     rows = _split_rows(dirs, kind)
     if kind == "seeds":
-        paths, y, probs = _score(model, run_cfg, info, [r for r in rows if r["split"] == "val"])
+        paths, y, probs = _score(scorer, run_cfg, info, [r for r in rows if r["split"] == "val"])
         scored = "ensemble"
     else:
         pooled = [read_predictions(d / "val_predictions.csv", info.classes) for d in dirs]
@@ -252,20 +253,11 @@ def finish(config: RunConfig, out: Path, rebuild: bool = False) -> TrainResult:
                          ("the members' thresholds' range", metrics["threshold_spread"])):
             if warning(st, what):
                 log.warning(warning(st, what))
-    if threshold is not None:  # how firmly these images pin it, and how far members differ
-        metrics["threshold_stability"] = threshold_stability(
-            y == pos, probs[:, pos], run_cfg.threshold_rule, run_cfg.target_sensitivity,
-            groups=patients_of(rows, paths), seed=config.seed)
-        metrics["threshold_spread"] = threshold_spread([m.get("threshold") for m in members],
-                                                       y == pos, probs[:, pos])
-        for what, st in (("the threshold's 95% interval", metrics["threshold_stability"]),
-                         ("the members' thresholds' range", metrics["threshold_spread"])):
-            if warning(st, what):
-                log.warning(warning(st, what))
+    metrics["tta"] = run_cfg.tta
     test = [r for r in rows if r["split"] == "test"]
     test_metrics = None
     if test:
-        tp, ty, tprobs = _score(model, run_cfg, info, test)
+        tp, ty, tprobs = _score(scorer, run_cfg, info, test)
         test_metrics = compute_metrics(ty, tprobs, classes, positive=pos, threshold=threshold,
                                        seed=config.seed, groups=patients_of(rows, tp))
         test_metrics["split"] = "test"
@@ -301,7 +293,7 @@ def _ensemble_model(cfg: RunConfig, info: RunInfo, dirs: list[Path]) -> Ensemble
     return EnsembleModel(members).eval()
 
 
-def _score(model: EnsembleModel, cfg: RunConfig, info: RunInfo,
+def _score(model: torch.nn.Module, cfg: RunConfig, info: RunInfo,
            rows: list[dict]) -> tuple[list[str], np.ndarray, np.ndarray]:
     """These split.csv rows' images through the ensemble, read as training read them."""
     images, _ = load_images([Path(r["path"]) for r in rows], cfg.image_size, info.in_chans,
