@@ -198,3 +198,22 @@ def test_ensemble_model_averages_probabilities_stably_in_torch_and_onnx(k, tmp_p
     onnx_p = ort.InferenceSession(str(tmp_path / "e.onnx")).run(None, {"image": x.numpy()})[0]
     assert np.isfinite(onnx_p).all()
     np.testing.assert_allclose(onnx_p, got, atol=1e-5)
+
+
+def test_seeds_members_train_a_small_sets_recipe_as_a_single_run_would(tmp_path):
+    # members' configurations name every field, which turns training/small_sets.py's rule off
+    # for each of them; the ensemble decides it once, on the members' one split
+    from cxrlab.data.sources import load_source
+    from cxrlab.data.split import assign_splits
+    from cxrlab.models import starts_pretrained
+    from cxrlab.training.ensemble import small_set_for_seeds
+
+    if not starts_pretrained("efficientnet_lite0", None):
+        pytest.skip("the packaged ImageNet weights are not installed")
+    data = make_kermany_folder(tmp_path / "data", 10, 10, size=16)
+    cfg = RunConfig.build({"data": str(data), "seeds": 3, "seed": 4})
+    chosen = small_set_for_seeds(cfg)
+    n_train = assign_splits(load_source(data), cfg.val_fraction, 4).splits.count("train")
+    assert chosen is not None and chosen.n_train == n_train
+    assert small_set_for_seeds(RunConfig.build({"data": str(data), "seeds": 3,
+                                                "epochs": 2})) is None  # the length chosen

@@ -35,6 +35,8 @@ import torch
 
 from cxrlab.config import RunConfig, format_seconds
 from cxrlab.data.cache import load_images
+from cxrlab.data.sources import load_source
+from cxrlab.data.split import assign_splits
 from cxrlab.deploy.inference import predict_probs
 from cxrlab.errors import CxrlabError
 from cxrlab.evaluation import overlap
@@ -62,6 +64,7 @@ from cxrlab.run import (
     write_predictions_csv,
     write_threshold,
 )
+from cxrlab.training import small_sets
 from cxrlab.training.budget import resolve_budget
 from cxrlab.training.lifecycle import TrainResult, resume_run, train_run
 
@@ -183,8 +186,22 @@ def run_seeds(config: RunConfig, out: Path, progress: bool = True,
     """`--seeds N`: train (or continue) the members, then write OUT as their ensemble run."""
     if config.seeds is None:
         raise CxrlabError("--seeds: give the number of members (2-20)")
+    # named before ensemble.yaml is written, as crossval does: continuing finds the same
+    config = small_sets.with_recipe(config, small_set_for_seeds(config))
     trained = train_members(config, out, progress, on_member)
     return finish(config, out, rebuild=trained > 0)
+
+
+def small_set_for_seeds(config: RunConfig) -> small_sets.SmallSet | None:
+    """The small-set recipe (training/small_sets.py) of every member, decided once on the
+    members' one split as a single run on it decides (from the split alone, nothing decoded):
+    the members' own configurations name every field, which turns the rule off for them."""
+    if not small_sets.applies(config):
+        return None
+    source = load_source(Path(config.data), config.image_col, config.label_col)
+    seed = config.seed if config.split_seed is None else config.split_seed
+    split = assign_splits(source, config.val_fraction, seed, config.group_regex)
+    return small_sets.small_set_recipe(config, split.splits.count("train"))
 
 
 # ---------------------------------------------------------------------------------------
