@@ -36,7 +36,7 @@ import os
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -429,15 +429,23 @@ def describe(r: dict) -> str:
 
 def _write_run(run, out: Path, cal: dict, threshold: float | None, state: dict,
                model: torch.nn.Module, n_boot: int, sample: tuple | None = None) -> None:
-    """Copy the run to a temporary sibling of OUT, replace what the calibration changes, and
-    rename it into place: OUT is complete or absent."""
-    tmp = out.parent / f".{out.name}.calibrating-{uuid.uuid4().hex[:8]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        shutil.copytree(run.run_dir, tmp, ignore=shutil.ignore_patterns(*NOT_COPIED))
+    def fill(tmp: Path) -> None:
         _calibrate_files(run, tmp, cal, threshold, state, model, n_boot)
         if sample is not None:  # evaluate labels these images selection-biased (overlap)
             record_sample(tmp, *sample)
+
+    write_new_run(run, out, fill, "calibrating")
+
+
+def write_new_run(run, out: Path, fill: Callable[[Path], None], what: str = "new") -> None:
+    """Copy the run to a temporary sibling of OUT (less NOT_COPIED), let `fill` replace what
+    the new run changes in it, and rename it into place: OUT is complete or absent. For every
+    command that derives a run from a run (calibrate; adapt can share it)."""
+    tmp = out.parent / f".{out.name}.{what}-{uuid.uuid4().hex[:8]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copytree(run.run_dir, tmp, ignore=shutil.ignore_patterns(*NOT_COPIED))
+        fill(tmp)
         if out.is_dir():
             out.rmdir()  # check_out_dir allowed only an empty one
         os.rename(tmp, out)
