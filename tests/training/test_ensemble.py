@@ -111,6 +111,9 @@ def test_folds_make_a_run_from_out_of_fold_scores(ensembles):
     assert train == set(paths)
     with pytest.raises(CxrlabError, match="all 24 images are the run's own training images"):
         cxrlab.load(out).evaluate(ensembles["data"])
+    cv = cxrlab.CrossVal(json.loads((out / "crossval.json").read_text()), out)  # train(folds=2)
+    assert [r.path.name for r in cv.runs] == ["fold-1", "fold-2"]
+    assert cv.ensemble.path == out and cv.ensemble.threshold == read_threshold(out)
 
 
 def test_evaluate_predict_gradcam_report_take_the_ensemble(ensembles):
