@@ -102,6 +102,30 @@ def test_a_tiny_run_trains_and_records_the_small_set_recipe(tmp_path, capsys, mo
     assert info["small_set"]["reason"] in " ".join(caplog.text.split())
 
 
+def test_a_tiny_cross_validation_trains_every_fold_frozen_and_keeps_why(tmp_path, capsys,
+                                                                        monkeypatch):
+    """2 folds of 12 demo images: one decision for both folds, in crossval.json, and still
+    there after --resume (which reads the chosen recipe back from crossval.yaml)."""
+    data = tmp_path / "demo"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (data / cls).mkdir(parents=True)
+        for f in sorted((cxrlab.demo_data() / "train" / cls).iterdir())[:6]:
+            shutil.copy(f, data / cls / f.name)
+    monkeypatch.setattr(small_sets, "HEAD_EPOCHS", 2)
+    out = tmp_path / "cv"
+    args = ["--image-size", "32", "--batch-size", "4", "--quiet"]
+    assert run_cli(["train", data, "--out", out, "--folds", "2", *args], capsys,
+                   monkeypatch)[0] == 0
+    chosen = json.loads((out / "crossval.json").read_text())["small_set"]
+    assert chosen["epochs"] == 2 and chosen["n_train"] == 6
+    for fold in ("fold-1", "fold-2"):
+        cfg = RunConfig.load(out / fold / "config.yaml")
+        assert (cfg.epochs, cfg.freeze_backbone, cfg.augment) == (2, True, "none")
+    code, _, err = run_cli(["train", "--resume", out, "--quiet"], capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads((out / "crossval.json").read_text())["small_set"] == chosen
+
+
 def test_the_record_reads_back(tmp_path):
     from cxrlab.run import RunInfo, load_info, save_info
 

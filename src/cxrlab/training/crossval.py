@@ -80,8 +80,13 @@ def run_crossval(config: RunConfig, out: Path, progress: bool = True,
     config = small_sets.with_recipe(config, small_set)
     trained = train_members(config, out, progress, on_fold, check=_check_folds)
     result = pool(out, config.folds)
+    saved = Path(out) / RESULT_FILE
     if small_set is not None:
         result["small_set"] = small_set.to_dict()
+    elif saved.is_file():  # --resume reads the chosen recipe back: keep why it was chosen
+        previous = json.loads(saved.read_text()).get("small_set")
+        if previous is not None:
+            result["small_set"] = previous
     write_json(Path(out) / RESULT_FILE, result)
     finish(config, out, rebuild=trained > 0)
     return result
