@@ -300,6 +300,7 @@ def test_bad_option_value(kermany_folder, tmp_path, capsys, monkeypatch):
 NO_TRAIN_FLAG = {
     "fold": "set per run by --folds (each fold's run gets its own)",
     "continued": "written by --resume RUN --epochs N (training/continuation.py)",
+    "split_seed": "set per member by --seeds: members keep their ensemble's validation split",
 }
 # Fields whose flag is named otherwise (field: the option's parameter name).
 TRAIN_FLAG_NAME = {"loggers": "logger"}  # --logger, repeated, one logger each
