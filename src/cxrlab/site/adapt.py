@@ -33,9 +33,6 @@ import datetime as dt
 import json
 import logging
 import math
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +55,7 @@ from cxrlab.run import (
     write_predictions_csv,
     write_threshold,
 )
-from cxrlab.site.calibration import NOT_COPIED, _logit, _rescore, _sigmoid, platt
+from cxrlab.site.calibration import _logit, _rescore, _sigmoid, platt, write_new_run
 
 log = logging.getLogger("cxrlab")
 
@@ -317,21 +314,13 @@ def describe(r: dict) -> str:
 def _write_run(run: LoadedRun, out: Path, rec: dict, model: nn.Module,
                threshold: float | None, n_boot: int, files: list[Path],
                images: np.ndarray) -> None:
-    """Copy the run to a temporary sibling of OUT, replace what adaptation changes, rename it
-    into place: OUT is complete or absent."""
-    tmp = out.parent / f".{out.name}.adapting-{uuid.uuid4().hex[:8]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        shutil.copytree(run.run_dir, tmp, ignore=shutil.ignore_patterns(*NOT_COPIED))
+    """The new run, built beside OUT and renamed into place (complete or absent)."""
+    def fill(tmp: Path) -> None:
         _adapted_files(run, tmp, rec, model, threshold, n_boot)
         record(tmp, files, [SPLIT] * len(files), file_digests(files), pixel_digests(images),
                append=True)
-        if out.is_dir():
-            out.rmdir()  # check_out_dir allowed only an empty one
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_new_run(run, out, fill, what="adapting")
 
 
 def _adapted_files(run: LoadedRun, new: Path, rec: dict, model: nn.Module,
