@@ -27,6 +27,8 @@ if TYPE_CHECKING:
         Run,
         Sweep,
         ablate,
+        adapt,
+        calibrate,
         compare,
         data_summary,
         load,
@@ -38,8 +40,8 @@ if TYPE_CHECKING:
 
 
 __all__ = ["Comparison", "CrossVal", "CxrlabError", "DataSummary", "History", "Metrics", "Run",
-           "Sweep", "__version__", "ablate", "compare", "data_summary", "demo_data", "load",
-           "lr_find", "register_model", "runs", "train"]
+           "Sweep", "__version__", "ablate", "adapt", "calibrate", "compare", "data_summary",
+           "demo_data", "load", "lr_find", "register_model", "runs", "train"]
 _API = frozenset(__all__) - {"CxrlabError", "__version__", "demo_data"}
 
 

@@ -148,6 +148,27 @@ def compare(run_a: Run | PathLike, run_b: Run | PathLike, n_boot: int = 2000) ->
     return Comparison(compare_runs(_path(run_a), _path(run_b), n_boot=n_boot))
 
 
+def calibrate(run: Run | PathLike, data: PathLike, out: PathLike, *,
+              image_col: str | None = None, label_col: str | None = None,
+              split: str | None = None, skip_bad: bool = False, tta: str | None = None,
+              refit: str | None = None, rule: str = "keep-sensitivity",
+              target_sensitivity: float | None = None, confidence: float | None = None,
+              n_boot: int = 1000) -> Run:
+    """The run refitted on a new site's labelled sample DATA, written as the new run OUT
+    (`cxrlab calibrate`); None takes the measured defaults (a logit shift, and the threshold
+    that keeps the run's own sensitivity). What it fitted, with intervals, is logged and kept
+    in OUT's run.json "site_calibration"."""
+    from cxrlab.site.calibration import CONFIDENCE, REFIT, calibrate_run, describe
+
+    r = calibrate_run(_path(run), Path(data), Path(out), image_col=image_col,
+                      label_col=label_col, split=split, skip_bad=skip_bad, n_boot=n_boot,
+                      tta=tta, refit=REFIT if refit is None else refit, rule=rule,
+                      target_sensitivity=target_sensitivity,
+                      confidence=CONFIDENCE if confidence is None else confidence)
+    logging.getLogger("cxrlab").info("%s", describe(r))
+    return Run(out)
+
+
 def adapt(run: Run | PathLike, images: PathLike, out: PathLike, *, bn: bool | None = None,
           bn_prior: float | None = None, prevalence: bool | None = None,
           skip_bad: bool = False, seed: int = 0) -> Run:

@@ -105,6 +105,9 @@ def test_adapted_run_is_complete_and_usable(site):
     assert ad_run.threshold == pytest.approx(r["prevalence"]["threshold_after"])
     m = Run(new).evaluate(INTAKE)
     assert m["n"] == 120 and 0 <= m["accuracy"] <= 1
+    # scored on the very films it adapted to: said, not passed off as held-out evidence
+    assert len(m["overlap"]["adaptation_sample"]) == 120
+    assert "adapted to them without labels" in m["selection_biased"]
     rows = Run(new).predict(INTAKE / "NORMAL" / sorted(p.name for p in
                                                       (INTAKE / "NORMAL").iterdir())[0])
     assert rows[0]["class"] in ("NORMAL", "PNEUMONIA")
@@ -125,6 +128,19 @@ def test_what_changed_is_what_the_two_runs_decide(site):
     assert r["n_moved"] == sum(want.values())
     text = ad.describe(r)
     assert f"{r['prevalence']['estimated']:.3f}" in text and f"moved: {r['n_moved']}" in text
+
+
+def test_report_says_what_was_adapted(site, tmp_path):
+    from cxrlab.reporting.report import write_report
+
+    r = site["r"]
+    page = write_report(site["new"], tmp_path / "adapted.html").read_text()
+    assert 'id="site-adaptation"' in page
+    assert f"Adapted on {r['n_images']} unlabelled images" in page
+    assert f"{r['prevalence']['estimated']:.3f}" in page
+    assert f"that moved: {r['n_moved']} " in page
+    # the original run has no such section
+    assert 'id="site-adaptation"' not in write_report(site["run"], tmp_path / "o.html").read_text()
 
 
 def test_cli_adapt_prints_what_changed_and_refuses_small_sets(site, tmp_path, capsys,

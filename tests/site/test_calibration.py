@@ -103,6 +103,18 @@ def test_positive_class_0_model_pt_agrees_with_threshold_and_predictions(normal_
     assert json.loads((new / "metrics.json").read_text())["confusion_matrix"] == cm.tolist()
 
 
+def test_python_api_calibrates_like_the_command(normal_positive, tmp_path):
+    """cxrlab.calibrate is calibrate_run with the same defaults: the same threshold and map."""
+    import cxrlab
+
+    run = cxrlab.calibrate(normal_positive["run"], normal_positive["sample"], tmp_path / "api",
+                           n_boot=200)
+    cal = json.loads((tmp_path / "api" / "run.json").read_text())["site_calibration"]
+    want = normal_positive["result"]
+    assert run.threshold == want["threshold"] == cal["threshold"]
+    assert (cal["a"], cal["b"]) == (want["a"], want["b"])
+
+
 def test_calibrated_intervals_resample_patients(normal_positive):
     run, new = normal_positive["run"], normal_positive["new"]
     before = json.loads((run / "metrics.json").read_text())

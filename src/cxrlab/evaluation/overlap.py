@@ -13,8 +13,8 @@ full-size decode would double evaluate's time. Whatever data summary calls a dup
 the same pixels at the model's size too, except a large JPEG beside a lossless copy in another
 format (JPEGs are decoded at reduced scale for speed).
 
-    RUN/digests.csv   path, split (train / val / calibration), file (bytes), pixels
-                      written by training, and by `cxrlab calibrate` for its sample
+    RUN/digests.csv   path, split (train / val / calibration / adaptation), file, pixels
+                      written by training, `cxrlab calibrate` and `cxrlab adapt` for their images
 
 A run trained before digests.csv: the train and val images of its split.csv are matched by
 path, and by their bytes where the files are still readable (no pixel match). A run calibrated
@@ -45,11 +45,16 @@ log = logging.getLogger("cxrlab")
 
 DIGESTS = "digests.csv"
 COLUMNS = ("path", "split", "file", "pixels")
-KINDS = ("train", "val", "calibration")  # most serious first: an image counts as the first
+# most serious first: an image counts as the first
+KINDS = ("train", "val", "calibration", "adaptation")
+BIASED = KINDS[1:]  # scored, but not held-out evidence
 WHY = {"val": "its epoch and threshold were chosen on them",
-       "calibration": "its threshold was refitted on them (cxrlab calibrate)"}
-KEYS = {"val": "validation", "calibration": "calibration_sample"}  # in metrics["overlap"]
-NAMES = {"val": "validation", "calibration": "site-calibration sample"}
+       "calibration": "its threshold was refitted on them (cxrlab calibrate)",
+       "adaptation": "it was adapted to them without labels (cxrlab adapt)"}
+KEYS = {"val": "validation", "calibration": "calibration_sample",  # in metrics["overlap"]
+        "adaptation": "adaptation_sample"}
+NAMES = {"val": "validation", "calibration": "site-calibration sample",
+         "adaptation": "adaptation intake"}
 
 
 def file_digest(path: Path | str) -> str | None:
@@ -114,7 +119,7 @@ class Reference:
 
     def match(self, paths: Sequence[Path | str], files: Sequence[str | None],
               pixels: Sequence[str] | None = None) -> list[str | None]:
-        """Per image: 'train', 'val', 'calibration' (the most serious it matches) or None."""
+        """Per image: one of KINDS (the most serious it matches) or None."""
         out = []
         for i, p in enumerate(paths):
             found = {self.by_path.get(os.path.abspath(p)), self.by_path.get(os.path.realpath(p)),
@@ -176,14 +181,14 @@ def summary(kinds: list[str | None], paths: Sequence[Path | str], checked: str) 
             "training_left_out": [str(p) for p, k in zip(paths, kinds, strict=True)
                                   if k == "train"],
             **{KEYS[k]: [str(p) for p, kk in zip(paths, kinds, strict=True) if kk == k]
-               for k in ("val", "calibration")}}
+               for k in BIASED}}
 
 
 def selection_note(kinds: list[str | None]) -> str | None:
     """metrics["selection_biased"] when scored images include validation or calibration ones."""
     scored = [k for k in kinds if k != "train"]
     parts = [f"{scored.count(k)} of the {len(scored)} images are the run's {NAMES[k]} images "
-             f"({WHY[k]})" for k in ("val", "calibration") if k in scored]
+             f"({WHY[k]})" for k in BIASED if k in scored]
     return "; ".join(parts) or None
 
 

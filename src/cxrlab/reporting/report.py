@@ -368,6 +368,10 @@ def shift_sections(r: RunData) -> list[tuple[str, str, str]]:
             f"original threshold on the new scale: {fmt(cal.get('original_threshold_rescaled'), 4)}"
             "). The validation figures above are the original validation images scored by the "
             "calibrated model.</p>" + _site_map_html(cal))))
+    ada = r.info.get("site_adaptation")
+    if ada:
+        out.append(("site-adaptation", "Adapted to an intake without labels",
+                    _adaptation_html(ada)))
     stress = read_shift(r.run_dir)
     if stress:
         b = stress["baseline"]
@@ -411,6 +415,29 @@ def convergence_run(history: list[dict]) -> str:
     return (f"<p>Spread over the last {LAST_EPOCHS} epochs: a run that settled moves little; "
             "a large range means the chosen epoch is partly luck.</p>"
             + table(["metric", "epochs", "std", "range (max − min)", "last"], rows) + note)
+
+
+def _adaptation_html(a: dict) -> str:
+    """What `cxrlab adapt` changed (run.json site_adaptation), as it said on the console."""
+    done = []
+    if a.get("batchnorm"):
+        b = a["batchnorm"]
+        done.append(f"BatchNorm statistics of {b.get('layers')} layers re-estimated on them "
+                    f"(intake weight {fmt(b.get('intake_weight'), 2)}, a prior of "
+                    f"{esc(b.get('prior_images'))} source images)")
+    if a.get("prevalence"):
+        p = a["prevalence"]
+        done.append(f"prevalence of {esc(p.get('positive_class'))} estimated at "
+                    f"{fmt(p.get('estimated'), 3)} (validation {fmt(p.get('validation'), 3)}), "
+                    f"threshold {fmt(p.get('threshold_before'), 4)} &rarr; "
+                    f"{fmt(p.get('threshold_after'), 4)}")
+    moved = "; ".join(f"{esc(k)}: {v}" for k, v in (a.get("decisions_moved") or {}).items())
+    return (f"<p>Adapted on {a.get('n_images')} unlabelled images of "
+            f"<code>{esc(a.get('data'))}</code> on {esc(a.get('date'))}, from run "
+            f"<code>{esc(a.get('adapted_from'))}</code>: {'; '.join(done) or 'nothing'}. "
+            f"Decisions on those images that moved: {a.get('n_moved')} ({moved or 'none'}). "
+            "Figures on the images it adapted to are not held-out evidence: score it on "
+            "labelled films of the intake it was not adapted on.</p>")
 
 
 def calibration_html(r: RunData) -> str:
