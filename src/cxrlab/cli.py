@@ -59,9 +59,9 @@ DataArg = Annotated[
 ]
 ImageCol = Annotated[str | None, typer.Option(help="CSV column with image paths")]
 TtaOption = Annotated[str | None, typer.Option(
-    metavar="none|flip|crop|flip-crop", help="test-time augmentation: average the "
-    "probabilities of the image and its mirror (flip, 2 passes), ... \\[default: the run's own, "
-    "with which its threshold was chosen]")]
+    metavar="none|flip", help="test-time augmentation: flip = the mean probability of the "
+    "image and its mirror (2 passes) \\[default: the run's own, with which its threshold was "
+    "chosen]")]
 LabelCol = Annotated[str | None, typer.Option(help="CSV column with labels")]
 
 
@@ -260,7 +260,7 @@ def train(
         rich_help_panel=_THRESHOLD, help=f"the sensitivity rule's target (implies it) "
         f"{_default('target_sensitivity')}")] = None,
     tta: Annotated[str | None, typer.Option(
-        metavar="none|flip|crop|flip-crop", rich_help_panel=_THRESHOLD,
+        metavar="none|flip", rich_help_panel=_THRESHOLD,
         help=f"test-time augmentation of the validation scores the threshold is chosen on, "
         f"and then of every prediction (flip: image + mirror, 2 passes) {_default('tta')}")
     ] = None,

@@ -24,7 +24,7 @@ from pydantic import (
 from cxrlab.errors import CxrlabError
 
 Augment = Literal["none", "flip", "light", "intensity", "framing", "notebook"]
-Tta = Literal["none", "flip", "crop", "flip-crop"]  # cxrlab.models.tta.TTA (a test checks)
+Tta = Literal["none", "flip"]  # cxrlab.models.tta.TTA (a test checks)
 LOGGERS = ("tensorboard", "csv", "mlflow")  # experiment trackers (cxrlab.reporting.tracking)
 
 

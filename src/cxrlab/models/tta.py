@@ -7,9 +7,10 @@ sigmoid/softmax of the output is the average of the views' probabilities, exactl
 probabilities, not logits, is the convention the ensembles share (models/ensemble.py), so a TTA
 wrapper around an ensemble averages every member on every view.
 
-The views are batched into one forward pass (V x N images). Each costs one inference pass: flip
-doubles the cost of a prediction, flip-crop quadruples it (benchmarks/tta.py measured what they
-bought on the default recipe).
+The views are batched into one forward pass (V x N images), each one inference pass: flip
+doubles the cost of a prediction. benchmarks/tta.py measured what it bought on the default
+recipe, and that a tighter-framing view (the central 90% resized back up, the stress test's
+weakest shift) cost accuracy under tighter framing: it is not offered (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cxrlab.errors import CxrlabError
-
-CROP = 0.9  # the "crop" view keeps this fraction of each side (centred), resized back up
 
 
 def identity(x: torch.Tensor) -> torch.Tensor:
@@ -34,30 +32,9 @@ def hflip(x: torch.Tensor) -> torch.Tensor:
     return torch.flip(x, dims=[-1])
 
 
-def centre_crop(x: torch.Tensor) -> torch.Tensor:
-    """The central CROP of each side, resized back to the input's size (bilinear): a
-    tighter framing, the stress test's weakest shift, seen at test time."""
-    h, w = int(x.shape[-2]), int(x.shape[-1])
-    ch, cw = max(1, round(h * CROP)), max(1, round(w * CROP))
-    top, left = (h - ch) // 2, (w - cw) // 2
-    crop = x[..., top:top + ch, left:left + cw]
-    return F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
-
-
-def crop_hflip(x: torch.Tensor) -> torch.Tensor:
-    return hflip(centre_crop(x))
-
-
-VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "identity": identity, "hflip": hflip, "crop": centre_crop, "crop-hflip": crop_hflip,
-}
+VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"identity": identity, "hflip": hflip}
 # setting -> the views it averages (the image itself always first)
-TTA: dict[str, tuple[str, ...]] = {
-    "none": ("identity",),
-    "flip": ("identity", "hflip"),
-    "crop": ("identity", "crop"),
-    "flip-crop": ("identity", "hflip", "crop", "crop-hflip"),
-}
+TTA: dict[str, tuple[str, ...]] = {"none": ("identity",), "flip": ("identity", "hflip")}
 
 
 def check_tta(name: str, option: str = "--tta") -> str:

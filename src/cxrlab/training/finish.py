@@ -15,8 +15,8 @@ from cxrlab.data.prepared import PreparedData
 from cxrlab.deploy.inference import decide, predict_probs
 from cxrlab.evaluation import overlap
 from cxrlab.evaluation.metrics import choose_threshold, compute_metrics
-from cxrlab.models.tta import with_tta
 from cxrlab.evaluation.operating_point import threshold_stability, warning
+from cxrlab.models.tta import with_tta
 from cxrlab.reporting import plots
 from cxrlab.run import read_history, write_json, write_predictions_csv, write_threshold
 from cxrlab.site.intake import write_reference
