@@ -141,3 +141,43 @@ def test_bad_registrations_and_models_are_one_line_errors(registry):
         create_model("not_module", 1, 1)
     with pytest.raises(cxrlab.CxrlabError, match="unknown model 'gone'"):
         create_model("gone", 1, 1)
+
+
+STUDENT_MODULE = '''
+from torch import nn
+
+
+def make_net(in_chans):
+    return nn.Sequential(nn.Conv2d(in_chans, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8),
+                         nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+'''
+
+
+def test_module_factory_name_works_in_every_cxrlab_process(tmp_path, registry):
+    """A run of a network named "module:factory" is evaluated by another `cxrlab` process
+    that never registered it: the name in config.yaml says where to import it from."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "studentnets.py").write_text(STUDENT_MODULE)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    data = cxrlab.demo_data()
+    cli = [sys.executable, "-m", "cxrlab.cli"]
+    run = tmp_path / "run"
+    subprocess.run([*cli, "train", str(data / "train"), "--out", str(run), "--model",
+                    "studentnets:make_net", "--image-size", "32", "--epochs", "1", "--quiet"],
+                   env=env, check=True, capture_output=True, timeout=600)
+    assert "studentnets:make_net" in (run / "config.yaml").read_text()
+    out = subprocess.run([*cli, "evaluate", str(run), str(data / "test"), "--json",
+                          str(tmp_path / "m.json")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "m.json").read_text())["n"] == 120
+    # without the module on the path: one line naming the model, exit 2
+    bad = subprocess.run([*cli, "evaluate", str(run), str(data / "test")],
+                         env={k: v for k, v in env.items() if k != "PYTHONPATH"},
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "studentnets:make_net" in bad.stderr
+    assert "Traceback" not in bad.stderr

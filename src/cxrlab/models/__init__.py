@@ -27,12 +27,17 @@ from cxrlab.models import efficientnet_lite as _efficientnet_lite  # noqa: F401
 from cxrlab.models import resnet as _resnet  # noqa: F401
 from cxrlab.models import vgg as _vgg  # noqa: F401
 from cxrlab.models.base import _REGISTRY, ImageClassifier, register_model
-from cxrlab.models.custom import BackboneClassifier, is_custom, register_custom_model
+from cxrlab.models.custom import (
+    BackboneClassifier,
+    import_model,
+    is_custom,
+    register_custom_model,
+)
 from cxrlab.models.heads import check_head
 
 __all__ = ["BackboneClassifier", "ImageClassifier", "create_model", "has_packaged_weights",
-           "list_models", "load_pretrained", "register_custom_model", "register_model",
-           "resolve_pretrained", "starts_pretrained"]
+           "import_model", "list_models", "load_pretrained", "register_custom_model",
+           "register_model", "resolve_pretrained", "starts_pretrained"]
 
 PACKAGED = "imagenet"  # create_model(pretrained="imagenet"): the weights installed with cxrlab
 URL_TIMEOUT_S = 30
@@ -58,10 +63,10 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, *,
     or "image" (each image standardised by its own mean and std first; see base.py).
     """
     check_head(head)
-    if name not in _REGISTRY:
+    if not import_model(name):
         raise CxrlabError(f"unknown model {name!r}; choose from: {', '.join(list_models())} "
                           "(a network of your own: cxrlab.register_model it in this process "
-                          "first)")
+                          "first, or name it package.module:factory)")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise CxrlabError(f"num_classes: must be a positive integer, got {num_classes!r}")
     if not isinstance(in_chans, int) or in_chans < 1:

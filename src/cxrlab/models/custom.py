@@ -2,8 +2,12 @@
 
 Once registered, `model=name` works wherever a built-in name does (train, ablate, compare,
 evaluate, predict, Grad-CAM, export, serve) in this Python process; a run of it loads in any
-process that registered the same name first. The factory is called each time cxrlab builds the
-model, with those of these keyword arguments it names (`**kwargs` takes them all):
+process that registered the same name first. Named "package.module:factory" instead
+(`--model mypkg.nets:make_net`), it needs no registering: any process, the `cxrlab` command
+included, imports the factory when it meets the name (import_model).
+
+The factory is called each time cxrlab builds the model, with those of these keyword arguments
+it names (`**kwargs` takes them all):
 
 - `num_classes`: outputs (1 for two classes: one logit, the evidence for the second class);
 - `in_chans`: 1 (grey) or 3 (colour);
@@ -30,6 +34,7 @@ fine-tuning stages, Grad-CAM and the feature cache rely on: `forward_features` g
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from collections.abc import Callable
 
@@ -96,6 +101,30 @@ def register_custom_model(name: str, factory: Callable[..., nn.Module] | None = 
 
 def is_custom(name: str) -> bool:
     return name in _CUSTOM
+
+
+def import_model(name: str) -> bool:
+    """Register a model named by where its factory lives, "package.module:factory", by
+    importing it; True when `name` is (now) registered.
+
+    A name registered in one Python process is unknown to the next, so a run trained on
+    `register_model("mynet", ...)` cannot be evaluated, served or ablated by the `cxrlab`
+    command. A "module:factory" name travels in config.yaml and every process can import it
+    (the module must be importable there: installed, or on PYTHONPATH)."""
+    if name in _REGISTRY:
+        return True
+    module, sep, attr = name.partition(":")
+    if not sep or not module or not attr.isidentifier():
+        return False
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except ImportError as e:
+        raise CxrlabError(f"--model {name}: cannot import {module!r} ({e}); is it installed "
+                          "or on PYTHONPATH?") from None
+    except AttributeError:
+        raise CxrlabError(f"--model {name}: {module!r} has no {attr!r}") from None
+    register_custom_model(name, factory)
+    return True
 
 
 def _build(name: str, factory: Callable[..., nn.Module], **kwargs) -> ImageClassifier:

@@ -22,7 +22,7 @@ from lightning.pytorch import seed_everything
 from cxrlab.config import RunConfig
 from cxrlab.data.prepared import PreparedData, prepare_data, resolve_positive
 from cxrlab.errors import CxrlabError
-from cxrlab.models import create_model, list_models, resolve_pretrained
+from cxrlab.models import create_model, import_model, list_models, resolve_pretrained
 from cxrlab.reporting.tracking import check_available, log_final, make_loggers
 from cxrlab.run import (
     RunInfo,
@@ -72,7 +72,7 @@ def train_run(config: RunConfig, out: Path, progress: bool = True,
     rank0 = is_rank_zero()
     if not rank0:
         log.setLevel(logging.WARNING)  # rank 0 tells the story once
-    if config.model not in list_models():
+    if not import_model(config.model):
         raise CxrlabError(f"--model {config.model}: unknown model; choose from: "
                           f"{', '.join(list_models())}")
 

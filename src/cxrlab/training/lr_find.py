@@ -34,7 +34,7 @@ from cxrlab.config import RunConfig
 from cxrlab.data.prepared import prepare_data, resolve_positive
 from cxrlab.deploy.inference import use_bf16
 from cxrlab.errors import CxrlabError
-from cxrlab.models import create_model, list_models, resolve_pretrained
+from cxrlab.models import create_model, import_model, list_models, resolve_pretrained
 from cxrlab.reporting.plots import plot_lr_find
 from cxrlab.run import atomic_write_text, check_out_dir, prepare_out_dir, write_json
 from cxrlab.training import finetune
@@ -103,7 +103,7 @@ def lr_find(config: RunConfig, *, min_lr: float = 1e-6, max_lr: float = 1.0, ste
     if steps < MIN_STEPS:
         raise CxrlabError(f"--steps {steps}: at least {MIN_STEPS} (the suggestion skips the "
                           "first 10 batches)")
-    if config.model not in list_models():
+    if not import_model(config.model):
         raise CxrlabError(f"--model {config.model}: unknown model; choose from: "
                           f"{', '.join(list_models())}")
     check_frozen_stages(config)
