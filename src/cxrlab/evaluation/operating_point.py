@@ -27,6 +27,20 @@ UNSTABLE_POINTS = 5.0
 N_BOOT = 1000
 
 
+def patient_strata(is_pos: np.ndarray, groups):
+    """The group codes (None without groups: every image its own patient), the patient per
+    image, the number of patients, and the patients with positive films only, negative only,
+    and both: a stratified patient bootstrap keeps each stratum's count."""
+    codes = group_codes(groups, len(is_pos))
+    pat = np.arange(len(is_pos)) if codes is None else codes
+    n_pat = int(pat.max()) + 1 if pat.size else 0
+    has_pos = np.bincount(pat, weights=is_pos, minlength=n_pat) > 0
+    has_neg = np.bincount(pat, weights=~is_pos, minlength=n_pat) > 0
+    strata = [s for s in (np.flatnonzero(has_pos & ~has_neg), np.flatnonzero(~has_pos & has_neg),
+                          np.flatnonzero(has_pos & has_neg)) if s.size]
+    return codes, pat, n_pat, strata
+
+
 def bootstrap_thresholds(is_pos: np.ndarray, score: np.ndarray, rule: str, target: float,
                          n_boot: int = N_BOOT, seed: int = 0,
                          groups: Sequence[str | None] | None = None,
@@ -42,13 +56,7 @@ def bootstrap_thresholds(is_pos: np.ndarray, score: np.ndarray, rule: str, targe
     choose_threshold([0, 1], [0.0, 1.0], rule, target)  # the rule's and target's checks
     is_pos = np.asarray(is_pos, dtype=bool)
     score = np.asarray(score, dtype=float)
-    codes = group_codes(groups, len(is_pos))
-    pat = np.arange(len(is_pos)) if codes is None else codes
-    n_pat = int(pat.max()) + 1 if pat.size else 0
-    has_pos = np.bincount(pat, weights=is_pos, minlength=n_pat) > 0
-    has_neg = np.bincount(pat, weights=~is_pos, minlength=n_pat) > 0
-    strata = [s for s in (np.flatnonzero(has_pos & ~has_neg), np.flatnonzero(~has_pos & has_neg),
-                          np.flatnonzero(has_pos & has_neg)) if s.size]
+    codes, pat, n_pat, strata = patient_strata(is_pos, groups)
     distinct, inverse = np.unique(score, return_inverse=True)
     desc, rank = distinct[::-1], len(distinct) - 1 - inverse.ravel()  # descending, as roc_curve
     rng = np.random.default_rng(seed)

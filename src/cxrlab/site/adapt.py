@@ -42,20 +42,23 @@ from torch import nn
 from cxrlab.data.cache import load_images
 from cxrlab.deploy.inference import decide, float_batches, predict_probs
 from cxrlab.errors import CxrlabError
-from cxrlab.evaluation.metrics import compute_metrics
 from cxrlab.evaluation.overlap import file_digests, pixel_digests, record
-from cxrlab.reporting import plots
 from cxrlab.run import (
     LoadedRun,
     check_out_dir,
     load_run,
-    patient_keys,
     read_predictions,
     write_json,
-    write_predictions_csv,
     write_threshold,
 )
-from cxrlab.site.calibration import _logit, _rescore, _sigmoid, platt, write_new_run
+from cxrlab.site.calibration import (
+    _logit,
+    _rescore,
+    _sigmoid,
+    platt,
+    write_new_run,
+    write_validation,
+)
 
 log = logging.getLogger("cxrlab")
 
@@ -325,12 +328,10 @@ def _write_run(run: LoadedRun, out: Path, rec: dict, model: nn.Module,
 
 def _adapted_files(run: LoadedRun, new: Path, rec: dict, model: nn.Module,
                    threshold: float | None, n_boot: int) -> None:
-    classes, pos = run.classes, run.info.positive
+    classes = run.classes
     torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, new / "model.pt")
     if threshold is not None:
         write_threshold(new, threshold)
-    mfile = run.run_dir / "metrics.json"
-    old = json.loads(mfile.read_text()) if mfile.is_file() else {}
     vp_file = new / "val_predictions.csv"
     if vp_file.is_file():
         paths, vy, vp = read_predictions(vp_file, classes)
@@ -343,21 +344,10 @@ def _adapted_files(run: LoadedRun, new: Path, rec: dict, model: nn.Module,
             vp = scored
         rec["val_predictions"] = ("validation images scored by the adapted model.pt" if
                                   rec["batchnorm"] else "the original's (model unchanged)")
-        write_predictions_csv(vp_file, paths, [classes[k] for k in vy], vp, classes)
-        metrics = compute_metrics(vy, vp, classes, positive=pos, threshold=threshold,
-                                  n_boot=n_boot, seed=run.config.seed,
-                                  groups=patient_keys(new, paths))
-        metrics.update({k: old[k] for k in ("split", "epochs", "train_seconds",
-                                             "train_precision") if k in old})
-        metrics["selection_biased"] = "the epoch was chosen on these images"
-        metrics["note"] = ("the adapted run on the source's validation images, which are not "
-                           "the intake it was adapted to")
-        write_json(new / "metrics.json", metrics)
-        plots.plot_confusion(np.array(metrics["confusion_matrix"]), classes,
-                             new / "confusion_matrix.png",
-                             title="Validation confusion matrix (adapted to an intake)")
-        plots.plot_roc(vy, vp, classes, new / "roc.png", positive=pos, threshold=threshold)
-        plots.plot_pr(vy, vp, classes, new / "pr.png", positive=pos)
+        write_validation(run, new, paths, vy, vp, threshold, n_boot,
+                         {"note": "the adapted run on the source's validation images, which "
+                                  "are not the intake it was adapted to"},
+                         "Validation confusion matrix (adapted to an intake)")
     info = json.loads((new / "run.json").read_text())
     info["site_adaptation"] = rec
     write_json(new / "run.json", info)

@@ -49,9 +49,9 @@ from cxrlab.errors import CxrlabError
 from cxrlab.evaluation.metrics import (
     choose_threshold,
     compute_metrics,
-    group_codes,
     interval_method,
 )
+from cxrlab.evaluation.operating_point import patient_strata
 from cxrlab.evaluation.overlap import record_sample
 from cxrlab.evaluation.scoring import labelled_records
 from cxrlab.models.tta import with_tta, without_tta
@@ -219,13 +219,7 @@ def patient_resamples(is_pos: np.ndarray, groups: list[str | None] | None, n_boo
     keeps the sample's count of patients with positive films only, negative only, and both
     (without groups: of positive and of negative images)."""
     is_pos = np.asarray(is_pos, dtype=bool)
-    codes = group_codes(groups, len(is_pos))
-    pat = np.arange(len(is_pos)) if codes is None else codes
-    n_pat = int(pat.max()) + 1 if pat.size else 0
-    has_pos = np.bincount(pat, weights=is_pos, minlength=n_pat) > 0
-    has_neg = np.bincount(pat, weights=~is_pos, minlength=n_pat) > 0
-    strata = [s for s in (np.flatnonzero(has_pos & ~has_neg), np.flatnonzero(~has_pos & has_neg),
-                          np.flatnonzero(has_pos & has_neg)) if s.size]
+    codes, pat, n_pat, strata = patient_strata(is_pos, groups)
     order = np.argsort(pat, kind="stable")
     films = np.split(order, np.cumsum(np.bincount(pat, minlength=n_pat))[:-1])
 
@@ -514,8 +508,6 @@ def _calibrate_files(run, new: Path, cal: dict, threshold: float | None, state: 
     if threshold is not None:
         write_threshold(new, threshold)
 
-    mfile = run.run_dir / "metrics.json"
-    old = json.loads(mfile.read_text()) if mfile.is_file() else {}
     vp_file = new / "val_predictions.csv"
     if vp_file.is_file():
         paths, vy, vp = read_predictions(vp_file, classes)
@@ -533,7 +525,23 @@ def _calibrate_files(run, new: Path, cal: dict, threshold: float | None, state: 
     else:  # a run from before val_predictions.csv: score its validation images again
         paths, vy, vp = recompute_val_predictions(new, read_split_csv(new / "split.csv"))
         cal["val_predictions"] = "validation images scored by the calibrated model.pt"
-    write_predictions_csv(vp_file, paths, [classes[k] for k in vy], vp, classes)
+    write_validation(run, new, paths, vy, vp, threshold, n_boot,
+                     {"site_calibration": {k: cal[k] for k in SUMMARY if k in cal}},
+                     "Validation confusion matrix (site-calibrated)")
+    info = json.loads((new / "run.json").read_text())
+    info["site_calibration"] = cal
+    write_json(new / "run.json", info)
+
+
+def write_validation(run, new: Path, paths: list[str], vy: np.ndarray, vp: np.ndarray,
+                     threshold: float | None, n_boot: int, extra: dict, title: str) -> None:
+    """A derived run's validation files (val_predictions.csv, metrics.json with `extra`, the
+    plots) from what its own model.pt scores, so they never describe the run it came from."""
+    classes, pos = run.classes, run.info.positive
+    mfile = run.run_dir / "metrics.json"
+    old = json.loads(mfile.read_text()) if mfile.is_file() else {}
+    write_predictions_csv(new / "val_predictions.csv", paths, [classes[k] for k in vy], vp,
+                          classes)
     # patients as split.csv has them, as training's own metrics.json drew its intervals
     metrics = compute_metrics(vy, vp, classes, positive=pos, threshold=threshold,
                               n_boot=n_boot, seed=run.config.seed,
@@ -541,13 +549,9 @@ def _calibrate_files(run, new: Path, cal: dict, threshold: float | None, state: 
     metrics.update({k: old[k] for k in ("split", "epochs", "train_seconds", "train_precision")
                     if k in old})
     metrics["selection_biased"] = "the epoch was chosen on these images"
-    metrics["site_calibration"] = {k: cal[k] for k in SUMMARY if k in cal}
+    metrics.update(extra)
     write_json(new / "metrics.json", metrics)
     plots.plot_confusion(np.array(metrics["confusion_matrix"]), classes,
-                         new / "confusion_matrix.png",
-                         title="Validation confusion matrix (site-calibrated)")
+                         new / "confusion_matrix.png", title=title)
     plots.plot_roc(vy, vp, classes, new / "roc.png", positive=pos, threshold=threshold)
     plots.plot_pr(vy, vp, classes, new / "pr.png", positive=pos)
-    info = json.loads((new / "run.json").read_text())
-    info["site_calibration"] = cal
-    write_json(new / "run.json", info)
