@@ -45,7 +45,10 @@ def test_quickstart_runs_as_shipped(tmp_path):
     cells = {c.source.splitlines()[-1]: c for c in nb.cells if c.cell_type == "code"}
     streams = [(o.name, o.text) for c in nb.cells for o in c.get("outputs", [])
                if o.output_type == "stream"]
-    assert [text for name, text in streams if name == "stderr"] == []  # no warnings, no logs
+    # no warnings, no logs, but one that is the demo's truth: 72 validation films pin the
+    # threshold loosely, and the run says so (evaluation.operating_point.warning)
+    assert [text for name, text in streams if name == "stderr"
+            and not text.startswith("unstable decision threshold: ")] == []
     bar = "".join(text for name, text in streams)
     assert "Epoch 0: 100%" in bar and "<00:00" in bar  # tqdm's bar, with its ETA
     assert "demo_data" in _outputs(cells["data"], "text/plain")

@@ -22,6 +22,7 @@ import base64
 import copy
 import io
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,11 @@ class GradCam:
     """Grad-CAM for one model and layer; build once, call many times (thread-safe: a lock)."""
 
     def __init__(self, model: nn.Module, layer: str | None = None, positive: int | None = None):
-        from monai.visualize import GradCAM
+        with warnings.catch_warnings():
+            # monai's first import pulls in tqdm.auto (through mlflow); in a notebook without
+            # ipywidgets that advises installing them, noise beside a heatmap
+            warnings.filterwarnings("ignore", message="IProgress not found")
+            from monai.visualize import GradCAM
 
         model = without_tta(model)  # the model itself explains, on the image as given
         self._members = None
