@@ -99,6 +99,13 @@ def test_a_flip_run_chooses_its_threshold_on_flip_scores(flip_run):
                                              run.config.target_sensitivity)
 
 
+def test_the_report_says_a_run_scores_with_tta(flip_run, tmp_path):
+    from cxrlab.reporting.report import write_report
+
+    page = write_report(flip_run, tmp_path / "flip.html").read_text()
+    assert "Scored with test-time augmentation <code>flip</code>" in page
+
+
 def cli(args, monkeypatch, capsys) -> tuple[int, str, str]:
     monkeypatch.setattr(sys, "argv", ["cxrlab", *map(str, args)])
     try:

@@ -530,6 +530,11 @@ def metrics_html(r: RunData) -> str:
         rows = [[k, fmt(m.get(k)), fmt_ci(ci.get(k))] for k in METRIC_KEYS]
         note = (f"<p>Argmax decisions; selection-biased: {esc(selection_note(r))}. "
                 f"Intervals: 95% percentile {esc(method)} over the validation images.</p>")
+    tta = r.config.get("tta") or "none"
+    if tta != "none":  # the scores above are the views' mean (cxrlab.models.tta)
+        note += (f"<p>Scored with test-time augmentation <code>{esc(tta)}</code>: each image "
+                 "and its mirror, their probabilities averaged (two passes per image); the "
+                 "threshold was chosen on those scores.</p>")
     out = table(header, rows) + note
     if m.get("per_class"):
         keys = ["precision", "recall", "specificity", "f1", "roc_auc", "support"]
