@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import typing
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import pytest
 import torch
 
 import cxrlab
-from cxrlab.cli import main
 from cxrlab.config import RunConfig
 from cxrlab.data.cache import load_images
 from cxrlab.deploy.export import OnnxPredictor, export_onnx, make_predictor
@@ -25,6 +23,7 @@ from cxrlab.models import create_model
 from cxrlab.models.tta import TTA, passes, with_tta, without_tta
 from cxrlab.run import load_run, read_predictions
 from cxrlab.training.lifecycle import train_run
+from tests.deploy.test_export import cli
 
 PER_CLASS = 12
 
@@ -104,17 +103,6 @@ def test_the_report_says_a_run_scores_with_tta(flip_run, tmp_path):
 
     page = write_report(flip_run, tmp_path / "flip.html").read_text()
     assert "Scored with test-time augmentation <code>flip</code>" in page
-
-
-def cli(args, monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["cxrlab", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_predict_uses_the_runs_tta_and_none_overrides_it(flip_run, monkeypatch, capsys, caplog):
