@@ -16,7 +16,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cxrlab.evaluation.metrics import choose_threshold, group_codes, interval_method
+from cxrlab.evaluation.metrics import (
+    choose_threshold,
+    compute_metrics,
+    group_codes,
+    interval_method,
+)
 
 _EPS = 1e-6  # choose_threshold's clip
 _CHUNK_CELLS = 2_000_000  # (resample x score) cells per chunk, ~16 MB
@@ -177,3 +182,21 @@ def warning(stability: dict | None, what: str = "the threshold's 95% interval") 
             f"({stability['change_points']:.1f} points apart); expect a new intake's errors "
             "to move as much: more validation data, `cxrlab calibrate`, or an ensemble "
             "(--folds) pins it better")
+
+
+def decide_on_validation(y: np.ndarray, probs: np.ndarray, classes: Sequence[str],
+                         positive: int | None, rule: str, target: float, seed: int,
+                         groups: Sequence[str | None] | None) -> tuple[float | None, dict]:
+    """A run's threshold, chosen on its validation scores by its rule (None for more than two
+    classes), the metrics at it, and how firmly those patients pin it: one path for a single
+    run and an ensemble."""
+    threshold = None
+    if positive is not None:
+        threshold = choose_threshold((y == positive).astype(int), probs[:, positive], rule,
+                                     target)
+    metrics = compute_metrics(y, probs, classes, positive=positive, threshold=threshold,
+                              seed=seed, groups=groups)
+    if threshold is not None:  # how far a resample of the same patients moves it
+        metrics["threshold_stability"] = threshold_stability(
+            y == positive, probs[:, positive], rule, target, groups=groups, seed=seed)
+    return threshold, metrics

@@ -40,8 +40,8 @@ from cxrlab.data.split import assign_splits
 from cxrlab.deploy.inference import predict_probs
 from cxrlab.errors import CxrlabError
 from cxrlab.evaluation import overlap
-from cxrlab.evaluation.metrics import choose_threshold, compute_metrics
-from cxrlab.evaluation.operating_point import threshold_spread, threshold_stability, warning
+from cxrlab.evaluation.metrics import compute_metrics
+from cxrlab.evaluation.operating_point import decide_on_validation, threshold_spread, warning
 from cxrlab.models import create_model
 from cxrlab.models.ensemble import EnsembleModel
 from cxrlab.models.tta import with_tta
@@ -251,19 +251,13 @@ def finish(config: RunConfig, out: Path, rebuild: bool = False) -> TrainResult:
         probs = np.concatenate([pp for _, _, pp in pooled])
         scored = "out-of-fold member"
     classes, pos = info.classes, info.positive
-    threshold = None
-    if pos is not None:
-        threshold = choose_threshold((y == pos).astype(int), probs[:, pos],
-                                     run_cfg.threshold_rule, run_cfg.target_sensitivity)
-        write_threshold(out, threshold)
-    metrics = compute_metrics(y, probs, classes, positive=pos, threshold=threshold,
-                              seed=config.seed, groups=patients_of(rows, paths))
+    threshold, metrics = decide_on_validation(
+        y, probs, classes, pos, run_cfg.threshold_rule, run_cfg.target_sensitivity,
+        config.seed, patients_of(rows, paths))
     members = [json.loads((d / "metrics.json").read_text()) for d in dirs]
     metrics.update(_ensemble_notes(kind, n, scored, threshold is not None, members))
-    if threshold is not None:  # how firmly these images pin it, and how far members differ
-        metrics["threshold_stability"] = threshold_stability(
-            y == pos, probs[:, pos], run_cfg.threshold_rule, run_cfg.target_sensitivity,
-            groups=patients_of(rows, paths), seed=config.seed)
+    if threshold is not None:  # how far members differ
+        write_threshold(out, threshold)
         metrics["threshold_spread"] = threshold_spread([m.get("threshold") for m in members],
                                                        y == pos, probs[:, pos])
         for what, st in (("the threshold's 95% interval", metrics["threshold_stability"]),

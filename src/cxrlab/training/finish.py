@@ -14,8 +14,8 @@ from cxrlab.config import RunConfig
 from cxrlab.data.prepared import PreparedData
 from cxrlab.deploy.inference import decide, predict_probs
 from cxrlab.evaluation import overlap
-from cxrlab.evaluation.metrics import choose_threshold, compute_metrics
-from cxrlab.evaluation.operating_point import threshold_stability, warning
+from cxrlab.evaluation.metrics import compute_metrics
+from cxrlab.evaluation.operating_point import decide_on_validation, warning
 from cxrlab.models.tta import with_tta
 from cxrlab.reporting import plots
 from cxrlab.run import read_history, write_json, write_predictions_csv, write_threshold
@@ -34,17 +34,11 @@ def score_training(model: torch.nn.Module, config: RunConfig, data: PreparedData
     vx, vy, vidx = data.subset("val")
     model = with_tta(model, config.tta)  # the threshold is chosen on the scores used later
     vp = predict_probs(model, vx)  # fp32, as every later command (see predict_probs)
-    threshold = None
-    if positive is not None:
-        threshold = choose_threshold((vy == positive).astype(int), vp[:, positive],
-                                     config.threshold_rule, config.target_sensitivity)
+    threshold, metrics = decide_on_validation(
+        vy, vp, classes, positive, config.threshold_rule, config.target_sensitivity,
+        config.seed, _patients(data, vidx))
+    if threshold is not None:
         write_threshold(out, threshold)
-    metrics = compute_metrics(vy, vp, classes, positive=positive, threshold=threshold,
-                              seed=config.seed, groups=_patients(data, vidx))
-    if threshold is not None:  # how far a resample of the same patients moves it
-        metrics["threshold_stability"] = threshold_stability(
-            vy == positive, vp[:, positive], config.threshold_rule, config.target_sensitivity,
-            groups=_patients(data, vidx), seed=config.seed)
         if warning(metrics["threshold_stability"]):
             log.warning(warning(metrics["threshold_stability"]))
     write_predictions_csv(out / "val_predictions.csv", [data.records[i].path for i in vidx],
