@@ -131,7 +131,11 @@ def test_train_help_groups_options_and_shows_defaults():
     assert all("<bool>" not in ln for ln in text.splitlines() if "--help" not in ln)
     for option in TRAIN_OPTIONS:
         assert f" {option} " in f" {words} ", option
-    assert "framing" in words  # --augment's choices as config.py has them
+    from typing import get_args
+
+    from cxrlab.config import Augment
+    for policy in get_args(Augment):  # --augment's choices as config.py has them
+        assert f" {policy} (" in f" {words}" or f" {policy}," in words, policy
 
 
 def test_train_progress_counts_epochs_from_1_and_says_when_the_run_ends(tmp_path):

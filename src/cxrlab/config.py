@@ -23,7 +23,7 @@ from pydantic import (
 
 from cxrlab.errors import CxrlabError
 
-Augment = Literal["none", "flip", "light", "intensity", "framing", "notebook"]
+Augment = Literal["none", "flip", "light", "intensity", "framing", "scale", "notebook"]
 Tta = Literal["none", "flip"]  # cxrlab.models.tta.TTA (a test checks)
 LOGGERS = ("tensorboard", "csv", "mlflow")  # experiment trackers (cxrlab.reporting.tracking)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -128,7 +131,7 @@ def test_bf16_in_bf16_out():
 
 def test_unknown_policy_is_a_user_error():
     with pytest.raises(CxrlabError,
-                       match="choose from none, flip, light, intensity, framing, notebook"):
+                       match="choose from none, flip, light, intensity, framing, scale, notebook"):
         augment_batch(smooth_batch(), "heavy")
 
 
@@ -307,3 +310,85 @@ def test_framing_keeps_range_and_varies_the_margins_of_a_real_looking_batch():
     assert out.min() >= 0 and out.max() <= 1
     margin = torch.cat([out[..., :, :4], out[..., :, -4:]], -1).mean(dim=(1, 2, 3))
     assert margin.min() < 0.1 and margin.max() > 0.3  # some stay dark, some do not
+
+
+# -- "scale" ----------------------------------------------------------------------------------
+
+
+def test_scale_draws_cover_both_directions_within_their_ranges():
+    zx, zy = aug.scale_draws(torch.rand(2, 4000, generator=gen(0)))
+    zoom, aspect = (zx * zy).sqrt(), zx / zy
+    s, a = aug.SCALE, aug.SCALE_ASPECT
+    assert zoom.min() >= 1 / s - 1e-5 and zoom.max() <= s + 1e-5
+    assert zoom.min() < 1 / s + 0.01 and zoom.max() > s - 0.01  # the whole range
+    assert ((zoom < 1).float().mean() - 0.5).abs() < 0.05  # in as often as out (log-uniform)
+    assert aspect.min() >= 1 / a - 1e-5 and aspect.max() <= a + 1e-5
+    assert aspect.min() < 1 / a + 0.005 and aspect.max() > a - 0.005
+    # zooming in keeps at least 1 / (SCALE * sqrt(ASPECT)) of each side: the lungs stay in view
+    assert min(zx.min(), zy.min()) >= 1 / (s * a ** 0.5) - 1e-5
+
+
+def scale_fixed(monkeypatch, affine: list[float], zoom: float, aspect: float = 1.0) -> None:
+    """Every image gets the same draws: the 9 affine rows, then this zoom and aspect."""
+    u = [(math.log(zoom) / math.log(aug.SCALE) + 1) / 2,
+         (math.log(aspect) / math.log(aug.SCALE_ASPECT) + 1) / 2]
+    calls = iter([affine, u])
+
+    def fake(n, generator, device, low=0.0, high=1.0):
+        values = next(calls)
+        return torch.tensor(values, dtype=torch.float32).repeat_interleave(n // len(values))
+    monkeypatch.setattr(aug, "_uniform", fake)
+    monkeypatch.setattr(aug, "_film", lambda out, generator: out)  # geometry only
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 3, 24, 40)])
+def test_scale_one_centred_is_the_identity(monkeypatch, shape):
+    x = smooth_batch(*shape)
+    scale_fixed(monkeypatch, [0.5] * 9, zoom=1.0)
+    assert torch.allclose(augment_batch(x, "scale"), x, atol=1e-5)
+
+
+def test_scale_zooming_out_shrinks_the_film_into_a_black_border(monkeypatch):
+    """Zoom 1.25 (output -> input): the image shrinks to 80% of each side, centred, and the
+    10% it uncovers on every side is black (a letterbox, as the stress test's border)."""
+    h = w = 40
+    x = smooth_batch(1, h=h, w=w) * 0.8 + 0.2  # nothing black inside
+    scale_fixed(monkeypatch, [0.5] * 9, zoom=aug.SCALE)
+    out = augment_batch(x, "scale")
+    assert (out[..., :3, :] == 0).all() and (out[..., -3:, :] == 0).all()
+    assert (out[..., :, :3] == 0).all() and (out[..., :, -3:] == 0).all()
+    small = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear",
+                                            align_corners=False)
+    assert (out[..., 6:34, 6:34] - small[..., 2:30, 2:30]).abs().max() < 0.05
+    assert (out[..., 5:35, 5:35] > 0.15).all()  # the film itself stays
+
+
+def test_scale_zooming_in_is_the_central_crop(monkeypatch):
+    h = w = 40
+    x = smooth_batch(1, h=h, w=w)
+    scale_fixed(monkeypatch, [0.5] * 9, zoom=0.8)
+    out = augment_batch(x, "scale")
+    ref = torch.nn.functional.interpolate(x[..., 4:36, 4:36], size=(h, w), mode="bilinear",
+                                          align_corners=False)
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))
+    assert (out - ref)[inner].abs().max() < 0.03
+    assert out.min() > 0 or x.min() == 0  # nothing uncovered when zooming in
+
+
+def test_scale_varies_framing_of_a_real_batch_in_both_directions():
+    """Real films: some come out letterboxed (black rim), some zoomed in (rim from inside the
+    film), and the policy repeats for a seed and differs from "intensity"."""
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[2] / "src" / "cxrlab" / "demo_data"
+    files = sorted(root.rglob("*.jp*g"))[:24]
+    assert len(files) == 24
+    x = torch.stack([torch.from_numpy(np.asarray(
+        Image.open(f).convert("L").resize((64, 64)), dtype=np.float32) / 255)[None]
+        for f in files])
+    a = augment_batch(x, "scale", gen(1))
+    assert torch.equal(a, augment_batch(x, "scale", gen(1)))
+    assert not torch.equal(a, augment_batch(x, "intensity", gen(1)))
+    rim = torch.cat([a[..., :, :2], a[..., :, -2:]], -1).amax(dim=(1, 2, 3))
+    assert (rim < 0.05).any() and (rim > 0.2).any()
+    assert a.min() >= 0 and a.max() <= 1

@@ -28,6 +28,14 @@ Policies:
   An option, not the default: on the recipe proxy it held normal films' scores under tighter
   framing but cost validation AUC and specificity under blur, down-sampling and borders
   (docs/recipes.md, "Framing").
+- "scale": "intensity" with the film's scale and framing drawn too, so that how much of the
+  child (and of the dark space beside it) the film holds stops telling normal from pneumonia:
+  an isotropic zoom log-uniform in [1/1.25, 1.25] of each side (zooming in keeps at least 80%
+  of each side, so the lungs stay in view and the label stays true; zooming out shrinks the
+  film into a black border of up to 10% a side, as a larger plate or a framed export does),
+  aspect ratio log-uniform in [1/1.08, 1.08], then "light"'s shift, rotation and flip; what the
+  warp uncovers is black (not the replicated edge). Measured against "intensity" on the
+  proxy and the full Kermany run with the stress test (docs/recipes.md, "Framing").
 - "notebook": the Kaggle notebook's Keras ImageDataGenerator(rotation_range=30,
   width_shift_range=0.2, height_shift_range=0.2, shear_range=0.2, zoom_range=0.2,
   horizontal_flip=True, fill_mode="nearest"), with Keras' semantics: rotation and shear are
@@ -48,7 +56,7 @@ import torch.nn.functional as F
 from cxrlab.data.images import recompress_jpeg
 from cxrlab.errors import CxrlabError
 
-POLICIES = ("none", "flip", "light", "intensity", "framing", "notebook")
+POLICIES = ("none", "flip", "light", "intensity", "framing", "scale", "notebook")
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,7 @@ class _Affine:
     jitter: float  # brightness and contrast factor in [1 - jitter, 1 + jitter]; 0 = off
     film: bool = False  # gamma, blur and noise after the jitter ("intensity")
     framing: bool = False  # random-resized crop instead of zoom, margins brightened ("framing")
+    scale: bool = False  # zoom in and out with aspect jitter, black fill ("scale")
 
 
 _AFFINE = {
@@ -70,6 +79,8 @@ _AFFINE = {
                          zoom_per_axis=False, jitter=0.25, film=True),
     "framing": _Affine(rotation_deg=10, shift=0.05, shear_deg=0, zoom=0.0,
                        zoom_per_axis=True, jitter=0.25, film=True, framing=True),
+    "scale": _Affine(rotation_deg=10, shift=0.05, shear_deg=0, zoom=0.0, zoom_per_axis=True,
+                     jitter=0.25, film=True, scale=True),
     "notebook": _Affine(rotation_deg=30, shift=0.2, shear_deg=0.2, zoom=0.2, zoom_per_axis=True,
                         jitter=0.0),
 }
@@ -121,6 +132,8 @@ def _affine_policy(x: torch.Tensor, p: _Affine, generator: torch.Generator | Non
         # The crop's centre anywhere that keeps it inside the image, plus the usual shift.
         tx = (r[1] * 2 - 1) * ((1 - zx) / 2 + p.shift) * w
         ty = (r[2] * 2 - 1) * ((1 - zy) / 2 + p.shift) * h
+    if p.scale:  # drawn after the 9 rows above, like "framing"
+        zx, zy = scale_draws(_uniform(2 * b, generator, dev).view(2, b))
 
     # Output -> input map in centred pixel coordinates (x right, y down), composed like Keras:
     # rotation @ shift @ shear @ zoom, then the horizontal flip of the output.
@@ -138,7 +151,8 @@ def _affine_policy(x: torch.Tensor, p: _Affine, generator: torch.Generator | Non
 
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
     grid = _affine_grid(m.to(work.dtype), h, w)
-    out = F.grid_sample(work, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(work, grid, mode="bilinear",
+                        padding_mode="zeros" if p.scale else "border", align_corners=False)
     if frame is not None:
         out = _brighten_margins(out, frame)
 
@@ -153,6 +167,18 @@ def _affine_policy(x: torch.Tensor, p: _Affine, generator: torch.Generator | Non
     if p.film:
         out = _film(out, generator)
     return out.to(x.dtype)
+
+
+SCALE = 1.25  # "scale": zoom of each side log-uniform in [1/SCALE, SCALE] (output -> input)
+SCALE_ASPECT = 1.08  # its aspect ratio log-uniform in [1/A, A]
+
+
+def scale_draws(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """"scale"'s output -> input zoom of x and y from two rows of uniform draws: above 1
+    zooms out (the film shrinks into a black border), below 1 zooms in."""
+    zoom = torch.exp((u[0] * 2 - 1) * math.log(SCALE))
+    aspect = torch.exp((u[1] * 2 - 1) * math.log(SCALE_ASPECT))
+    return zoom * aspect.sqrt(), zoom / aspect.sqrt()
 
 
 CROP_AREA = (0.6, 1.0)  # "framing": share of the image's area a crop keeps (uniform)
