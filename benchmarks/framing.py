@@ -11,12 +11,14 @@ own, "margins": the outer 12% of the width on each side brightened by 20 / 40 / 
 margins than the training normals). Every image's probability under every shift is kept, so
 this also reports, per shift and level:
 
-- sensitivity / specificity at the run's threshold (Youden's J on clean validation) and at the
-  threshold the other rule (target sensitivity 0.95) picks on clean validation;
+- sensitivity / specificity at the run's threshold, at the threshold the default rule
+  (target sensitivity 0.97, since 2026-12-06) picks on clean validation, and at target
+  sensitivity 0.95 (runs trained before 2026-12-06 carry Youden's J as their threshold);
 - where each rule would put the threshold if it were chosen on the shifted images instead
   (how far the choice moves);
-- the paired change of decisions between the runs (NEW minus BASE, each at its own threshold):
-  images that became right, became wrong, and the exact McNemar p.
+- the paired change of decisions between the runs (NEW minus BASE, each at its own threshold,
+  and each at its default-rule threshold): images that became right, became wrong, and the
+  exact McNemar p.
 
 Selection-biased like every validation figure (the epoch and threshold were chosen on these
 images), alike for both runs. Never part of the test suite.
@@ -45,6 +47,7 @@ from cxrlab.site.shift import stress_test
 
 MARGIN_LEVELS = (20, 40, 70)  # grey levels added to the outer MARGIN_WIDTH of each side
 MARGIN_WIDTH = 0.12
+DEFAULT_TARGET = 0.97  # the default threshold rule's target sensitivity (config.py)
 
 
 def margins(images: np.ndarray, level: float) -> np.ndarray:
@@ -111,38 +114,50 @@ def summarise(s: dict, target: float = 0.95) -> dict:
     run, y, probs = s["run"], s["y"], s["probs"]
     is_pos = y == run.info.positive
     clean = probs["none:0"]
-    t_youden = run.threshold
+    t_run = run.threshold
     t_sens = choose_threshold(is_pos, clean, "sensitivity", target)
+    t_default = default_threshold(s)
     rows = {}
     for key, p in probs.items():
         from sklearn.metrics import roc_auc_score
 
         rows[key] = {
             "roc_auc": float(roc_auc_score(is_pos, p)),
-            "at_youden": rates(is_pos, p, t_youden),
+            "at_run_threshold": rates(is_pos, p, t_run),
             "at_target_sensitivity": rates(is_pos, p, t_sens),
+            "at_default_rule": rates(is_pos, p, t_default),
             "youden_rechosen": choose_threshold(is_pos, p, "youden"),
             "target_sensitivity_rechosen": choose_threshold(is_pos, p, "sensitivity", target),
             "normals_median_p": float(np.median(p[~is_pos])),
             "pneumonia_median_p": float(np.median(p[is_pos])),
         }
     return {"run": str(run.run_dir), "augment": run.config.augment, "n": int(len(y)),
-            "n_positive": int(is_pos.sum()), "threshold_youden": t_youden,
+            "n_positive": int(is_pos.sum()), "threshold_run": t_run,
             "threshold_target_sensitivity_0.95": t_sens,
+            "threshold_default_rule": t_default,
             "stress_wall_s": s["stress"].get("wall_s"),
             "max_diff_vs_val_predictions": s["stress"]["max_diff_vs_val_predictions"],
             "rows": rows}
 
 
-def paired(a: dict, b: dict) -> dict:
-    """b minus a, each at its own run threshold: decisions that became right / wrong."""
+def default_threshold(s: dict) -> float:
+    """The default rule's threshold on the run's clean validation scores."""
+    is_pos = s["y"] == s["run"].info.positive
+    return choose_threshold(is_pos, s["probs"]["none:0"], "sensitivity", DEFAULT_TARGET)
+
+
+def paired(a: dict, b: dict, default_rule: bool = False) -> dict:
+    """b minus a, each at its own run threshold (or each at its default-rule threshold):
+    decisions that became right / wrong."""
     assert [str(p) for p in a["paths"]] == [str(p) for p in b["paths"]], "different images"
     y = a["y"]
     is_pos = y == a["run"].info.positive
+    ta, tb = ((default_threshold(a), default_threshold(b)) if default_rule
+              else (a["run"].threshold, b["run"].threshold))
     out = {}
     for key in a["probs"]:
-        ra = (a["probs"][key] >= a["run"].threshold) == is_pos
-        rb = (b["probs"][key] >= b["run"].threshold) == is_pos
+        ra = (a["probs"][key] >= ta) == is_pos
+        rb = (b["probs"][key] >= tb) == is_pos
         fixed, broke = int((~ra & rb).sum()), int((ra & ~rb).sum())
         p = binomtest(fixed, fixed + broke).pvalue if fixed + broke else 1.0
         out[key] = {"became_right": fixed, "became_wrong": broke, "mcnemar_exact_p": float(p),
@@ -166,17 +181,21 @@ def main() -> None:
               "cpu": cpu_name(), "cores": os.cpu_count(), "python": sys.version.split()[0],
               "precision": "fp32 (predict_probs scores every run in fp32)",
               "margins_shift": {"levels_grey": MARGIN_LEVELS, "width_per_side": MARGIN_WIDTH},
-              "base": summarise(a), "new": summarise(b), "new_minus_base": paired(a, b)}
+              "base": summarise(a), "new": summarise(b), "new_minus_base": paired(a, b),
+              "new_minus_base_default_rule": paired(a, b, default_rule=True)}
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     keys = ["none:0"] + [k for k in a["probs"] if k != "none:0"]
-    print("| shift | base sens / spec | new sens / spec | base Youden re-chosen | new | "
+    print(f"thresholds at the default rule: base {result['base']['threshold_default_rule']:.3f}, "
+          f"new {result['new']['threshold_default_rule']:.3f}")
+    print("| shift | base AUC | new AUC | base sens / spec | new sens / spec | "
           "became right / wrong (McNemar p) |")
     for k in keys:
         ra, rb = result["base"]["rows"][k], result["new"]["rows"][k]
-        d = result["new_minus_base"][k]
-        print(f"| {k} | {ra['at_youden']['sensitivity']:.3f} / {ra['at_youden']['specificity']:.3f}"
-              f" | {rb['at_youden']['sensitivity']:.3f} / {rb['at_youden']['specificity']:.3f}"
-              f" | {ra['youden_rechosen']:.3f} | {rb['youden_rechosen']:.3f}"
+        d = result["new_minus_base_default_rule"][k]
+        qa, qb = ra["at_default_rule"], rb["at_default_rule"]
+        print(f"| {k} | {ra['roc_auc']:.4f} | {rb['roc_auc']:.4f}"
+              f" | {qa['sensitivity']:.3f} / {qa['specificity']:.3f}"
+              f" | {qb['sensitivity']:.3f} / {qb['specificity']:.3f}"
               f" | {d['became_right']} / {d['became_wrong']} ({d['mcnemar_exact_p']:.3g}) |")
 
 
