@@ -251,7 +251,7 @@ def test_framing_repeats_for_a_seed_and_differs_from_intensity():
 
 
 def framing_fixed(monkeypatch, affine: list[float], frame: list[float]) -> None:
-    """Every image gets the same draws: the 9 affine rows, then the framing rows."""
+    """Every image gets the same draws: the 9 affine rows, then the framing (or scale) rows."""
     calls = iter([affine, frame])
 
     def fake(n, generator, device, low=0.0, high=1.0):
@@ -330,15 +330,8 @@ def test_scale_draws_cover_both_directions_within_their_ranges():
 
 def scale_fixed(monkeypatch, affine: list[float], zoom: float, aspect: float = 1.0) -> None:
     """Every image gets the same draws: the 9 affine rows, then this zoom and aspect."""
-    u = [(math.log(zoom) / math.log(aug.SCALE) + 1) / 2,
-         (math.log(aspect) / math.log(aug.SCALE_ASPECT) + 1) / 2]
-    calls = iter([affine, u])
-
-    def fake(n, generator, device, low=0.0, high=1.0):
-        values = next(calls)
-        return torch.tensor(values, dtype=torch.float32).repeat_interleave(n // len(values))
-    monkeypatch.setattr(aug, "_uniform", fake)
-    monkeypatch.setattr(aug, "_film", lambda out, generator: out)  # geometry only
+    framing_fixed(monkeypatch, affine, [(math.log(zoom) / math.log(aug.SCALE) + 1) / 2,
+                                        (math.log(aspect) / math.log(aug.SCALE_ASPECT) + 1) / 2])
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 3, 24, 40)])
