@@ -50,6 +50,20 @@ def test_sparse_tails_give_a_wide_interval_and_a_warning():
     assert text and f"{lo:.3g}" in text and "unstable" in text
 
 
+def test_a_validation_split_with_one_class_gives_null_rates_not_nan():
+    """A tiny split (a handful of films, all pneumonia) has no specificity: the rates say
+    null, metrics.json stays valid JSON (NaN is not), and the warning still reads."""
+    score = np.array([0.2, 0.4, 0.6, 0.9])
+    st = threshold_stability(np.ones(4, bool), score, "sensitivity", 0.97, n_boot=50)
+    assert st["at_low"]["specificity"] is None and st["at_high"]["specificity"] is None
+    assert st["at_low"]["sensitivity"] is not None
+    json.dumps(st, allow_nan=False)
+    wide = threshold_spread([0.1, 0.8], np.ones(4, bool), score)  # two members
+    assert wide["unstable"] and wide["change_points"] == 75.0  # sensitivity 1.0 -> 0.25
+    text = warning(wide)
+    assert "specificity n/a -> n/a" in text and "sensitivity 1.000 -> 0.250" in text
+
+
 def test_dense_separated_scores_are_stable_and_silent():
     is_pos, score = dense_separated()
     st = threshold_stability(is_pos, score, "youden", 0.95, n_boot=300)

@@ -121,13 +121,20 @@ def bootstrap_threshold(is_pos: np.ndarray, score: np.ndarray, rule: str, target
     return [float(lo), float(hi)], method
 
 
-def rates_at(is_pos: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, float]:
-    """Accuracy, sensitivity and specificity of calling `score >= threshold` positive."""
+def rates_at(is_pos: np.ndarray, score: np.ndarray,
+             threshold: float) -> dict[str, float | None]:
+    """Accuracy, sensitivity and specificity of calling `score >= threshold` positive; None
+    (JSON null) for a rate whose class has no image here (a tiny validation split)."""
     is_pos = np.asarray(is_pos, dtype=bool)
     called = np.asarray(score) >= threshold
     return {"accuracy": float((called == is_pos).mean()),
-            "sensitivity": float(called[is_pos].mean()) if is_pos.any() else float("nan"),
-            "specificity": float((~called[~is_pos]).mean()) if (~is_pos).any() else float("nan")}
+            "sensitivity": float(called[is_pos].mean()) if is_pos.any() else None,
+            "specificity": float((~called[~is_pos]).mean()) if (~is_pos).any() else None}
+
+
+def rate(value: float | None) -> str:
+    """A rate of `rates_at` for a sentence: 3 decimals, or n/a."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def span(is_pos: np.ndarray, score: np.ndarray, low: float, high: float,
@@ -135,8 +142,8 @@ def span(is_pos: np.ndarray, score: np.ndarray, low: float, high: float,
     """What the thresholds `low` and `high` decide on these images, how far apart (points of
     sensitivity or specificity, the larger), and whether that is more than `points`."""
     a, b = rates_at(is_pos, score, low), rates_at(is_pos, score, high)
-    moved = max(abs(a[k] - b[k]) for k in ("sensitivity", "specificity")
-                if np.isfinite(a[k]) and np.isfinite(b[k])) if len(score) else 0.0
+    moved = max((abs(a[k] - b[k]) for k in ("sensitivity", "specificity")
+                 if a[k] is not None and b[k] is not None), default=0.0)
     return {"at_low": a, "at_high": b, "change_points": round(100 * moved, 2),
             "unstable": bool(100 * moved > points)}
 
@@ -177,8 +184,8 @@ def warning(stability: dict | None, what: str = "the threshold's 95% interval") 
     lo, hi = stability.get("interval") or (stability["min"], stability["max"])
     a, b = stability["at_low"], stability["at_high"]
     return (f"unstable decision threshold: {what} runs from {lo:.3g} to {hi:.3g}, deciding "
-            f"validation at sensitivity {a['sensitivity']:.3f} -> {b['sensitivity']:.3f}, "
-            f"specificity {a['specificity']:.3f} -> {b['specificity']:.3f} "
+            f"validation at sensitivity {rate(a['sensitivity'])} -> {rate(b['sensitivity'])}, "
+            f"specificity {rate(a['specificity'])} -> {rate(b['specificity'])} "
             f"({stability['change_points']:.1f} points apart); expect a new intake's errors "
             "to move as much: more validation data, `cxrlab calibrate`, or an ensemble "
             "(--folds) pins it better")

@@ -547,6 +547,8 @@ def metrics_html(r: RunData) -> str:
 def threshold_stability_html(st: dict | None) -> str:
     """How far a resample of the validation patients moves the threshold, and what that does
     (metrics.json's threshold_stability, cxrlab.evaluation.operating_point); "" before it."""
+    from cxrlab.evaluation.operating_point import rate
+
     if not st:
         return ""
     (lo, hi), a, b = st["interval"], st["at_low"], st["at_high"]
@@ -556,8 +558,8 @@ def threshold_stability_html(st: dict | None) -> str:
     return (f"<p>Threshold stability: re-chosen on resampled validation patients, the "
             f"{esc(st['rule'])} threshold falls within {lo:.3g} – {hi:.3g} (95%, "
             f"{esc(st['interval_method'])}); at those ends validation sensitivity is "
-            f"{a['sensitivity']:.3f} / {b['sensitivity']:.3f} and specificity "
-            f"{a['specificity']:.3f} / {b['specificity']:.3f}, {st['change_points']:.1f} points "
+            f"{rate(a['sensitivity'])} / {rate(b['sensitivity'])} and specificity "
+            f"{rate(a['specificity'])} / {rate(b['specificity'])}, {st['change_points']:.1f} points "
             f"apart. {flag}Criterion: {esc(st['criterion'])}.</p>")
 
 

@@ -217,10 +217,13 @@ def render(result: dict, console) -> None:
     console.print(table)
     spread = result.get("threshold_spread")
     if spread:
+        from cxrlab.evaluation.operating_point import rate
+
         lo, hi = spread["at_low"], spread["at_high"]
         console.print(f"Folds' thresholds {spread['min']:.3g} to {spread['max']:.3g}: out of fold "
-                      f"sensitivity {lo['sensitivity']:.3f} / {hi['sensitivity']:.3f}, specificity "
-                      f"{lo['specificity']:.3f} / {hi['specificity']:.3f} at the two ends"
+                      f"sensitivity {rate(lo['sensitivity'])} / {rate(hi['sensitivity'])}, "
+                      f"specificity {rate(lo['specificity'])} / {rate(hi['specificity'])} at the "
+                      "two ends"
                       + (" [bold red](unstable)[/]" if spread["unstable"] else "") + ".")
     p = result["pooled"]
     lo, hi = p["accuracy_ci"]
