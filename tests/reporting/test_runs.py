@@ -109,3 +109,27 @@ def test_cli_table_and_json(runs_root, capsys, monkeypatch):
     assert_user_error(code, err, "--sort loss", "auc, date, name, time")
     code, _, err = run_cli(["runs", runs_root / "nowhere"], capsys, monkeypatch)
     assert_user_error(code, err, "nowhere: no such folder")
+
+
+def test_an_ensemble_is_one_row_that_says_so_with_all_its_members_epochs(tmp_path, capsys,
+                                                                        monkeypatch):
+    """`--seeds 2`: OUT is a row marked '2 seeds', its epochs are both members' (2 x 2) and
+    its time their sum; the members stay rows of their own."""
+    from cxrlab.config import RunConfig
+    from cxrlab.training.ensemble import run_seeds
+
+    data = make_kermany_folder(tmp_path / "data", 6, 6, size=32)
+    cfg = RunConfig.build(dict(data=str(data), model="cnn", image_size=32, epochs=2,
+                               batch_size=4, augment="none", dropout=0.0, seeds=2))
+    run_seeds(cfg, tmp_path / "runs" / "ens", progress=False)
+    rows = {r["run"]: r for r in runs(tmp_path / "runs")}
+    assert set(rows) == {"ens", "ens/seed-1", "ens/seed-2"}
+    ens, members = rows["ens"], [rows["ens/seed-1"], rows["ens/seed-2"]]
+    assert ens["state"] == "complete" and ens["ensemble"] == "2 seeds"
+    assert (ens["epochs_done"], ens["epochs_planned"]) == (4, 4)
+    assert ens["seconds"] == pytest.approx(sum(m["seconds"] for m in members), abs=0.2)
+    assert all(m["ensemble"] is None for m in members)
+    code, out, err = run_cli(["runs", tmp_path / "runs"], capsys, monkeypatch)
+    assert code == 0, err
+    words = " ".join(out.split())  # 80 columns: the model cell may fold after "x 2"
+    assert "cnn x 2" in words and "seeds" in words

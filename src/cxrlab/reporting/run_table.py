@@ -49,6 +49,7 @@ def read_run(run_dir: Path, root: Path | None = None) -> dict[str, Any]:
         "path": str(run_dir), "state": "unreadable", "model": None, "image_size": None,
         "epochs_done": None, "epochs_planned": None, "auc": None, "auc_ci": None,
         "accuracy": None, "threshold": None, "seconds": None, "date": None, "error": None,
+        "ensemble": None,
     }
     try:
         info = _json(run_dir / "run.json")
@@ -60,6 +61,12 @@ def read_run(run_dir: Path, root: Path | None = None) -> dict[str, Any]:
         row["epochs_done"] = len(history)
         seconds = [r["seconds"] for r in history if r.get("seconds") is not None]
         row["seconds"] = round(sum(seconds), 1) if seconds else None
+        ensemble = info.get("ensemble")
+        if ensemble:  # OUT of --seeds / --folds: the members' epochs, all of them
+            members = [run_dir / name for name in ensemble["members"]]
+            row["ensemble"] = f"{len(members)} {ensemble['kind']}"
+            row["epochs_planned"] = len(members) * config["epochs"]
+            row["epochs_done"] = sum(len(read_history(d / "history.csv")) for d in members)
         if state == "complete":
             m = _json(run_dir / "metrics.json")
             ci = (m.get("ci") or {}).get("roc_auc")
@@ -67,6 +74,8 @@ def read_run(run_dir: Path, root: Path | None = None) -> dict[str, Any]:
                        accuracy=_num(m.get("accuracy")), threshold=read_threshold(run_dir),
                        epochs_done=m.get("epochs", row["epochs_done"]),
                        seconds=_num(m.get("train_seconds", row["seconds"])))
+            if ensemble:  # metrics.json's epochs is the longest member's; time is the sum
+                row["epochs_done"] = sum(int(e or 0) for e in m["ensemble"]["member_epochs"])
         elif state == "running" and not _lock_held(run_dir):
             state = "killed"  # run.json says running, but no process holds the run's lock
         row["state"] = state
@@ -131,7 +140,7 @@ def render(rows: list[dict], console, title: str = "Runs") -> None:
         secs = "" if r["seconds"] is None else f"{r['seconds']:.0f} s"
         state = Text(r["state"], style=colour.get(r["state"], ""))
         size = "" if r["image_size"] is None else str(r["image_size"])
-        table.add_row(Text(r["run"]), Text(str(r["model"] or "")), size, epochs, Text(auc),
+        table.add_row(Text(r["run"]), Text(_model(r)), size, epochs, Text(auc),
                       f3(r["accuracy"]), f3(r["threshold"]), secs, state, r["date"] or "")
     natural = console.measure(table, options=console.options.update_width(10_000)).maximum
     if natural > console.width:  # it would wrap: e.g. at 80 columns
@@ -160,7 +169,7 @@ def _render_narrow(rows: list[dict], console, title: str) -> None:
         auc = "" if r["auc"] is None else f"{r['auc']:.3f}"
         if r["auc"] is not None and r["auc_ci"] and None not in r["auc_ci"]:
             auc += f" [{r['auc_ci'][0]:.2f}, {r['auc_ci'][1]:.2f}]"
-        model = str(r["model"] or "")
+        model = _model(r)
         if r["image_size"] is not None:
             model += f" {r['image_size']}px"
         state = r["state"]
@@ -170,6 +179,12 @@ def _render_narrow(rows: list[dict], console, title: str) -> None:
                       Text(state, style=colour.get(r["state"], "")), (r["date"] or "")[:16])
     console.print(table)
     _notes(rows, console)
+
+
+def _model(row: dict) -> str:
+    """The model column: an ensemble says so, with its members ('... x 5 seeds')."""
+    model = str(row["model"] or "")
+    return f"{model} x {row['ensemble']}" if row.get("ensemble") else model
 
 
 def _notes(rows: list[dict], console) -> None:
