@@ -73,16 +73,21 @@ def test_folds_share_the_smallest_fold_s_recipe(tmp_path):
     assert for_folds(recipe(data=str(data), folds=3, epochs=4)) is None
 
 
+def twelve_demo_films(data: Path) -> Path:
+    """6 NORMAL + 6 PNEUMONIA training films of the shipped demo set, copied to `data`."""
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (data / cls).mkdir(parents=True)
+        for f in sorted((cxrlab.demo_data() / "train" / cls).iterdir())[:6]:
+            shutil.copy(f, data / cls / f.name)
+    return data
+
+
 def test_a_tiny_run_trains_and_records_the_small_set_recipe(tmp_path, capsys, monkeypatch,
                                                             caplog):
     """The default recipe (pretrained EfficientNet-Lite0) on 12 demo images at 32 px: the
     head trains (a lowered) 3 epochs on the frozen backbone's features; run.json, plan.json
     and the log say so."""
-    data = tmp_path / "demo"
-    for cls in ("NORMAL", "PNEUMONIA"):
-        (data / cls).mkdir(parents=True)
-        for f in sorted((cxrlab.demo_data() / "train" / cls).iterdir())[:6]:
-            shutil.copy(f, data / cls / f.name)
+    data = twelve_demo_films(tmp_path / "demo")
     monkeypatch.setattr(small_sets, "HEAD_EPOCHS", 3)
     caplog.set_level(logging.INFO, logger="cxrlab")
     run = tmp_path / "run"
@@ -106,11 +111,7 @@ def test_a_tiny_cross_validation_trains_every_fold_frozen_and_keeps_why(tmp_path
                                                                         monkeypatch):
     """2 folds of 12 demo images: one decision for both folds, in crossval.json, and still
     there after --resume (which reads the chosen recipe back from crossval.yaml)."""
-    data = tmp_path / "demo"
-    for cls in ("NORMAL", "PNEUMONIA"):
-        (data / cls).mkdir(parents=True)
-        for f in sorted((cxrlab.demo_data() / "train" / cls).iterdir())[:6]:
-            shutil.copy(f, data / cls / f.name)
+    data = twelve_demo_films(tmp_path / "demo")
     monkeypatch.setattr(small_sets, "HEAD_EPOCHS", 2)
     out = tmp_path / "cv"
     args = ["--image-size", "32", "--batch-size", "4", "--quiet"]

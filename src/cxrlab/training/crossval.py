@@ -87,7 +87,7 @@ def run_crossval(config: RunConfig, out: Path, progress: bool = True,
         previous = json.loads(saved.read_text()).get("small_set")
         if previous is not None:
             result["small_set"] = previous
-    write_json(Path(out) / RESULT_FILE, result)
+    write_json(saved, result)
     finish(config, out, rebuild=trained > 0)
     return result
 
