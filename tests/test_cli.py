@@ -379,3 +379,26 @@ def test_help_shows_flags_without_a_type_tag():
     line = next(ln for ln in result.output.splitlines() if "--skip-bad" in ln)
     assert "unreadable" in line and "<" not in line
     assert "<path>" in next(ln for ln in result.output.splitlines() if "--cam" in ln)
+
+
+def test_command_list_gives_each_command_one_line():
+    """`cxrlab --help` lists each command by its docstring's first paragraph: a paragraph
+    wrapped over two source lines showed as a ragged two- or three-line entry (evaluate,
+    export, lr-find did)."""
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from cxrlab.cli import app
+
+    for group_path in ((), ("data",)):
+        result = CliRunner().invoke(app, [*group_path, "--help"],
+                                    env={"COLUMNS": "120", "NO_COLOR": "1"})
+        assert result.exit_code == 0, result.output
+        panel = [line for line in result.output.split("Commands")[1].splitlines()
+                 if line.startswith("│")]
+        group = get_command(app)
+        for name in group_path:
+            group = group.commands[name]
+        names = [n for n, c in group.commands.items() if not getattr(c, "hidden", False)]
+        assert len(panel) == len(names), panel
+        assert [line.split()[1] for line in panel] == names

@@ -380,9 +380,10 @@ def evaluate(
         "score the rest (default: refuse)")] = False,
     tta: TtaOption = None,
 ) -> None:
-    """Metrics of a run on labelled images, at the run's threshold and at 0.5; refuses images
-    the run trained on, labels its validation images selection-biased, and warns when the
-    images differ from the run's training images."""
+    """Metrics of a run on labelled images, at the run's threshold and at 0.5.
+
+    Refuses images the run trained on, labels its validation images selection-biased, and
+    warns when the images differ from the run's training images."""
     from cxrlab.api import Run
     from cxrlab.run import write_json
 
@@ -528,8 +529,9 @@ def export(
     = False,
     tta: TtaOption = None,
 ) -> None:
-    """The run as one ONNX file: uint8 images in, probabilities out, classes and threshold
-    in its metadata."""
+    """The run as one ONNX file: uint8 images in, probabilities out.
+
+    The classes and the threshold travel in the file's metadata."""
     from cxrlab.api import Run
 
     out = Run(run_dir, tta=tta).export_onnx(onnx, int8=int8, portable=portable,
@@ -768,8 +770,10 @@ def lr_find_cmd(
         "best")] = 100,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
-    """Learning-rate range test: the recipe's model trains a few batches at growing rates;
-    prints the suggested rate (steepest fall of the loss) beside the recipe's own.
+    """Learning-rate range test: the suggested rate beside the recipe's own.
+
+    The recipe's model trains a few batches at growing rates; the suggestion is where the
+    loss fell fastest.
 
     Any other option of train goes in a config.yaml (--config); with pretrained weights the
     sweep is the recipe's first phase, the head on a frozen backbone (docs/recipes.md)."""
