@@ -232,7 +232,8 @@ def train(
         metavar="POLICY", rich_help_panel=_AUG,
         help=f"random changes to training images: none, flip, light (small rotation, shift, "
         f"zoom, flip), intensity (light + contrast, blur, noise, JPEG), framing (intensity + "
-        f"random crops), scale (intensity + zoom in and out, black border), notebook (the Keras notebooks' large ones) {_default('augment')}")
+        f"random crops), scale (intensity + zoom in and out, black border), notebook (the "
+        f"Keras notebooks' large ones) {_default('augment')}")
     ] = None,
     mixup: Annotated[float | None, typer.Option(
         metavar="ALPHA", rich_help_panel=_AUG, help="Mixup: blend image pairs and their "

@@ -559,8 +559,8 @@ def threshold_stability_html(st: dict | None) -> str:
             f"{esc(st['rule'])} threshold falls within {lo:.3g} – {hi:.3g} (95%, "
             f"{esc(st['interval_method'])}); at those ends validation sensitivity is "
             f"{rate(a['sensitivity'])} / {rate(b['sensitivity'])} and specificity "
-            f"{rate(a['specificity'])} / {rate(b['specificity'])}, {st['change_points']:.1f} points "
-            f"apart. {flag}Criterion: {esc(st['criterion'])}.</p>")
+            f"{rate(a['specificity'])} / {rate(b['specificity'])}, "
+            f"{st['change_points']:.1f} points apart. {flag}Criterion: {esc(st['criterion'])}.</p>")
 
 
 def gallery_html(r: RunData) -> str:
