@@ -232,7 +232,8 @@ def train(
         metavar="POLICY", rich_help_panel=_AUG,
         help=f"random changes to training images: none, flip, light (small rotation, shift, "
         f"zoom, flip), intensity (light + contrast, blur, noise, JPEG), framing (intensity + "
-        f"random crops), scale (intensity + zoom in and out, black border), notebook (the "
+        f"random crops), scale (intensity + zoom in and out, black border), intake (scale "
+        f"on half the images, intensity on the rest, wider blur and noise), notebook (the "
         f"Keras notebooks' large ones) {_default('augment')}")
     ] = None,
     mixup: Annotated[float | None, typer.Option(
@@ -668,8 +669,8 @@ def runs_cmd(
 def data_summary(
     data: Annotated[Path, typer.Argument(help="class folders, train/val/test folders, or CSV")],
     grid: Annotated[Path | None, typer.Option(help="write a PNG of samples per class")] = None,
-    augment: Annotated[str, typer.Option(
-        help="augmentation shown in the grid (default: the recipe's)")] = "intensity",
+    augment: Annotated[str | None, typer.Option(
+        help=f"augmentation shown in the grid {_default('augment')}, the recipe's")] = None,
     image_col: ImageCol = None,
     label_col: LabelCol = None,
     group_regex: Annotated[str | None, typer.Option(help="patient key regex")] = None,
@@ -683,6 +684,7 @@ def data_summary(
     from cxrlab.data.augment import POLICIES
     from cxrlab.data.sources import load_source
 
+    augment = augment or str(_config_defaults()["augment"])
     if augment not in POLICIES:
         raise CxrlabError(f"--augment {augment}: choose from {', '.join(POLICIES)}")
     summary = summarize(data, image_col=image_col, label_col=label_col,

@@ -23,7 +23,8 @@ from pydantic import (
 
 from cxrlab.errors import CxrlabError
 
-Augment = Literal["none", "flip", "light", "intensity", "framing", "scale", "notebook"]
+Augment = Literal["none", "flip", "light", "intensity", "framing", "scale", "intake",
+                  "notebook"]
 Tta = Literal["none", "flip"]  # cxrlab.models.tta.TTA (a test checks)
 LOGGERS = ("tensorboard", "csv", "mlflow")  # experiment trackers (cxrlab.reporting.tracking)
 
@@ -135,7 +136,7 @@ class RunConfig(BaseModel):
     )
     class_weights: bool = True
     sampler: Literal["none", "balanced"] = "none"
-    augment: Augment = "intensity"
+    augment: Augment = "intake"
     mixup: float = Field(0.0, ge=0, description="Mixup's Beta(alpha, alpha); 0 = off")
     cutmix: float = Field(0.0, ge=0, description="CutMix's Beta(alpha, alpha); 0 = off (with "
                           "mixup too: one of the two per batch, at random)")

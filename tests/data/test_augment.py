@@ -41,7 +41,8 @@ def test_none_is_exactly_the_input():
     assert augment_batch(x, "none", gen(0)) is x
 
 
-@pytest.mark.parametrize("policy", ["flip", "light", "intensity", "framing", "notebook"])
+@pytest.mark.parametrize("policy", ["flip", "light", "intensity", "framing", "intake",
+                                    "notebook"])
 def test_seeded_runs_repeat_and_other_seeds_differ(policy):
     x = smooth_batch(8)
     a = augment_batch(x, policy, gen(1))
@@ -131,7 +132,8 @@ def test_bf16_in_bf16_out():
 
 def test_unknown_policy_is_a_user_error():
     with pytest.raises(CxrlabError,
-                       match="choose from none, flip, light, intensity, framing, scale, notebook"):
+                       match="choose from none, flip, light, intensity, framing, scale, "
+                             "intake, notebook"):
         augment_batch(smooth_batch(), "heavy")
 
 
@@ -385,3 +387,57 @@ def test_scale_varies_framing_of_a_real_batch_in_both_directions():
     rim = torch.cat([a[..., :, :2], a[..., :, -2:]], -1).amax(dim=(1, 2, 3))
     assert (rim < 0.05).any() and (rim > 0.2).any()
     assert a.min() >= 0 and a.max() <= 1
+
+
+# -- "intake" (the default) --------------------------------------------------------------------
+
+
+def test_intake_gives_half_the_images_scale_and_the_rest_intensity(monkeypatch):
+    """Per image, "intake"'s warp is exactly "intensity"'s or "scale"'s (same seed, film off):
+    about half each, so a batch keeps the training intake's framings beside zoomed and
+    letterboxed ones."""
+    monkeypatch.setattr(aug, "_film", lambda out, generator, wide=False: out)
+    x = smooth_batch(64, h=40, w=40) * 0.8 + 0.2
+    g = augment_batch(x, "intake", gen(1))
+    assert torch.equal(g, augment_batch(x, "intake", gen(1)))
+    as_intensity = [torch.equal(a, b) for a, b in zip(g, augment_batch(x, "intensity", gen(1)),
+                                                       strict=True)]
+    as_scale = [torch.allclose(a, b, atol=1e-6)
+                for a, b in zip(g, augment_batch(x, "scale", gen(1)), strict=True)]
+    assert all(i != s for i, s in zip(as_intensity, as_scale, strict=True))
+    assert 20 <= sum(as_scale) <= 44  # p = 0.5 each: 32 expected
+    black = [bool((img == 0).any()) for img in g]  # only a scale draw uncovers black
+    assert any(black) and not any(b for b, s in zip(black, as_scale, strict=True) if not s)
+
+
+def test_intake_film_blurs_and_adds_noise_over_wider_ranges(monkeypatch):
+    """"intake"'s film: a third of the images blurred up to sigma 2 px (intensity: a quarter,
+    1.2 px) and noise up to 16 grey levels (8)."""
+    monkeypatch.setattr(aug, "GAMMA", 1.0)
+    monkeypatch.setattr(aug, "JPEG_P", 0.0)
+    x = torch.zeros(300, 1, 32, 32)
+    x[..., :, 16:] = 1.0
+    x = x * 0.6 + 0.2
+    edge = lambda t: (t[..., 1:] - t[..., :-1]).abs().amax(dim=(1, 2, 3))  # noqa: E731
+    monkeypatch.setattr(aug, "NOISE_P", 0.0)
+    for wide, share, weakest in ((False, 1 / 4, 0.6 * 0.32), (True, 1 / 3, 0.6 * 0.20)):
+        out = aug._film(x.clone(), gen(0), wide=wide)
+        blurred = edge(out) < 0.999 * edge(x)
+        assert abs(blurred.float().mean().item() - share) < 0.07
+        # the flattest edge: a step of 0.6 under the largest sigma (erf steps of 1 pixel)
+        assert abs(edge(out).min().item() - weakest) < 0.03
+    monkeypatch.setattr(aug, "NOISE_P", 1.0)
+    monkeypatch.setattr(aug, "BLUR_P", 0.0)
+    monkeypatch.setattr(aug, "WIDE_BLUR_P", 0.0)
+    for wide, top in ((False, 8 / 255), (True, 16 / 255)):
+        sd = (aug._film(x.clone(), gen(1), wide=wide) - x).std(dim=(1, 2, 3))
+        assert sd.max() <= top * 1.1 and sd.max() > top * 0.9
+
+
+def test_intake_repeats_and_differs_from_its_parents():
+    x = smooth_batch(8, h=40, w=40)
+    a = augment_batch(x, "intake", gen(2))
+    assert torch.equal(a, augment_batch(x, "intake", gen(2)))
+    assert not torch.equal(a, augment_batch(x, "intake", gen(3)))
+    for parent in ("intensity", "scale"):
+        assert not torch.equal(a, augment_batch(x, parent, gen(2)))

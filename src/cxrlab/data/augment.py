@@ -36,6 +36,15 @@ Policies:
   aspect ratio log-uniform in [1/1.08, 1.08], then "light"'s shift, rotation and flip; what the
   warp uncovers is black (not the replicated edge). Measured against "intensity" on the
   proxy and the full Kermany run with the stress test (docs/recipes.md, "Framing").
+- "intake" (the default since 2026-12-06): what differs between intakes, framing included.
+  Half the images (drawn per image) get "scale"'s zoom in or out with its black border, the
+  other half "intensity"'s small zoom, so a batch holds films framed as the training intake
+  frames them beside zoomed and letterboxed ones; then "intensity"'s film with wider blur
+  (a third of the images, sigma 0.3-2 px) and noise (up to 16 grey levels): edge contrast
+  separates normal from pneumonia films at every scale (and a model that may not read the
+  framing leans on it: with "intensity"'s film, geometry alone cost specificity on blurred and
+  noisy films). Chosen at full size on paired validation and the stress test
+  (docs/recipes.md, "Framing").
 - "notebook": the Kaggle notebook's Keras ImageDataGenerator(rotation_range=30,
   width_shift_range=0.2, height_shift_range=0.2, shear_range=0.2, zoom_range=0.2,
   horizontal_flip=True, fill_mode="nearest"), with Keras' semantics: rotation and shear are
@@ -56,7 +65,7 @@ import torch.nn.functional as F
 from cxrlab.data.images import recompress_jpeg
 from cxrlab.errors import CxrlabError
 
-POLICIES = ("none", "flip", "light", "intensity", "framing", "scale", "notebook")
+POLICIES = ("none", "flip", "light", "intensity", "framing", "scale", "intake", "notebook")
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,8 @@ class _Affine:
     film: bool = False  # gamma, blur and noise after the jitter ("intensity")
     framing: bool = False  # random-resized crop instead of zoom, margins brightened ("framing")
     scale: bool = False  # zoom in and out with aspect jitter, black fill ("scale")
+    scale_share: float = 1.0  # share of images given scale's draws; the rest keep `zoom`'s
+    wide_film: bool = False  # the film's blur and noise over WIDE_*'s ranges ("intake")
 
 
 _AFFINE = {
@@ -81,6 +92,8 @@ _AFFINE = {
                        zoom_per_axis=True, jitter=0.25, film=True, framing=True),
     "scale": _Affine(rotation_deg=10, shift=0.05, shear_deg=0, zoom=0.0, zoom_per_axis=True,
                      jitter=0.25, film=True, scale=True),
+    "intake": _Affine(rotation_deg=10, shift=0.05, shear_deg=0, zoom=0.1, zoom_per_axis=False,
+                      jitter=0.25, film=True, scale=True, scale_share=0.5, wide_film=True),
     "notebook": _Affine(rotation_deg=30, shift=0.2, shear_deg=0.2, zoom=0.2, zoom_per_axis=True,
                         jitter=0.0),
 }
@@ -132,8 +145,16 @@ def _affine_policy(x: torch.Tensor, p: _Affine, generator: torch.Generator | Non
         # The crop's centre anywhere that keeps it inside the image, plus the usual shift.
         tx = (r[1] * 2 - 1) * ((1 - zx) / 2 + p.shift) * w
         ty = (r[2] * 2 - 1) * ((1 - zy) / 2 + p.shift) * h
+    scaled = None  # (B,) bool: the images given scale's draws, when only a share are
     if p.scale:  # drawn after the 9 rows above, like "framing"
-        zx, zy = scale_draws(_uniform(2 * b, generator, dev).view(2, b))
+        rows = 2 if p.scale_share >= 1 else 3
+        u = _uniform(rows * b, generator, dev).view(rows, b)
+        sx, sy = scale_draws(u[:2])
+        if rows == 2:
+            zx, zy = sx, sy
+        else:
+            scaled = u[2] < p.scale_share
+            zx, zy = torch.where(scaled, sx, zx), torch.where(scaled, sy, zy)
 
     # Output -> input map in centred pixel coordinates (x right, y down), composed like Keras:
     # rotation @ shift @ shear @ zoom, then the horizontal flip of the output.
@@ -153,6 +174,11 @@ def _affine_policy(x: torch.Tensor, p: _Affine, generator: torch.Generator | Non
     grid = _affine_grid(m.to(work.dtype), h, w)
     out = F.grid_sample(work, grid, mode="bilinear",
                         padding_mode="zeros" if p.scale else "border", align_corners=False)
+    if scaled is not None and not bool(scaled.all()):
+        # The rest are "intensity"'s images: the replicated edge where the warp uncovers.
+        rest = torch.nonzero(~scaled).flatten()
+        out[rest] = F.grid_sample(work[rest], grid[rest], mode="bilinear",
+                                  padding_mode="border", align_corners=False)
     if frame is not None:
         out = _brighten_margins(out, frame)
 
@@ -165,7 +191,7 @@ def _affine_policy(x: torch.Tensor, p: _Affine, generator: torch.Generator | Non
         offset = mean * ((1 - c) * bright).view(b, 1, 1, 1).to(out.dtype)
         out.mul_(scale).add_(offset).clamp_(0.0, 1.0)  # out is grid_sample's own: in place
     if p.film:
-        out = _film(out, generator)
+        out = _film(out, generator, wide=True) if p.wide_film else _film(out, generator)
     return out.to(x.dtype)
 
 
@@ -224,23 +250,30 @@ def _brighten_margins(out: torch.Tensor, frame: dict[str, torch.Tensor]) -> torc
 GAMMA = 1.4  # gamma drawn log-uniformly in [1/GAMMA, GAMMA]
 BLUR_P, BLUR_SIGMA = 0.25, (0.3, 1.2)  # share of images blurred; sigma range in pixels
 NOISE_P, NOISE_MAX = 0.5, 8 / 255  # share of images with noise; largest sigma
+# "intake"'s wider film: sharpness and noise separate normal from pneumonia films too, so a
+# model that may not use the framing leans on them unless they vary more (docs/recipes.md).
+WIDE_BLUR_P, WIDE_BLUR_SIGMA = 1 / 3, (0.3, 2.0)
+WIDE_NOISE_MAX = 16 / 255
 JPEG_P, JPEG_QUALITY = 1 / 3, (30, 90)  # share of images re-compressed; quality range
 
 
-def _film(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _film(out: torch.Tensor, generator: torch.Generator | None,
+          wide: bool = False) -> torch.Tensor:
     """Gamma, blur, noise and JPEG of "intensity" on a float batch in [0, 1] (drawn after the
-    affine draws, so "light" keeps its random stream)."""
+    affine draws, so "light" keeps its random stream); `wide`: "intake"'s blur and noise."""
+    blur_p, blur_sigma = (WIDE_BLUR_P, WIDE_BLUR_SIGMA) if wide else (BLUR_P, BLUR_SIGMA)
+    noise_max = WIDE_NOISE_MAX if wide else NOISE_MAX
     b, c, h, w = out.shape
     dev = out.device
     r = _uniform(7 * b, generator, dev).view(7, b)
     g = torch.exp((r[0] * 2 - 1) * math.log(GAMMA)).view(b, 1, 1, 1).to(out.dtype)
     out = out.clamp_min(1e-6).pow(g)
-    blur = torch.nonzero(r[1] < BLUR_P).flatten()
+    blur = torch.nonzero(r[1] < blur_p).flatten()
     if blur.numel():
         # Only the drawn images, one sigma each: a separable Gaussian as a grouped conv.
         n = blur.numel()
-        sigma = BLUR_SIGMA[0] + r[2][blur] * (BLUR_SIGMA[1] - BLUR_SIGMA[0])
-        radius = math.ceil(3 * BLUR_SIGMA[1])
+        sigma = blur_sigma[0] + r[2][blur] * (blur_sigma[1] - blur_sigma[0])
+        radius = math.ceil(3 * blur_sigma[1])
         t = torch.arange(-radius, radius + 1, device=dev, dtype=out.dtype)
         k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1).to(out.dtype)) ** 2)
         k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n*c, taps)
@@ -253,7 +286,7 @@ def _film(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         gen_device = generator.device if generator is not None else dev
         z = torch.randn((noisy.numel(), c, h, w), generator=generator, device=gen_device,
                         dtype=torch.float32).to(dev, out.dtype)
-        out[noisy] += z * (r[4][noisy] * NOISE_MAX).view(-1, 1, 1, 1).to(out.dtype)
+        out[noisy] += z * (r[4][noisy] * noise_max).view(-1, 1, 1, 1).to(out.dtype)
     out = out.clamp_(0.0, 1.0)
     quality = JPEG_QUALITY[0] + r[6] * (JPEG_QUALITY[1] - JPEG_QUALITY[0])
     pick = torch.nonzero(r[5] < JPEG_P).flatten().tolist()
