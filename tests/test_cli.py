@@ -193,6 +193,22 @@ def test_data_summary_with_grid(kermany_folder, tmp_path, capsys, monkeypatch):
     assert Image.open(grid).size[0] > 100
 
 
+def test_data_summary_grid_shows_the_recipes_augmentation(kermany_folder, tmp_path, capsys,
+                                                          monkeypatch):
+    import cxrlab.data.audit
+    from cxrlab.config import RunConfig
+
+    seen = []
+    real = cxrlab.data.audit.write_grid
+    monkeypatch.setattr(cxrlab.data.audit, "write_grid",
+                        lambda source, path, policy, **kw: (seen.append(policy),
+                                                            real(source, path, policy, **kw)))
+    code, _, err = run_cli(["data", "summary", kermany_folder, "--grid", tmp_path / "g.png"],
+                           capsys, monkeypatch)
+    assert code == 0, err
+    assert seen == [RunConfig.model_fields["augment"].default] and (tmp_path / "g.png").is_file()
+
+
 # ---------------------------------------------------------------------------------------
 # bad input: one line, exit 2, no complete-looking run
 

@@ -52,7 +52,7 @@ def test_training_is_deterministic_without_the_nan_fill_and_restores_the_flags(
 
 
 @pytest.mark.parametrize("model, augment", [("cnn", "notebook"),
-                                            ("efficientnet_lite0", "intensity")])
+                                            ("efficientnet_lite0", "intake")])
 def test_the_nan_fill_changes_no_number(tmp_path, capsys, monkeypatch, model, augment):
     """No kernel a run uses reads memory it did not write: with PyTorch's NaN fill of every
     new tensor (what deterministic mode does by default) the run is the same, bit for bit."""
