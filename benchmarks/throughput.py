@@ -14,7 +14,7 @@ frozen, the rest training; --frozen-stages 0: every layer), on
 (b) end to end  the real data path: cxrlab's cache -> ArrayDataset -> make_loader -> a
               Lightning Trainer built as `train.fit` builds it (bf16-mixed, deterministic,
               RichProgressBar rendering to /dev/null) -> ClassifierModule with augment
-              "notebook" ("intensity", the recipe's, for efficientnet_lite0) (uint8 batch ->
+              "notebook" ("intake", the recipe's, for efficientnet_lite0) (uint8 batch ->
               float -> batched augmentation in on_after_batch_transfer). b/a is the share of
               time the model does not wait.
 (c) epochs    `train.fit` itself for whole epochs (train + validation + checkpoint writes, from
@@ -68,10 +68,11 @@ from pathlib import Path
 import numpy as np
 
 # name -> (image size, batch size, augmentation): the notebooks' models with the notebook's
-# augmentation, and the default recipe's model as it trains (192 px, `intensity`, the backbone
-# training but for its frozen early stages: the full epochs that are most of its time)
+# augmentation, and the default recipe's model as it trains (192 px, `intake`, the backbone
+# training but for its frozen early stages: the full epochs that are most of its time;
+# results before 2026-12-06 used `intensity`, the recipe's then)
 MODELS = {"cnn": (180, 16, "notebook"), "resnet18": (224, 32, "notebook"),
-          "efficientnet_lite0": (192, 32, "intensity")}
+          "efficientnet_lite0": (192, 32, "intake")}
 # Timed steps per measurement: windows of >= ~10 s of the ceiling, since a 2-s window on a
 # 2-vCPU VM is mostly scheduling noise (the CNN's 20 steps once gave b/a 0.78, then 0.91).
 STEPS = {"cnn": 100, "resnet18": 20, "efficientnet_lite0": 20}
