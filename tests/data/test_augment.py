@@ -260,7 +260,7 @@ def framing_fixed(monkeypatch, affine: list[float], frame: list[float]) -> None:
         values = next(calls)
         return torch.tensor(values, dtype=torch.float32).repeat_interleave(n // len(values))
     monkeypatch.setattr(aug, "_uniform", fake)
-    monkeypatch.setattr(aug, "_film", lambda out, generator: out)  # geometry only
+    monkeypatch.setattr(aug, "_film", lambda out, generator, wide=False: out)  # geometry only
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 3, 24, 40)])

@@ -145,16 +145,15 @@ def _affine_policy(x: torch.Tensor, p: _Affine, generator: torch.Generator | Non
         # The crop's centre anywhere that keeps it inside the image, plus the usual shift.
         tx = (r[1] * 2 - 1) * ((1 - zx) / 2 + p.shift) * w
         ty = (r[2] * 2 - 1) * ((1 - zy) / 2 + p.shift) * h
-    scaled = None  # (B,) bool: the images given scale's draws, when only a share are
-    if p.scale:  # drawn after the 9 rows above, like "framing"
-        rows = 2 if p.scale_share >= 1 else 3
-        u = _uniform(rows * b, generator, dev).view(rows, b)
+    rest = None  # the images left with `zoom`'s draws when only a share get scale's
+    if p.scale and p.scale_share >= 1:  # drawn after the 9 rows above, like "framing"
+        zx, zy = scale_draws(_uniform(2 * b, generator, dev).view(2, b))
+    elif p.scale:  # a third row picks the images
+        u = _uniform(3 * b, generator, dev).view(3, b)
         sx, sy = scale_draws(u[:2])
-        if rows == 2:
-            zx, zy = sx, sy
-        else:
-            scaled = u[2] < p.scale_share
-            zx, zy = torch.where(scaled, sx, zx), torch.where(scaled, sy, zy)
+        scaled = u[2] < p.scale_share
+        zx, zy = torch.where(scaled, sx, zx), torch.where(scaled, sy, zy)
+        rest = torch.nonzero(~scaled).flatten()
 
     # Output -> input map in centred pixel coordinates (x right, y down), composed like Keras:
     # rotation @ shift @ shear @ zoom, then the horizontal flip of the output.
@@ -174,9 +173,8 @@ def _affine_policy(x: torch.Tensor, p: _Affine, generator: torch.Generator | Non
     grid = _affine_grid(m.to(work.dtype), h, w)
     out = F.grid_sample(work, grid, mode="bilinear",
                         padding_mode="zeros" if p.scale else "border", align_corners=False)
-    if scaled is not None and not bool(scaled.all()):
+    if rest is not None and rest.numel():
         # The rest are "intensity"'s images: the replicated edge where the warp uncovers.
-        rest = torch.nonzero(~scaled).flatten()
         out[rest] = F.grid_sample(work[rest], grid[rest], mode="bilinear",
                                   padding_mode="border", align_corners=False)
     if frame is not None:
@@ -191,7 +189,7 @@ def _affine_policy(x: torch.Tensor, p: _Affine, generator: torch.Generator | Non
         offset = mean * ((1 - c) * bright).view(b, 1, 1, 1).to(out.dtype)
         out.mul_(scale).add_(offset).clamp_(0.0, 1.0)  # out is grid_sample's own: in place
     if p.film:
-        out = _film(out, generator, wide=True) if p.wide_film else _film(out, generator)
+        out = _film(out, generator, wide=p.wide_film)
     return out.to(x.dtype)
 
 
