@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One torch thread per worker (pyproject runs a worker per core): two workers spinning on
+    # two threads each on 2 cores took twice the CPU time. Set before torch is imported, so the
+    # CLI subprocesses a test starts inherit it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest

@@ -17,7 +17,13 @@ FAST = ["--image-size", "32", "--epochs", "2", "--batch-size", "8", "--quiet"]
 
 
 def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    """`main()` as a fresh process would run it: its consoles read COLUMNS now, not when
+    cxrlab.cli was first imported (a pytest-xdist worker imports it with COLUMNS=80)."""
+    from cxrlab import cli
+
     monkeypatch.setattr(sys, "argv", ["cxrlab", *map(str, args)])
+    for console in (cli.console, cli.err_console):
+        monkeypatch.setattr(console, "_width", None)
     code = 0
     try:
         main()
