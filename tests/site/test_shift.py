@@ -215,6 +215,39 @@ def test_evaluate_checks_intake_and_stress_tests(site, tmp_path, capsys, monkeyp
     (run / shift.RESULT_PNG).unlink()
 
 
+def test_the_stress_test_shows_its_progress_at_a_terminal_only(site, tmp_path):
+    """A full set's stress test is minutes of scoring: a person at a terminal sees which
+    shift it is on (stderr); what goes to a file (stdout here) holds only the results."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(site["run"], run)
+    leader, follower = pty.openpty()
+    with (tmp_path / "out.txt").open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cxrlab.cli", "evaluate", run, site["held"], "--shift"],
+            stdout=out, stderr=follower, env={**os.environ, "COLUMNS": "120"})
+        os.close(follower)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the child closed its end
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert proc.wait(timeout=300) == 0, seen.decode(errors="replace")
+    os.close(leader)
+    terminal = seen.decode(errors="replace")
+    assert "stress test: 32 images" in terminal, terminal
+    stdout = (tmp_path / "out.txt").read_text()
+    assert "Stress test (32 images" in stdout and "stress test: 32" not in stdout
+
+
 def balanced(m: dict) -> float:
     return (m["recall"] + m["specificity"]) / 2
 

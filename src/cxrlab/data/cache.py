@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -30,6 +29,7 @@ import numpy as np
 
 from cxrlab.data.images import NO_RUN, BitDepth, read_image
 from cxrlab.errors import CxrlabError
+from cxrlab.progress import progress_bar
 
 # Imported inside the functions that need them: rich (heavy or
 # optional; importing them here would slow every command that imports this module).
@@ -109,15 +109,8 @@ def _decode_all(paths: Sequence[Path], size: int, channels: int, bit_depth: BitD
     """Thread pool: PIL releases the GIL while decoding and resizing."""
     out = np.zeros((len(paths), channels, size, size), dtype=np.uint8)
     bad: list[tuple[int, str]] = []
-    progress = task = None
-    if len(paths) > PROGRESS_MIN_IMAGES and sys.stderr.isatty():
-        from rich.console import Console
-        from rich.progress import Progress
-
-        progress = Progress(console=Console(stderr=True), transient=True)
-        progress.start()
-        task = progress.add_task(f"decoding {len(paths)} images at {size} px", total=len(paths))
-    try:
+    with progress_bar(f"decoding {len(paths)} images at {size} px", len(paths),
+                      show=len(paths) > PROGRESS_MIN_IMAGES) as advance:
         with ThreadPoolExecutor(max_workers=n_workers()) as pool:
             results = pool.map(lambda p: _decode_one(p, size, channels, bit_depth), paths)
             for i, (arr, why) in enumerate(results):
@@ -125,11 +118,7 @@ def _decode_all(paths: Sequence[Path], size: int, channels: int, bit_depth: BitD
                     bad.append((i, why))
                 else:
                     out[i] = arr
-                if progress is not None:
-                    progress.advance(task)
-    finally:
-        if progress is not None:
-            progress.stop()
+                advance()
     if bad:
         keep = np.ones(len(paths), dtype=bool)
         keep[[i for i, _ in bad]] = False

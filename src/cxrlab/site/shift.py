@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from cxrlab.data.images import recompress_jpeg
 from cxrlab.deploy.inference import decide
+from cxrlab.progress import progress_bar
 from cxrlab.reporting import plots
 from cxrlab.run import SHIFT_JSON, write_json
 
@@ -204,13 +205,19 @@ def stress_test(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
     def run(x: np.ndarray) -> dict:
         return score(y, predict(x), positive, threshold)
 
-    rows = []
-    for name in shifts or list(SHIFTS):
-        s = SHIFTS[name]
-        for k, level in enumerate(s.levels, start=1):
-            rows.append({"shift": name, "severity": k, "level": level, "unit": s.unit,
-                         **run(s.fn(images, level, seed))})
-    return {"n": int(len(y)), "threshold": threshold, "seed": seed, "baseline": run(images),
+    names = shifts or list(SHIFTS)
+    steps = 1 + sum(len(SHIFTS[name].levels) for name in names)
+    with progress_bar(f"stress test: {len(y)} images, unshifted", steps) as advance:
+        baseline = run(images)
+        rows = []
+        for name in names:
+            s = SHIFTS[name]
+            for k, level in enumerate(s.levels, start=1):
+                advance(f"stress test: {len(y)} images, {name} {level:g} ({s.unit})")
+                rows.append({"shift": name, "severity": k, "level": level, "unit": s.unit,
+                             **run(s.fn(images, level, seed))})
+        advance()
+    return {"n": int(len(y)), "threshold": threshold, "seed": seed, "baseline": baseline,
             "rows": rows}
 
 
