@@ -105,6 +105,7 @@ def score_run(run_dir: Path, cache: Path) -> dict:
     order = {p: i for i, p in enumerate(vpaths)}
     ref = vprobs[[order[str(p)] for p in paths], pos]
     stress["max_diff_vs_val_predictions"] = float(np.abs(ref - probs["none:0"]).max())
+    assert stress["max_diff_vs_val_predictions"] < 1e-4, stress["max_diff_vs_val_predictions"]
     np.savez(npz, **probs)
     res.write_text(json.dumps(stress, indent=1))
     return {"run": run, "y": y, "paths": paths, "probs": probs, "stress": stress}
