@@ -23,11 +23,5 @@ def progress_bar(description: str, total: int,
 
     with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(description, total=total)
-
-        def advance(description: str | None = None) -> None:
-            if description is None:
-                progress.advance(task)
-            else:
-                progress.update(task, advance=1, description=description)
-
-        yield advance
+        # Rich's update leaves the text as it was when description is None
+        yield lambda description=None: progress.update(task, advance=1, description=description)

@@ -31,9 +31,6 @@ from cxrlab.data.images import NO_RUN, BitDepth, read_image
 from cxrlab.errors import CxrlabError
 from cxrlab.progress import progress_bar
 
-# Imported inside the functions that need them: rich (heavy or
-# optional; importing them here would slow every command that imports this module).
-
 log = logging.getLogger("cxrlab")
 FORMAT_VERSION = 3  # bump when decoding changes what a cached array holds
 PROGRESS_MIN_IMAGES = 200

@@ -208,15 +208,16 @@ def stress_test(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
     # every row in order, then the baseline (benchmarks/framing.py keys its scores so)
     names = shifts or list(SHIFTS)
     steps = 1 + sum(len(SHIFTS[name].levels) for name in names)
-    with progress_bar(f"stress test: {len(y)} images", steps) as advance:
+    what = f"stress test: {len(y)} images"
+    with progress_bar(what, steps) as advance:
         rows = []
         for name in names:
             s = SHIFTS[name]
             for k, level in enumerate(s.levels, start=1):
-                advance(f"stress test: {len(y)} images, {name} {level:g} ({s.unit})")
+                advance(f"{what}, {name} {level:g} ({s.unit})")
                 rows.append({"shift": name, "severity": k, "level": level, "unit": s.unit,
                              **run(s.fn(images, level, seed))})
-        advance(f"stress test: {len(y)} images, unshifted")
+        advance(f"{what}, unshifted")
         baseline = run(images)
     return {"n": int(len(y)), "threshold": threshold, "seed": seed, "baseline": baseline,
             "rows": rows}
